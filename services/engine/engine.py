@@ -1,0 +1,143 @@
+"""The single-process engine: requests in, tokens out, continuously batched.
+
+Pipeline of one ``step()`` (all in this process, on the model's device):
+``Scheduler.schedule`` (CPU: who runs, how many tokens) -> ``ModelRunner.step`` (device: flat
+batch forward over the paged latent cache) -> ``sample`` (device: one token per finished
+prefill/decode) -> stop checks and block freeing (CPU) -> ``RequestOutput`` per request touched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.engine.block_manager import BlockManager
+from services.engine.model_runner import ModelRunner
+from services.engine.sampling import InvalidParam, SamplingParams, draw_seed
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import Sequence
+from services.engine.tokenizer import Tokenizer, load_tokenizer
+from services.model.deepseek_v3 import DeepseekV3ForCausalLM, load_model
+from services.model.moe import ExpertBackend
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int = 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024     # token budget of one step (decodes + prefill chunks)
+    max_model_len: int | None = None       # default: the model's max_position_embeddings
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer, config: EngineConfig,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model_config = model.config
+        self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
+        self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, dtype, device)
+        self.requests: dict[str, Sequence] = {}
+
+    @classmethod
+    def from_path(cls, path: str | Path, config: EngineConfig | None = None, *, dtype: torch.dtype | None = None,
+                  device: str = "cpu", backend: ExpertBackend | None = None) -> "LLMEngine":
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        model = load_model(path, dtype=dtype, device=device, backend=backend)
+        c = model.config
+        tokenizer = load_tokenizer(path, vocab_size=c.vocab_size, bos_token_id=c.bos_token_id, eos_token_ids=c.eos_token_ids)
+        return cls(model, tokenizer, config or EngineConfig(), dtype, device)
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Validate and queue a request; raises InvalidParam naming the offending field."""
+        if request_id in self.requests:
+            raise InvalidParam("request_id", f"{request_id!r} is already running")
+        self.validate(prompt_ids, params)
+        seed = params.seed if params.seed is not None else draw_seed()
+        seq = Sequence(request_id, list(prompt_ids), params, seed)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not prompt_ids:
+            raise InvalidParam("prompt", "must not be empty")
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidParam("prompt_ids", f"every token id must be in [0, {vocab}), got {bad!r}")
+        capacity = min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
+        if len(prompt_ids) >= capacity:
+            raise InvalidParam("prompt", f"{len(prompt_ids)} tokens leave no room in the context of {capacity}")
+        params.validate(vocab_size=vocab, max_new_tokens_allowed=capacity - len(prompt_ids))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits_by_id = self.runner.step(batch)
+        if not logits_by_id:
+            return []
+        seqs = [self.requests[rid] for rid in logits_by_id]
+        tokens = self.runner.sample(seqs, torch.stack(list(logits_by_id.values())))
+        return [self._append(seq, token) for seq, token in zip(seqs, tokens)]
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.output_ids.append(token)
+        reason = self._finish_reason(seq, token)
+        if reason:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        return self._output(seq, [token])
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (not p.ignore_eos and token in self.model_config.eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _output(seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+        return RequestOutput(seq.request_id, new_tokens, seq.finished, seq.finish_reason,
+                             len(seq.prompt_ids), len(seq.output_ids))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Run prompts to completion together; returns the finished sequences in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            self.add_request(f"generate-{i}-{id(prompts)}", prompt, p)
+            seqs.append(self.requests[f"generate-{i}-{id(prompts)}"])
+        while any(not s.finished for s in seqs):
+            self.step()
+        return seqs
+
+    def stats(self) -> dict[str, int]:
+        return {"kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}

@@ -1,0 +1,60 @@
+"""Runs one scheduled batch through the model: builds the flat batch, owns the KV cache, samples."""
+from __future__ import annotations
+
+import torch
+
+from services.engine.sampling import sample
+from services.engine.scheduler import ScheduledBatch
+from services.engine.sequence import Sequence
+from services.model.deepseek_v3 import DeepseekV3ForCausalLM
+from services.model.mla import ForwardBatch
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        c = model.config
+        self.model, self.block_size, self.device = model, block_size, torch.device(device)
+        width = c.kv_lora_rank + c.qk_rope_head_dim
+        self.kv_caches = [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)
+                          for _ in range(c.num_hidden_layers)]              # per layer [blocks, block_size, lora + rope]
+        self.kv_bytes_per_token = c.num_hidden_layers * width * self.kv_caches[0].element_size()
+
+    def step(self, batch: ScheduledBatch) -> dict[str, torch.Tensor]:
+        """Run the batch; returns {request_id: logits [vocab]} for sequences whose pending tokens are all done."""
+        seqs = batch.decodes + [s for s, _ in batch.prefills]
+        chunks = [1] * len(batch.decodes) + [n for _, n in batch.prefills]
+        input_ids, forward_batch = self._build(seqs, chunks, len(batch.decodes))
+        hidden = self.model(input_ids, forward_batch, self.kv_caches)        # [tokens, hidden]
+        last = torch.tensor(forward_batch.query_lens, device=self.device).cumsum(0) - 1
+        complete = [i for i, (s, n) in enumerate(zip(seqs, chunks)) if s.num_computed + n == s.num_tokens]
+        logits = self.model.compute_logits(hidden[last[complete]]) if complete else None
+        for seq, n in zip(seqs, chunks):
+            seq.num_computed += n
+        return {seqs[i].request_id: logits[j] for j, i in enumerate(complete)}
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """logits [seqs, vocab] -> one token per sequence (step = tokens it has emitted so far)."""
+        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
+        return tokens.tolist()
+
+    def _build(self, seqs: list[Sequence], chunks: list[int], num_decodes: int) -> tuple[torch.Tensor, ForwardBatch]:
+        ids, positions, slots = [], [], []
+        for seq, n in zip(seqs, chunks):
+            start = seq.num_computed
+            ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                      for p in range(start, start + n)]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+        for i, seq in enumerate(seqs):
+            table[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        context = [s.num_computed + n for s, n in zip(seqs, chunks)]
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+        batch = ForwardBatch(
+            positions=as_tensor(positions, torch.int64), slot_mapping=as_tensor(slots, torch.int64),
+            query_lens=list(chunks), context_lens=context, block_table=table.to(self.device),
+            context_lens_t=as_tensor(context, torch.int32), num_decodes=num_decodes,
+        )
+        return as_tensor(ids, torch.int64), batch
