@@ -19,3 +19,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """Random tiny checkpoints saved by transformers' ``save_pretrained``, by name (see tests/hf_models.py)."""
+    from tests.hf_models import TINY_CONFIGS, save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("hf")
+    return {name: save_tiny_checkpoint(name, root) for name in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_model_cache(tmp_path_factory):
+    """The built-in tiny model is written to a per-session cache, never the user's."""
+    os.environ["EPSERVE_CACHE"] = str(tmp_path_factory.mktemp("epserve-cache"))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.fused_moe import dequantize_block_fp8, fused_moe
-from kernels.gate_topk import grouped_topk
+from kernels.gate_topk import gate_topk
 from services.model.checkpoint import SCALE_SUFFIX, CheckpointReader
 from services.model.config import ModelConfig
 from services.model.layers import MLP
@@ -38,7 +38,7 @@ class Gate(nn.Module):
         """x [tokens, hidden] -> topk_weights [tokens, k] float32, topk_ids [tokens, k] int32."""
         c = self.config
         logits = F.linear(x.float(), self.weight.float())                   # [tokens, experts]
-        return grouped_topk(logits, self.e_score_correction_bias.float(), c.n_group, c.topk_group,
+        return gate_topk(logits, self.e_score_correction_bias.float(), c.n_group, c.topk_group,
                             c.num_experts_per_tok, c.routed_scaling_factor, c.norm_topk_prob)
 
 
