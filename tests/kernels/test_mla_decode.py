@@ -100,6 +100,19 @@ def test_head_counts(heads):
     check_triton(make_case([20, 50], heads=heads))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_heads_large_batch(dtype):
+    """Enough (sequence, 64-head block) pairs for the 64-head tiling; 80 heads is ragged."""
+    check_triton(make_case([3, 70, 1, 129] * 4, heads=80, block_size=32, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_page_aligned_tiles(block_size):
+    """block_size a multiple of BLOCK_N: one block-table read per tile."""
+    check_triton(make_case([1, 100, 300], block_size=block_size, dtype=torch.bfloat16),
+                 torch.bfloat16)
+
+
 @pytest.mark.parametrize("latent,rope", [(32, 16), (40, 8), (64, 32)])
 def test_small_and_odd_latent_rope(latent, rope):
     check_triton(make_case([19, 40], latent=latent, rope=rope))
