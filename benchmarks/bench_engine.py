@@ -79,7 +79,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = torch.randint(3, vocab, (batch, args.prompt_len), generator=generator).tolist()
-        run_engine(engine, prompts[:1], 4, args.device)                                   # warm-up
+        run_engine(engine, prompts, args.new_tokens, args.device)        # warm-up: Triton compiles per shape
         ours, ours_decode = run_engine(engine, prompts, args.new_tokens, args.device)
         theirs = float("nan") if args.no_transformers else run_transformers(path, prompts, args.new_tokens, args.device, dtype)
         print(f"{batch:>5} {ours:>13.1f} {ours_decode:>20.1f} {theirs:>19.1f} {ours / theirs:>6.2f}")

@@ -165,6 +165,11 @@ class ModelConfig:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     @property
+    def mtp_layers(self) -> list[int]:
+        """Checkpoint layer indices of the multi-token-prediction modules."""
+        return list(range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers))
+
+    @property
     def softmax_scale(self) -> float:
         """qk_head_dim**-0.5, times mscale**2 under YaRN (DeepSeek's softmax-scale correction)."""
         scale = self.qk_head_dim ** -0.5

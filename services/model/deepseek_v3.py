@@ -60,7 +60,7 @@ class DeepseekV3Model(nn.Module):
         n = config.num_hidden_layers
         layers = [DecoderLayer(config, i, rope, backend) for i in range(n)]
         if with_mtp:
-            layers += [MTPLayer(config, n + i, rope, backend) for i in range(config.num_nextn_predict_layers)]
+            layers += [MTPLayer(config, i, rope, backend) for i in config.mtp_layers]
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -135,9 +135,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device:
     """Load a checkpoint directory. Without ``backend``, every routed expert loads in-process."""
     config = ModelConfig.from_hf(path)
     reader = CheckpointReader(path)
-    with_mtp = with_mtp and f"model.layers.{config.num_hidden_layers}.eh_proj.weight" in reader
+    with_mtp = with_mtp and all(f"model.layers.{i}.eh_proj.weight" in reader for i in config.mtp_layers)
     if backend is None:
-        layers = config.moe_layers + (list(range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)) if with_mtp else [])
+        layers = config.moe_layers + (config.mtp_layers if with_mtp else [])
         backend = LocalExperts.load(reader, config, layers, dtype=dtype, device=device)
     rope = RotaryEmbedding(config, device)
     with torch.device("meta"):
