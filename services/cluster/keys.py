@@ -1,0 +1,72 @@
+"""Every Redis key of an epserve cluster. Nothing else in the code spells a key.
+
+All keys live under ``epserve:{cluster}:``. What each holds:
+
+- ``svc:{kind}:{id}`` hash, TTL-refreshed by the service's heartbeat: address, capacity, version.
+  ``svcs:{kind}`` set of ids that ever registered; a member whose hash expired is dead and pruned.
+- ``req:{request_id}`` hash: the request record (state, owner replica, prompt ids, sampling params,
+  seed, tokens emitted so far) - enough to continue it on another replica.
+  ``tok:{request_id}`` stream: the request's token log, one entry per engine step.
+- ``placement:{version}`` string (JSON placement); ``placement:current`` its version;
+  ``placement:next`` the version counter.
+- ``load:{moe_layer}`` hash logical expert -> tokens routed (placement input);
+  ``slot_load:{shard}`` hash ``"{moe_layer}:{slot}"`` -> tokens served by that physical slot.
+- ``balancer:lease`` string with TTL: the balancer leader's id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SERVICE_KINDS = ("router", "attention", "expert")
+
+
+@dataclass(frozen=True)
+class Keys:
+    cluster: str = "default"
+
+    @property
+    def prefix(self) -> str:
+        return f"epserve:{self.cluster}"
+
+    def service(self, kind: str, service_id: str) -> str:
+        _check_kind(kind)
+        return f"{self.prefix}:svc:{kind}:{service_id}"
+
+    def services(self, kind: str) -> str:
+        _check_kind(kind)
+        return f"{self.prefix}:svcs:{kind}"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{request_id}"
+
+    def tokens(self, request_id: str) -> str:
+        return f"{self.prefix}:tok:{request_id}"
+
+    def placement(self, version: int) -> str:
+        return f"{self.prefix}:placement:{version}"
+
+    @property
+    def placement_current(self) -> str:
+        return f"{self.prefix}:placement:current"
+
+    @property
+    def placement_counter(self) -> str:
+        return f"{self.prefix}:placement:next"
+
+    def expert_load(self, moe_layer: int) -> str:
+        return f"{self.prefix}:load:{moe_layer}"
+
+    def slot_load(self, shard: int) -> str:
+        return f"{self.prefix}:slot_load:{shard}"
+
+    @property
+    def balancer_lease(self) -> str:
+        return f"{self.prefix}:balancer:lease"
+
+    def all_keys_pattern(self) -> str:
+        return f"{self.prefix}:*"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SERVICE_KINDS:
+        raise ValueError(f"service kind must be one of {SERVICE_KINDS}, got {kind!r}")

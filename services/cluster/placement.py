@@ -1,0 +1,127 @@
+"""Expert placement: logical experts -> physical slots on expert shards, per MoE layer.
+
+Every shard holds ``slots_per_shard`` physical slots in every MoE layer. ``E + R`` slots are used:
+each logical expert once, plus R redundant copies of the hottest experts (by expected load), never
+two copies of one expert on the same shard; surplus slots (when S does not divide E + R) are empty.
+Copies are packed so that the expected load per shard is balanced (largest first, onto the least
+loaded shard that can take it). Top-k ids are remapped logical -> physical right after the gate,
+spreading a replicated expert's tokens over its copies.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+EMPTY = -1
+
+
+@dataclass(frozen=True)
+class Placement:
+    version: int
+    num_experts: int                         # E logical experts per MoE layer
+    num_shards: int                          # S
+    slots_per_shard: int
+    moe_layers: tuple[int, ...]              # checkpoint layer index of each row
+    physical_to_logical: torch.Tensor        # [rows, S * slots_per_shard] int64, EMPTY for unused slots
+    logical_to_physical: torch.Tensor = field(init=False)   # [rows, E, max_replicas] int64, EMPTY padded
+    replica_counts: torch.Tensor = field(init=False)        # [rows, E] int64
+
+    def __post_init__(self):
+        p2l = self.physical_to_logical
+        assert p2l.shape == (len(self.moe_layers), self.num_shards * self.slots_per_shard), p2l.shape
+        counts = torch.stack([torch.bincount(row[row >= 0], minlength=self.num_experts) for row in p2l])
+        assert (counts >= 1).all(), "every logical expert needs a slot in every layer"
+        l2p = torch.full((len(self.moe_layers), self.num_experts, int(counts.max())), EMPTY, dtype=torch.int64)
+        for r, row in enumerate(p2l.tolist()):
+            filled = [0] * self.num_experts
+            for slot, expert in enumerate(row):
+                if expert != EMPTY:
+                    l2p[r, expert, filled[expert]] = slot
+                    filled[expert] += 1
+        object.__setattr__(self, "logical_to_physical", l2p)
+        object.__setattr__(self, "replica_counts", counts)
+
+    # ---- lookups ---------------------------------------------------------------------------
+    def row(self, layer: int) -> int:
+        return self.moe_layers.index(layer)
+
+    def shard_of_slot(self, slot: int) -> int:
+        return slot // self.slots_per_shard
+
+    def local_experts(self, layer: int, shard: int) -> list[int]:
+        """Logical expert in each of ``shard``'s local slots for ``layer`` (EMPTY for an unused slot)."""
+        start = shard * self.slots_per_shard
+        return self.physical_to_logical[self.row(layer), start:start + self.slots_per_shard].tolist()
+
+    def to_physical(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """topk_ids [tokens, k] logical -> physical slots [tokens, k], spreading tokens over replicas."""
+        row = self.row(layer)
+        ids = topk_ids.long()
+        counts = self.replica_counts[row].to(ids.device)[ids]                            # [tokens, k]
+        tokens, k = ids.shape
+        spread = torch.arange(tokens, device=ids.device)[:, None] + torch.arange(k, device=ids.device)[None, :]
+        choice = spread % counts
+        return self.logical_to_physical[row].to(ids.device)[ids, choice]
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "num_experts": self.num_experts, "num_shards": self.num_shards,
+                           "slots_per_shard": self.slots_per_shard, "moe_layers": list(self.moe_layers),
+                           "physical_to_logical": self.physical_to_logical.tolist()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Placement":
+        raw = json.loads(text)
+        return cls(raw["version"], raw["num_experts"], raw["num_shards"], raw["slots_per_shard"],
+                   tuple(raw["moe_layers"]), torch.tensor(raw["physical_to_logical"], dtype=torch.int64))
+
+    def expected_shard_load(self, load: torch.Tensor) -> torch.Tensor:
+        """load [rows, E] tokens per logical expert -> [rows, S] expected tokens per shard."""
+        per_copy = load / self.replica_counts                                             # [rows, E]
+        p2l = self.physical_to_logical
+        slot_load = torch.where(p2l >= 0, per_copy.gather(1, p2l.clamp(min=0)), torch.zeros(()))
+        return slot_load.view(len(self.moe_layers), self.num_shards, self.slots_per_shard).sum(-1)
+
+
+def build_placement(num_experts: int, num_shards: int, redundant: int, moe_layers: Sequence[int],
+                    load: torch.Tensor | None = None, version: int = 1) -> Placement:
+    """Place E experts + ``redundant`` hot copies on ``num_shards`` shards for every MoE layer.
+
+    ``load [rows, E]`` is the expected tokens per logical expert (None: uniform).
+    """
+    if num_shards < 1:
+        raise ValueError(f"expert shards must be >= 1, got {num_shards}")
+    if not 0 <= redundant <= num_experts * (num_shards - 1):
+        raise ValueError(f"redundant experts must be in [0, {num_experts * (num_shards - 1)}] "
+                         f"(at most one copy of an expert per shard), got {redundant}")
+    rows = len(moe_layers)
+    load = torch.ones(rows, num_experts) if load is None else load.double().clamp(min=0) + 1e-9
+    if load.shape != (rows, num_experts):
+        raise ValueError(f"load must be [{rows}, {num_experts}], got {tuple(load.shape)}")
+    slots_per_shard = -(-(num_experts + redundant) // num_shards)
+    p2l = torch.stack([_place_row(load[r], num_shards, redundant, slots_per_shard) for r in range(rows)])
+    return Placement(version, num_experts, num_shards, slots_per_shard, tuple(moe_layers), p2l)
+
+
+def _place_row(load: torch.Tensor, shards: int, redundant: int, slots_per_shard: int) -> torch.Tensor:
+    experts = load.numel()
+    copies = [1] * experts
+    for _ in range(redundant):          # each extra copy goes to the expert with the most load per copy
+        expert = max((e for e in range(experts) if copies[e] < shards), key=lambda e: (load[e] / copies[e], -e))
+        copies[expert] += 1
+    items = sorted(((float(load[e]) / copies[e], e) for e in range(experts) for _ in range(copies[e])),
+                   key=lambda item: (-item[0], item[1]))
+    shard_load, shard_experts = [0.0] * shards, [[] for _ in range(shards)]
+    for item_load, expert in items:
+        shard = min((s for s in range(shards)
+                     if len(shard_experts[s]) < slots_per_shard and expert not in shard_experts[s]),
+                    key=lambda s: (shard_load[s], s))
+        shard_load[shard] += item_load
+        shard_experts[shard].append(expert)
+    row = []
+    for members in shard_experts:
+        row += sorted(members) + [EMPTY] * (slots_per_shard - len(members))
+    return torch.tensor(row, dtype=torch.int64)
