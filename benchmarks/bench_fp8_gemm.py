@@ -8,55 +8,15 @@ vs fp8_block_gemm_reference, which the CPU model runs; TFLOP/s and GB/s) and ``l
 3.35 TB/s HBM, 1979 FP8 / 989 BF16 dense TFLOP/s. On the CPU only the torch providers run unless
 ``--triton`` is given (the interpreter is far too slow to time meaningfully).
 """
-import argparse
-import csv
-import os
-import statistics
-import time
-
 import torch
 
-if not torch.cuda.is_available():  # --triton on the CPU: the interpreter must be on before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from benchmarks.common import H100_HBM_BYTES_PER_S, H100_PEAK_FLOPS, bench_parser, print_table, time_ms, write_csv
 from kernels.backend import use_triton
 from kernels.fp8_gemm import dequant_weight, fp8_block_gemm, fp8_block_gemm_reference, fp8_linear
 from kernels.fp8_quant import FP8_DTYPE, per_token_group_quant_fp8, per_token_group_quant_fp8_reference
 
-HBM_BYTES_PER_S = 3.35e12
-PEAK_FLOPS = {"fp8": 1979e12, "bf16": 989e12}
 V3_SHAPES = [(7168, 2048), (24576, 1536), (2112, 7168)]  # (N, K): o_proj-like, q_b_proj, fused q_a/kv_a
 COLUMNS = ["op", "M", "N", "K", "provider", "ms", "TFLOP/s", "GB/s", "%peak_flops", "%hbm"]
-
-
-def time_ms(fn, device: torch.device, iters: int) -> float:
-    """Median milliseconds of ``fn()``.
-
-    On CUDA ``fn`` is captured once in a CUDA graph and each timed replay starts with a cold L2
-    (a 256 MB memset, as triton's do_bench does): the time is the GPU's, without Python launch cost.
-    """
-    fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
-        for _ in range(iters):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def report_row(op, M, N, K, provider, ms, flops, nbytes, peak_key, device) -> dict:
@@ -65,22 +25,8 @@ def report_row(op, M, N, K, provider, ms, flops, nbytes, peak_key, device) -> di
     gbs = nbytes / ms / 1e6
     return {"op": op, "M": M, "N": N, "K": K, "provider": provider, "ms": f"{ms:.4f}",
             "TFLOP/s": f"{tflops:.3g}" if flops else "-", "GB/s": f"{gbs:.1f}",
-            "%peak_flops": f"{100 * tflops * 1e12 / PEAK_FLOPS[peak_key]:.1f}" if on_cuda and flops else "-",
-            "%hbm": f"{100 * gbs * 1e9 / HBM_BYTES_PER_S:.1f}" if on_cuda else "-"}
-
-
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    print("  ".join(c.rjust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(str(r[c]).rjust(widths[c]) for c in columns))
-
-
-def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+            "%peak_flops": f"{100 * tflops * 1e12 / H100_PEAK_FLOPS[peak_key]:.1f}" if on_cuda and flops else "-",
+            "%hbm": f"{100 * gbs * 1e9 / H100_HBM_BYTES_PER_S:.1f}" if on_cuda else "-"}
 
 
 def random_fp8_weight(N: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,19 +54,18 @@ def bench_shape(M: int, N: int, K: int, device: torch.device, run_triton: bool, 
                   ("gemm", "triton-fp8", lambda: fp8_block_gemm(a_q, a_scale, w_q, w_scale), flops, fp8_bytes, "fp8"),
                   ("linear", "triton-fp8" if use_triton(x) else "torch-ref",  # fp8_linear dispatches on x
                    lambda: fp8_linear(x, w_q, w_scale), flops, fp8_bytes + quant_bytes, "fp8")]
-    rows = [report_row(op, M, N, K, provider, time_ms(fn, device, iters), fl, nb, peak, device)
-            for op, provider, fn, fl, nb, peak in cases]
+    rows = []
+    for op, provider, fn, fl, nb, peak in cases:
+        ms = time_ms(fn, device, iters, graph_calls=1, flush_l2=True)
+        rows.append(report_row(op, M, N, K, provider, ms, fl, nb, peak, device))
     return sorted(rows, key=lambda r: (r["op"], r["provider"]))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--m", type=int, nargs="+", help="token counts (default 1 64 512 4096; CPU: 1 16)")
     parser.add_argument("--shapes", nargs="+", help="N,K pairs (default the V3 shapes)")
     parser.add_argument("--iters", type=int, help="timed runs per case (default 50; CPU: 5)")
-    parser.add_argument("--triton", action="store_true", help="also run Triton on the CPU (interpreter)")
-    parser.add_argument("--csv", help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

@@ -10,26 +10,17 @@ the dtype the dot runs in: BF16 989 TFLOP/s for both modes, since FP8 weights ar
 On the CPU only the reference is timed unless ``--triton`` is given (the interpreter is slow).
 """
 import argparse
-import csv
-import os
-import statistics
-import time
 
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported: CPU Triton runs in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from benchmarks.common import H100_HBM_BYTES_PER_S, H100_PEAK_FLOPS, bench_parser, print_table, time_ms, write_csv
 from kernels.fused_moe import fused_moe_reference, fused_moe_triton
 
-H100_HBM_GBS = 3350.0
-H100_BF16_TFLOPS = 989.0
 FP8 = torch.float8_e4m3fn
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = bench_parser(__doc__)
     p.add_argument("--tokens", type=int, nargs="+", help="T values (default: 1 64 512 2048 on CUDA, 1 16 64 on CPU)")
     p.add_argument("--hidden", type=int, help="D (default 7168 on CUDA, 256 on CPU)")
     p.add_argument("--inter", type=int, help="I, the expert intermediate size (default 2048 on CUDA, 128 on CPU)")
@@ -37,9 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--modes", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--triton", action="store_true", help="also time Triton on the CPU (interpreter)")
     p.add_argument("--no-reference", action="store_true", help="skip timing the torch reference")
-    p.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.tokens = args.tokens or ([1, 64, 512, 2048] if cuda else [1, 16, 64])
@@ -66,26 +55,6 @@ def make_routing(T: int, E: int, K: int, device: str) -> tuple[torch.Tensor, tor
     return torch.softmax(weights, dim=1), ids.to(torch.int32)
 
 
-def time_ms(fn, iters: int, cuda: bool) -> float:
-    """Median wall time of ``fn()`` in ms after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def bench_case(args, T: int, mode: str, weights: list, scales: dict) -> list[dict]:
     cuda = args.device.startswith("cuda")
     D, I, E, K = args.hidden, args.inter, args.experts, args.topk
@@ -104,23 +73,15 @@ def bench_case(args, T: int, mode: str, weights: list, scales: dict) -> list[dic
     flops = 2 * 3 * T * K * D * I
     rows = []
     for name, fn in providers.items():
-        ms = time_ms(fn, args.iters, cuda)
+        ms = time_ms(fn, torch.device(args.device), args.iters, warmup=2)
         tflops, gbs = flops / ms / 1e9, weight_bytes / ms / 1e6
         row = dict(tokens=T, experts=E, topk=K, hidden=D, inter=I, weights=mode, provider=name,
                    experts_hit=hit, ms=round(ms, 4), tflops=round(tflops, 2), gbs=round(gbs, 1))
         if cuda:
-            row["pct_hbm"] = round(100 * gbs / H100_HBM_GBS, 1)
-            row["pct_bf16_mma"] = round(100 * tflops / H100_BF16_TFLOPS, 1)
+            row["pct_hbm"] = round(100 * gbs * 1e9 / H100_HBM_BYTES_PER_S, 1)
+            row["pct_bf16_mma"] = round(100 * tflops * 1e12 / H100_PEAK_FLOPS["bf16"], 1)
         rows.append(row)
     return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    cols = list(rows[0])
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).rjust(w) for c, w in zip(cols, widths)))
 
 
 def main(argv=None) -> None:
@@ -135,10 +96,7 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
     print_table(rows)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,9 @@ Runs grouped_topk (Triton) against grouped_topk_reference (torch) on the same ro
 bytes = logits + bias read + weights and ids written; %hbm is against 3.35 TB/s. On the CPU only
 the torch reference runs unless ``--triton`` is given.
 """
-import argparse
-import os
-
 import torch
 
-if not torch.cuda.is_available():  # --triton on the CPU: the interpreter must be on before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.bench_fp8_gemm import HBM_BYTES_PER_S, print_table, time_ms, write_csv
+from benchmarks.common import H100_HBM_BYTES_PER_S, bench_parser, print_table, time_ms, write_csv
 from kernels.gate_topk import grouped_topk, grouped_topk_reference
 
 COLUMNS = ["T", "E", "n_group", "topk_group", "top_k", "provider", "ms", "us/token", "GB/s", "%hbm"]
@@ -30,26 +24,23 @@ def bench_tokens(T: int, E: int, n_group: int, topk_group: int, top_k: int, devi
     providers = [("torch", grouped_topk_reference)] + ([("triton", grouped_topk)] if run_triton else [])
     rows = []
     for name, fn in providers:
-        ms = time_ms(lambda: fn(*args), device, iters)
+        ms = time_ms(lambda: fn(*args), device, iters, graph_calls=1, flush_l2=True)
         gbs = nbytes / ms / 1e6
         rows.append({"T": T, "E": E, "n_group": n_group, "topk_group": topk_group, "top_k": top_k,
                      "provider": name, "ms": f"{ms:.4f}", "us/token": f"{ms * 1e3 / T:.3f}",
                      "GB/s": f"{gbs:.2f}",
-                     "%hbm": f"{100 * gbs * 1e9 / HBM_BYTES_PER_S:.2f}" if device.type == "cuda" else "-"})
+                     "%hbm": f"{100 * gbs * 1e9 / H100_HBM_BYTES_PER_S:.2f}" if device.type == "cuda" else "-"})
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--t", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096], help="token counts")
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--n-group", type=int, default=8)
     parser.add_argument("--topk-group", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--iters", type=int, help="timed runs per case (default 100; CPU: 20)")
-    parser.add_argument("--triton", action="store_true", help="also run Triton on the CPU (interpreter)")
-    parser.add_argument("--csv", help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
