@@ -29,6 +29,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024     # token budget of one step (decodes + prefill chunks)
     max_model_len: int | None = None       # default: the model's max_position_embeddings
+    micro_batches: int = 1                 # >= 2 overlaps remote experts of one with compute of another
 
 
 @dataclass
@@ -49,7 +50,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, dtype, device)
+        self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, dtype, device,
+                                  config.micro_batches)
         self.requests: dict[str, Sequence] = {}
 
     @classmethod

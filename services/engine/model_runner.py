@@ -12,9 +12,10 @@ from services.model.mla import ForwardBatch
 
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, micro_batches: int = 1):
         c = model.config
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
+        self.micro_batches = micro_batches
         width = c.kv_lora_rank + c.qk_rope_head_dim
         self.kv_caches = [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)
                           for _ in range(c.num_hidden_layers)]              # per layer [blocks, block_size, lora + rope]
@@ -22,16 +23,34 @@ class ModelRunner:
 
     def step(self, batch: ScheduledBatch) -> dict[str, torch.Tensor]:
         """Run the batch; returns {request_id: logits [vocab]} for sequences whose pending tokens are all done."""
-        seqs = batch.decodes + [s for s, _ in batch.prefills]
-        chunks = [1] * len(batch.decodes) + [n for _, n in batch.prefills]
-        input_ids, forward_batch = self._build(seqs, chunks, len(batch.decodes))
-        hidden = self.model(input_ids, forward_batch, self.kv_caches)        # [tokens, hidden]
-        last = torch.tensor(forward_batch.query_lens, device=self.device).cumsum(0) - 1
-        complete = [i for i, (s, n) in enumerate(zip(seqs, chunks)) if s.num_computed + n == s.num_tokens]
-        logits = self.model.compute_logits(hidden[last[complete]]) if complete else None
-        for seq, n in zip(seqs, chunks):
-            seq.num_computed += n
-        return {seqs[i].request_id: logits[j] for j, i in enumerate(complete)}
+        groups = self._split(batch)
+        inputs = [self._build(seqs, chunks, decodes) for seqs, chunks, decodes in groups]
+        hiddens = self.model.forward_micro_batches(inputs, self.kv_caches)      # [tokens_i, hidden] each
+        last_rows, finished = [], []
+        for (seqs, chunks, _), (_, forward_batch), hidden in zip(groups, inputs, hiddens):
+            ends = torch.tensor(forward_batch.query_lens, device=self.device).cumsum(0) - 1
+            for i, (seq, n) in enumerate(zip(seqs, chunks)):
+                if seq.num_computed + n == seq.num_tokens:
+                    last_rows.append(hidden[ends[i]])
+                    finished.append(seq.request_id)
+                seq.num_computed += n
+        if not finished:
+            return {}
+        logits = self.model.compute_logits(torch.stack(last_rows))
+        return dict(zip(finished, logits))
+
+    def _split(self, batch: ScheduledBatch) -> list[tuple[list[Sequence], list[int], int]]:
+        """Up to ``micro_batches`` groups of whole sequences, balanced by tokens, decodes first in each."""
+        work = [(s, 1) for s in batch.decodes] + list(batch.prefills)
+        count = max(1, min(self.micro_batches, len(work)))
+        groups = [([], [], 0) for _ in range(count)]
+        tokens = [0] * count
+        for index, (seq, n) in enumerate(work):
+            g = min(range(count), key=lambda i: tokens[i])
+            seqs, chunks, decodes = groups[g]
+            groups[g] = (seqs + [seq], chunks + [n], decodes + (index < len(batch.decodes)))
+            tokens[g] += n
+        return groups
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """logits [seqs, vocab] -> one token per sequence (step = tokens it has emitted so far)."""

@@ -7,6 +7,7 @@ behind the expert backend (in-process or remote shards), which loads them itself
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +33,17 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        return self.finish(*self.start(x, batch, kv_cache))
+
+    def start(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> tuple:
+        """Attention, then start the FFN: a MoE layer dispatches to its experts and returns at once."""
         x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x, h, self.mlp.start(h) if isinstance(self.mlp, MoE) else self.mlp(h)
+
+    def finish(self, x: torch.Tensor, h: torch.Tensor, ffn: Any) -> torch.Tensor:
+        """x [tokens, hidden] residual + the FFN output (combining routed experts for MoE layers)."""
+        return x + (self.mlp.finish(h, ffn) if isinstance(self.mlp, MoE) else ffn)
 
 
 class MTPLayer(DecoderLayer):
@@ -78,10 +88,27 @@ class DeepseekV3ForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """input_ids [tokens] -> final-normed hidden states [tokens, hidden]."""
-        x = self.model.embed_tokens(input_ids)
+        return self.forward_micro_batches([(input_ids, batch)], kv_caches)[0]
+
+    @torch.inference_mode()
+    def forward_micro_batches(self, micro_batches: list[tuple[torch.Tensor, ForwardBatch]],
+                              kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several independent micro-batches, interleaved layer by layer (two-batch overlap).
+
+        Micro-batch i starts layer L (attention + expert dispatch) right after finishing layer L-1
+        (shared expert + combine), so while its routed experts run remotely the other micro-batches
+        compute. Returns final-normed hidden states [tokens_i, hidden] per micro-batch.
+        """
+        layers = self.model.layers
+        xs = [self.model.embed_tokens(ids) for ids, _ in micro_batches]
+        pending: list[tuple | None] = [None] * len(micro_batches)
         for layer in range(self.config.num_hidden_layers):
-            x = self.model.layers[layer](x, batch, kv_caches[layer])
-        return self.model.norm(x)
+            for i, (_, batch) in enumerate(micro_batches):
+                if pending[i] is not None:
+                    xs[i] = layers[layer - 1].finish(*pending[i])
+                pending[i] = layers[layer].start(xs[i], batch, kv_caches[layer])
+        last = layers[self.config.num_hidden_layers - 1]
+        return [self.model.norm(last.finish(*state)) for state in pending]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

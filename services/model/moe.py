@@ -134,7 +134,14 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden] -> routed + shared expert output [tokens, hidden]."""
+        return self.finish(x, self.start(x))
+
+    def start(self, x: torch.Tensor) -> Any:
+        """Route and dispatch x [tokens, hidden]; returns the backend's handle."""
         topk_weights, topk_ids = self.gate(x)
-        handle = self.backend.dispatch(self.layer, x, topk_weights, topk_ids)
+        return self.backend.dispatch(self.layer, x, topk_weights, topk_ids)
+
+    def finish(self, x: torch.Tensor, handle: Any) -> torch.Tensor:
+        """Shared expert (while the routed experts may still run elsewhere), then combine."""
         shared = self.shared_experts(x)
         return self.backend.combine(handle) + shared

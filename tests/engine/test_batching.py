@@ -90,3 +90,9 @@ def test_stop_token_and_eos_finish_with_reason_stop(checkpoint):
     stop_at = free_run[3]
     seq = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop_at,)))[0]
     assert seq.finish_reason == "stop" and seq.output_ids == free_run[: free_run.index(stop_at) + 1]
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_micro_batches_give_the_same_tokens(checkpoint, micro_batches):
+    engine = make_engine(checkpoint, micro_batches=micro_batches)
+    assert [s.output_ids for s in engine.generate(PROMPTS, GREEDY)] == one_at_a_time(checkpoint, GREEDY)
