@@ -5,6 +5,8 @@ import argparse
 import sys
 
 from services.generate_cmd import add_generate_parser
+from services.serve_cmd import add_serve_parser
+from services.up_cmd import add_up_parser
 
 
 class UsageError(Exception):
@@ -15,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epserve", description="Expert-parallel inference for DeepSeek-V3-architecture models")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parser(commands)
+    add_up_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 

@@ -64,13 +64,20 @@ class LLMEngine:
         return cls(model, tokenizer, config or EngineConfig(), dtype, device)
 
     # ---- requests --------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Validate and queue a request; raises InvalidParam naming the offending field."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    emitted_ids: list[int] = ()) -> None:
+        """Validate and queue a request; raises InvalidParam naming the offending field.
+
+        ``emitted_ids`` continues a request that already emitted those tokens elsewhere: they are
+        recomputed as context and count towards ``max_tokens``, and sampling resumes at their step.
+        """
         if request_id in self.requests:
             raise InvalidParam("request_id", f"{request_id!r} is already running")
         self.validate(prompt_ids, params)
+        if len(emitted_ids) >= params.max_tokens:
+            raise InvalidParam("emitted_ids", f"{len(emitted_ids)} tokens already reach max_tokens={params.max_tokens}")
         seed = params.seed if params.seed is not None else draw_seed()
-        seq = Sequence(request_id, list(prompt_ids), params, seed)
+        seq = Sequence(request_id, list(prompt_ids), params, seed, output_ids=list(emitted_ids))
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 

@@ -1,0 +1,136 @@
+"""The engine loop of an attention replica: one thread owns the engine; gRPC threads talk to it.
+
+gRPC handler threads validate a request (read-only), then hand it over as a command; the loop
+thread admits it, steps the engine while there is work, and delivers each request's outputs to that
+request's queue. After every step, the tokens of all requests go to ``on_step`` at once (the
+attention service appends them to Redis in one pipeline). A step that fails (an expert shard went
+away) fails the requests of that step with the error and frees their KV; the loop keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from services.engine.engine import LLMEngine, RequestOutput
+from services.engine.sampling import InvalidParam, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepError:
+    """Delivered to a request's queue instead of an output when its step failed."""
+
+    message: str
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[dict[str, list[int]]], None] | None = None):
+        self.engine = engine
+        self.on_step = on_step
+        self._commands: queue.Queue = queue.Queue()
+        self._outputs: dict[str, queue.Queue] = {}     # request id -> its outputs (loop thread writes)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.draining = False
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    # ---- called from gRPC threads ------------------------------------------------------------
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               emitted_ids: list[int] = ()) -> queue.Queue:
+        """Validate (raises InvalidParam) and queue a request; returns the queue of its outputs."""
+        self.engine.validate(list(prompt_ids) + list(emitted_ids), params)
+        outputs: queue.Queue = queue.Queue()
+        with self._lock:
+            if request_id in self._outputs:
+                raise InvalidParam("request_id", f"{request_id!r} is already running on this replica")
+            self._outputs[request_id] = outputs
+        self._commands.put(("add", request_id, list(prompt_ids), params, list(emitted_ids)))
+        return outputs
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            known = request_id in self._outputs
+        if known:
+            self._commands.put(("abort", request_id))
+        return known
+
+    def load(self) -> dict:
+        """Counters for admission; read without locking (ints, updated by the loop thread)."""
+        stats = dict(self.engine.stats())
+        stats["draining"] = self.draining
+        return stats
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._outputs)
+
+    # ---- the loop thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            idle = not self.engine.has_unfinished()
+            try:
+                command = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._apply(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self.engine.has_unfinished():
+                self._step()
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, request_id, prompt_ids, params, emitted = command
+            try:
+                self.engine.add_request(request_id, prompt_ids, params, emitted)
+            except ValueError as err:
+                self._deliver(request_id, StepError(str(err)), final=True)
+        elif command[0] == "abort":
+            output = self.engine.abort(command[1])
+            if output is not None:
+                self._deliver(command[1], output, final=True)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:                          # noqa: BLE001 - fail the step's requests, keep serving
+            log.exception("engine step failed")
+            self._fail_all(f"engine step failed: {err}")
+            return
+        if self.on_step and outputs:
+            self._publish({o.request_id: o.new_token_ids for o in outputs if o.new_token_ids})
+        for output in outputs:
+            self._deliver(output.request_id, output, final=output.finished)
+
+    def _publish(self, tokens: dict[str, list[int]]) -> None:
+        try:
+            self.on_step(tokens)
+        except Exception:                                 # noqa: BLE001 - the token log is best effort
+            log.exception("publishing step tokens failed")
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._deliver(request_id, StepError(message), final=True)
+
+    def _deliver(self, request_id: str, item: RequestOutput | StepError, final: bool) -> None:
+        with self._lock:
+            outputs = self._outputs.pop(request_id, None) if final else self._outputs.get(request_id)
+        if outputs is not None:
+            outputs.put(item)

@@ -1,0 +1,63 @@
+"""Process lifecycle shared by every service's ``main``: logging, shutdown signals, common flags."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+import redis
+import torch
+
+from services.cluster.keys import Keys
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def shutdown_event() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (call from the main thread)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every ``epserve serve`` service takes."""
+    parser.add_argument("--redis", required=True, help="Redis URL, e.g. redis://:password@redis:6379/0")
+    parser.add_argument("--cluster", default="default", help="cluster name: the prefix of every Redis key")
+    parser.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
+    parser.add_argument("--advertise-host", default=None,
+                        help="host other services use to reach this one (default: --host; the pod IP on Kubernetes)")
+    parser.add_argument("--verbose", action="store_true")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--expert-shards", type=int, default=1, help="S: expert shard services in the cluster")
+    parser.add_argument("--redundant-experts", type=int, default=0, help="R: extra slots for copies of hot experts")
+    parser.add_argument("--load-profile", default=None, help="JSON expert-load profile used when Redis has no statistics")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype:
+        return device, getattr(torch, args.dtype)
+    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def connect(args: argparse.Namespace) -> tuple[redis.Redis, Keys]:
+    client = redis.Redis.from_url(args.redis)
+    client.ping()
+    return client, Keys(args.cluster)
+
+
+def advertised(args: argparse.Namespace, port: int) -> str:
+    return f"{args.advertise_host or args.host}:{port}"

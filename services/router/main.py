@@ -1,0 +1,55 @@
+"""``epserve serve router``: the public API (parse -> tokenizer + limits -> serve -> register -> SIGTERM)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import uuid
+
+from services.cluster.grpc_server import start_grpc_server
+from services.cluster.registry import Registry
+from services.cluster.state import PlacementStore, RequestStore
+from services.engine.tokenizer import load_tokenizer
+from services.lifecycle import advertised, connect, setup_logging, shutdown_event
+from services.model.config import ModelConfig
+from services.model.tiny import resolve_model
+from services.router.admission import Admission
+from services.router.service import SERVICE_NAME, GenerationServicer, add_to_server
+from services.router.validation import Limits
+
+log = logging.getLogger("epserve.router")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--router-id", default=None, help="unique id (default: random)")
+    parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait when every replica is full")
+    parser.add_argument("--max-request-bytes", type=int, default=4 << 20)
+    parser.add_argument("--max-workers", type=int, default=512, help="concurrent streams served")
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    stop = shutdown_event()
+    client, keys = connect(args)
+    path = resolve_model(args.model)
+    config = ModelConfig.from_hf(path)
+    tokenizer = load_tokenizer(path, vocab_size=config.vocab_size, bos_token_id=config.bos_token_id,
+                               eos_token_ids=config.eos_token_ids)
+    registry = Registry(client, keys)
+    placement = PlacementStore(client, keys).current()
+    model_info = {"model": args.model, "vocab_size": config.vocab_size, "max_context": config.max_position_embeddings,
+                  "kv_cache_bytes_per_token": config.kv_bytes_per_token(2), "eos_token_ids": list(config.eos_token_ids),
+                  "expert_shards": placement.num_shards if placement else 0,
+                  "placement_version": placement.version if placement else 0}
+    servicer = GenerationServicer(
+        model_name=args.model, tokenizer=tokenizer, admission=Admission(registry, max_queue=args.max_queue),
+        limits=Limits(config.vocab_size, config.max_position_embeddings, args.max_request_bytes),
+        requests=RequestStore(client, keys), model_info=model_info)
+    server = start_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{args.host}:{args.port}",
+                               max_workers=args.max_workers, max_message_bytes=2 * args.max_request_bytes)
+    router_id = args.router_id or uuid.uuid4().hex[:8]
+    heartbeat = registry.register("router", router_id, advertised(args, server.port), {})
+    log.warning("router %s serving on %s", router_id, server.address)
+    stop.wait()
+    heartbeat.stop()
+    server.stop(grace=5)
+    return 0

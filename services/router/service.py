@@ -1,0 +1,139 @@
+"""GenerationService: the public API. Validate at the edge, admit, record, stream, cancel.
+
+One ``Generate`` call: validate every field (INVALID_ARGUMENT naming it) -> resolve the seed ->
+record the request in Redis (state, owner, prompt, params, seed) -> take a replica from admission
+(queue when all are full, RESOURCE_EXHAUSTED beyond the bound) -> ``Submit`` to it and relay its
+token events as chunks, then one ``complete``. A cancelled or expired client call cancels the
+``Submit`` call, which aborts the request on its replica and frees its KV.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import grpc
+
+from services.cluster.state import RequestRecord, RequestStore
+from services.engine.sampling import InvalidParam, draw_seed
+from services.engine.tokenizer import IncrementalDecoder, Tokenizer
+from services.params import FINISH_REASON_NAMES, sampling_to_proto
+from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2, generation_pb2_grpc
+from services.router.admission import Admission, NoReplicas, QueueFull, Replica
+from services.router.validation import Limits, validate_request
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "epserve.v1.GenerationService"
+
+
+class AttentionStubs:
+    """One channel and stub per attention replica address, shared by all calls."""
+
+    def __init__(self, max_message_bytes: int = 64 << 20):
+        self._stubs: dict[str, attention_pb2_grpc.AttentionServiceStub] = {}
+        self._lock = threading.Lock()
+        self._options = [("grpc.max_send_message_length", max_message_bytes),
+                         ("grpc.max_receive_message_length", max_message_bytes)]
+
+    def get(self, address: str) -> attention_pb2_grpc.AttentionServiceStub:
+        with self._lock:
+            if address not in self._stubs:
+                channel = grpc.insecure_channel(address, options=self._options)
+                self._stubs[address] = attention_pb2_grpc.AttentionServiceStub(channel)
+            return self._stubs[address]
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, *, model_name: str, tokenizer: Tokenizer, limits: Limits, admission: Admission,
+                 requests: RequestStore, model_info: dict):
+        self.model_name, self.tokenizer, self.limits = model_name, tokenizer, limits
+        self.admission, self.requests, self.model_info = admission, requests, model_info
+        self.stubs = AttentionStubs()
+
+    def Generate(self, request, context):
+        try:
+            prompt, params = validate_request(request, self.tokenizer, self.limits)
+        except InvalidParam as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        request_id = request.request_id or uuid.uuid4().hex
+        seed = params.seed if params.seed is not None else draw_seed()
+        self.requests.create(RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
+        try:
+            replica = self.admission.acquire(context.time_remaining())
+        except QueueFull as err:
+            self.requests.set_state(request_id, "failed")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except NoReplicas as err:
+            self.requests.set_state(request_id, "failed")
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except TimeoutError as err:
+            self.requests.set_state(request_id, "failed")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+        try:
+            yield from self._relay(request_id, prompt, params, seed, replica, context)
+        finally:
+            self.admission.release(replica)
+
+    def _relay(self, request_id, prompt, params, seed, replica: Replica, context):
+        self.requests.set_state(request_id, "running", owner=replica.service_id)
+        submit = attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
+                                             sampling=sampling_to_proto(params), seed=seed)
+        call = self.stubs.get(replica.address).Submit(submit, timeout=context.time_remaining())
+        context.add_callback(call.cancel)
+        decoder, token_ids = IncrementalDecoder(self.tokenizer), []
+        try:
+            for event in call:
+                token_ids += event.token_ids
+                text = decoder.push(list(event.token_ids))
+                if event.token_ids:
+                    yield generation_pb2.GenerateResponse(
+                        request_id=request_id, chunk=generation_pb2.Chunk(token_ids=event.token_ids, text=text))
+                if event.finished:
+                    reason = FINISH_REASON_NAMES.get(event.finish_reason, "stop")
+                    self.requests.set_state(request_id, "aborted" if reason == "abort" else "finished",
+                                            finish_reason=reason)
+                    yield _complete(request_id, event, token_ids, self.tokenizer.decode(token_ids))
+                    return
+        except grpc.RpcError as err:
+            yield from self._replica_failed(request_id, replica, err, context)
+
+    def _replica_failed(self, request_id: str, replica: Replica, err: grpc.RpcError, context):
+        code = err.code()
+        self.requests.set_state(request_id, "aborted" if code == grpc.StatusCode.CANCELLED else "failed")
+        if not context.is_active():
+            return
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            context.abort(code, err.details())
+        log.warning("request %s failed on replica %s: %s", request_id, replica.service_id, err.details())
+        yield generation_pb2.GenerateResponse(request_id=request_id, error=generation_pb2.Error(
+            code=code.value[0], message=f"attention replica {replica.service_id}: {err.details()}"))
+
+    def GetModelInfo(self, request, context):
+        info = dict(self.model_info)
+        info["attention_replicas"] = len(self.admission.replicas())
+        return generation_pb2.ModelInfo(request_id=request.request_id, **info)
+
+    def Abort(self, request, context):
+        record = self.requests.get(request.request_id)
+        if record is None or not record.owner or record.state not in ("queued", "running"):
+            return generation_pb2.AbortResponse(request_id=request.request_id, found=False)
+        replica = next((r for r in self.admission.replicas() if r.service_id == record.owner), None)
+        if replica is None:
+            return generation_pb2.AbortResponse(request_id=request.request_id, found=False)
+        reply = self.stubs.get(replica.address).Abort(generation_pb2.AbortRequest(request_id=request.request_id),
+                                                      timeout=10)
+        return generation_pb2.AbortResponse(request_id=request.request_id, found=reply.found)
+
+
+def _complete(request_id, event, token_ids: list[int], text: str) -> generation_pb2.GenerateResponse:
+    return generation_pb2.GenerateResponse(request_id=request_id, complete=generation_pb2.Complete(
+        finish_reason=event.finish_reason, usage=event.usage, token_ids=token_ids, text=text))
+
+
+def _params_dict(params) -> dict:
+    return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos}
+
+
+def add_to_server(servicer: GenerationServicer):
+    return lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
