@@ -13,6 +13,8 @@ FLAG_OF_FIELD = {"max_tokens": "--max-tokens", "temperature": "--temperature", "
 def add_generate_parser(commands) -> None:
     p = commands.add_parser("generate", help="generate from one prompt", description="Generate from one prompt.")
     p.add_argument("--model", default="tiny", help="'tiny' (built in, made locally) or a checkpoint directory")
+    p.add_argument("--endpoint", default=None, help="HOST:PORT of a cluster's router: generate through the SDK")
+    p.add_argument("--timeout", type=float, default=120.0, help="with --endpoint: the call's deadline in seconds")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (the tokenizer adds BOS)")
     prompt.add_argument("--prompt-ids", type=_token_ids, help="comma-separated token ids, used exactly as given")
@@ -38,6 +40,8 @@ def _token_ids(text: str) -> list[int]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        return run_remote(args)
     import torch
 
     from services.engine.engine import EngineConfig, LLMEngine
@@ -83,3 +87,35 @@ def print_result(args, engine, seq, seconds: float) -> None:
         "seconds": round(seconds, 4), "tokens_per_s": round(len(seq.output_ids) / max(seconds, 1e-9), 2),
     }
     print(json.dumps(result))
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """The same generation through a cluster's public API, with the SDK; prints the same line."""
+    import sys
+
+    from epserve_client import Client, EpserveError
+
+    prompt = args.prompt_ids if args.prompt_ids is not None else args.prompt
+    start = time.perf_counter()
+    try:
+        with Client(args.endpoint, timeout=args.timeout) as client:
+            result = client.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                     stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos)
+            info = client.model_info()
+    except EpserveError as err:
+        print(f"epserve generate: error: {err.code.name}: {err.message}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    if not args.json:
+        print(result.text)
+        return 0
+    print(json.dumps({
+        "model": info.model, "endpoint": args.endpoint, "request_id": result.request_id,
+        "token_ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason,
+        "usage": {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens,
+                  "total_tokens": result.usage.total_tokens},
+        "kv_cache_bytes_per_token": info.kv_cache_bytes_per_token,
+        "seconds": round(seconds, 4), "tokens_per_s": round(len(result.token_ids) / max(seconds, 1e-9), 2),
+    }))
+    return 0

@@ -1,0 +1,142 @@
+"""Blocking client of ``epserve.v1.GenerationService``."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from epserve_client import _wire
+from epserve_client._proto import generation_pb2 as pb
+from epserve_client._proto.generation_pb2_grpc import GenerationServiceStub
+from epserve_client._wire import CLIENT_DEFAULT, Timeout
+from epserve_client.errors import error_from_rpc
+from epserve_client.results import GenerateResult, ModelInfo, StreamChunk
+
+
+class GenerateStream(Iterator[StreamChunk]):
+    """The chunks of one ``Generate`` call; after the last one, :attr:`result` holds the final result.
+
+    Iterating raises a typed :class:`~epserve_client.EpserveError` on failure. To stop early, call
+    :meth:`cancel` or iterate inside ``with client.stream(...) as stream:``; a stream dropped
+    unfinished is cancelled when it is garbage-collected.
+    """
+
+    def __init__(self, call: Any, request_id: str | None):
+        self._call = call
+        self._state = _wire.StreamState(request_id)
+        self._chunks = self._read()
+
+    @property
+    def request_id(self) -> str | None:
+        """The caller's request id, or the server's once its first response arrived."""
+        return self._state.request_id
+
+    @property
+    def result(self) -> GenerateResult:
+        """The final :class:`GenerateResult`; only once the stream is exhausted."""
+        if self._state.result is None:
+            raise RuntimeError("the stream has not finished: iterate it to the end first")
+        return self._state.result
+
+    def cancel(self) -> None:
+        """Cancels the call; iterating afterwards raises :class:`~epserve_client.Cancelled`."""
+        self._call.cancel()
+
+    def __next__(self) -> StreamChunk:
+        return next(self._chunks)
+
+    def __enter__(self) -> GenerateStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    def _read(self) -> Iterator[StreamChunk]:
+        try:
+            for response in self._call:
+                chunk = self._state.feed(response)
+                if chunk is not None:
+                    yield chunk
+            self._state.finish()
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self._state.request_id) from error
+        finally:
+            self._call.cancel()  # no-op once the call has finished
+
+
+class Client:
+    """Blocking client of an epserve cluster's public API.
+
+    ``target`` is ``host:port`` of a router. ``api_key`` is sent as ``authorization: Bearer <key>``
+    on every call. ``tls=True`` verifies the server against ``root_certificates`` (PEM; the system
+    roots when None). ``timeout`` (seconds, None for none) is the default deadline of each call.
+    Calls failing with UNAVAILABLE are retried by gRPC up to ``max_retries`` times with exponential
+    backoff from ``initial_backoff`` to ``max_backoff`` seconds; a stream is retried only before its
+    first response. ``options`` are extra gRPC channel options.
+    """
+
+    def __init__(self, target: str, *, api_key: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, timeout: float | None = 60.0, max_retries: int = 4,
+                 initial_backoff: float = 0.1, max_backoff: float = 2.0, options: Sequence[tuple[str, Any]] = ()):
+        self._settings = _wire.settings(
+            target, api_key=api_key, tls=tls, root_certificates=root_certificates, timeout=timeout,
+            max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff, options=options)
+        self._channel = self._settings.open(grpc)
+        self._stub = GenerationServiceStub(self._channel)
+
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                 stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, request_id: str | None = None,
+                 timeout: Timeout = CLIENT_DEFAULT) -> GenerateResult:
+        """Generates to the end and returns the result. See :meth:`stream` for the arguments."""
+        stream = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                             request_id=request_id, timeout=timeout)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+               stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, request_id: str | None = None,
+               timeout: Timeout = CLIENT_DEFAULT) -> GenerateStream:
+        """Starts a generation and returns its chunks as they come.
+
+        ``prompt``: text (tokenised by the server, BOS added) or token ids (used as given). Sampling
+        fields left None take the server's defaults (temperature 1, top_p 1, top_k off, random seed).
+        ``request_id``: the router assigns one when None. ``timeout``: this call's deadline in
+        seconds (None: none); the client's when not given. When the loop ends, ``.result`` of the
+        returned stream holds the :class:`GenerateResult`.
+        """
+        request = _wire.generate_request(
+            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id)
+        call = self._stub.Generate(request, timeout=self._settings.deadline(timeout),
+                                   metadata=self._settings.metadata)
+        return GenerateStream(call, request_id)
+
+    def model_info(self, *, timeout: Timeout = CLIENT_DEFAULT) -> ModelInfo:
+        """What the cluster serves: model, vocabulary, context, replicas and shards."""
+        return _wire.model_info(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, None))
+
+    def abort(self, request_id: str, *, timeout: Timeout = CLIENT_DEFAULT) -> bool:
+        """Aborts a running request; True if the server found it (its stream then ends with "abort")."""
+        response = self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id), timeout, request_id)
+        return response.found
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _unary(self, method: Any, request: Any, timeout: Timeout, request_id: str | None) -> Any:
+        try:
+            return method(request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, request_id) from error

@@ -1,0 +1,270 @@
+"""The SDK against a real gRPC server on loopback (tests/sdk/scripted_server.py)."""
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from epserve_client import (
+    AsyncClient,
+    Cancelled,
+    Client,
+    DeadlineExceeded,
+    EpserveError,
+    GenerateResult,
+    InvalidArgument,
+    ModelInfo,
+    ResourceExhausted,
+    StreamChunk,
+    Unavailable,
+    Usage,
+)
+from tests.sdk.scripted_server import ScriptedServer
+
+pytestmark = pytest.mark.integration
+
+FAST_RETRIES = dict(initial_backoff=0.01, max_backoff=0.05)
+
+
+@pytest.fixture
+def server():
+    scripted = ScriptedServer()
+    yield scripted
+    scripted.stop()
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.target, timeout=10, **FAST_RETRIES) as c:
+        yield c
+
+
+def test_generate_returns_typed_result(client):
+    result = client.generate("Hello", max_tokens=5)
+    assert result == GenerateResult(
+        request_id="srv-1", token_ids=[100, 101, 102, 103, 104], text="<100><101><102><103><104>",
+        finish_reason="length", usage=Usage(prompt_tokens=5, completion_tokens=5),
+    )
+    assert result.usage.total_tokens == 10
+
+
+def test_generate_with_request_id_and_stop_token(client):
+    result = client.generate([7, 8], max_tokens=10, stop_token_ids=[102], request_id="mine")
+    assert (result.request_id, result.token_ids, result.finish_reason) == ("mine", [100, 101, 102], "stop")
+
+
+def test_stream_yields_chunks_then_exposes_result(client):
+    stream = client.stream("Hi", max_tokens=5)
+    first = next(stream)
+    assert first == StreamChunk(request_id="srv-1", token_ids=[100, 101], text="<100><101>")
+    with pytest.raises(RuntimeError, match="not finished"):
+        stream.result
+    rest = list(stream)
+    assert [c.token_ids for c in rest] == [[102, 103], [104]]
+    assert stream.request_id == "srv-1"
+    assert stream.result.token_ids == first.token_ids + rest[0].token_ids + rest[1].token_ids
+    assert stream.result.text == "".join(c.text for c in [first, *rest])
+
+
+def test_text_and_token_id_prompts_and_sampling_reach_the_server(client, server):
+    client.generate("héllo wörld", max_tokens=1)
+    client.generate([5, 6, 7], max_tokens=2, temperature=0.5, top_p=0.25, top_k=4, seed=2**63 - 1,
+                    stop_token_ids=[9], ignore_eos=True)
+    text_req, ids_req = (c.request for c in server.servicer.calls_of("Generate"))
+    assert text_req.WhichOneof("input") == "text" and text_req.text == "héllo wörld"
+    assert not any(text_req.sampling.HasField(f) for f in ("temperature", "top_p", "top_k", "seed"))
+    assert ids_req.WhichOneof("input") == "token_ids" and list(ids_req.token_ids.ids) == [5, 6, 7]
+    s = ids_req.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (2, 0.5, 0.25, 4, 2**63 - 1)
+    assert (list(s.stop_token_ids), s.ignore_eos) == ([9], True)
+
+
+def test_retries_unavailable_within_max_retries(server):
+    server.script.fail_first = 2
+    with Client(server.target, max_retries=2, **FAST_RETRIES) as c:
+        assert c.generate("x", max_tokens=1).token_ids == [100]
+        assert len(server.servicer.calls_of("Generate")) == 3
+        server.script.fail_first = 4
+        assert c.model_info().model == "tiny"
+        assert c.abort("running-1") is True
+
+
+def test_gives_up_after_max_retries(server):
+    server.script.fail_first = 100
+    with Client(server.target, max_retries=2, **FAST_RETRIES) as c:
+        with pytest.raises(Unavailable) as info:
+            c.generate("x", request_id="r-9")
+    assert len(server.servicer.calls) == 3
+    assert str(info.value) == "scripted outage 3" and info.value.request_id == "r-9"
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_no_retries_when_max_retries_is_zero(server):
+    server.script.fail_first = 1
+    with Client(server.target, max_retries=0) as c, pytest.raises(Unavailable):
+        c.model_info()
+    assert len(server.servicer.calls) == 1
+
+
+def test_stream_that_yielded_tokens_is_never_replayed(client, server):
+    server.script.status_after_first_chunk = (grpc.StatusCode.UNAVAILABLE, "replica lost")
+    stream = client.stream("x", max_tokens=6)
+    assert next(stream).token_ids == [100, 101]
+    with pytest.raises(Unavailable, match="^replica lost$"):
+        next(stream)
+    assert len(server.servicer.calls) == 1
+
+
+def test_deadline_raises_deadline_exceeded(server):
+    server.script.delay = 5
+    with Client(server.target, timeout=0.3) as c:
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as info:
+            c.model_info()  # the client's default timeout
+        with pytest.raises(DeadlineExceeded):
+            c.generate("x", timeout=0.2, request_id="slow")  # a per-call timeout
+    assert time.monotonic() - start < 3
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_invalid_argument_keeps_the_server_message(client):
+    with pytest.raises(InvalidArgument) as info:
+        client.generate("x", top_p=1.5, request_id="bad")
+    error = info.value
+    assert isinstance(error, EpserveError) and error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.message == str(error) == "sampling.top_p must be in (0, 1], got 1.5"
+    assert error.request_id == "bad"
+
+
+def test_in_stream_error_raises_typed_error(client, server):
+    server.script.stream_error = (grpc.StatusCode.RESOURCE_EXHAUSTED, "KV cache full: 0 of 64 blocks free")
+    chunks = []
+    with pytest.raises(ResourceExhausted) as info:
+        for chunk in client.stream("x", max_tokens=8):
+            chunks.append(chunk)
+    assert [c.token_ids for c in chunks] == [[100, 101]]
+    assert str(info.value) == "KV cache full: 0 of 64 blocks free" and info.value.request_id == "srv-1"
+
+
+def test_cancelled_stream_raises_cancelled(client, server):
+    server.script.delay = 5
+    stream = client.stream("x")
+    stream.cancel()
+    with pytest.raises(Cancelled):
+        next(stream)
+
+
+def test_leaving_a_stream_early_cancels_it_on_the_server(client, server):
+    server.script.chunk_delay = 0.2  # 50 chunks: 10 s if left to run
+    with client.stream("x", max_tokens=100) as stream:
+        assert next(stream).token_ids == [100, 101]
+    assert server.servicer.calls[0].ended.wait(timeout=2)
+
+
+def test_api_key_is_sent_as_bearer_metadata_on_every_call(server):
+    with Client(server.target, api_key="sk-test") as c:
+        c.generate("x", max_tokens=1)
+        c.model_info()
+        c.abort("nope")
+    with Client(server.target) as c:
+        c.model_info()
+    keyed, unkeyed = server.servicer.calls[:3], server.servicer.calls[3]
+    assert [call.metadata.get("authorization") for call in keyed] == ["Bearer sk-test"] * 3
+    assert "authorization" not in unkeyed.metadata
+
+
+def test_model_info_and_abort(client):
+    assert client.model_info() == ModelInfo(
+        request_id="", model="tiny", vocab_size=512, max_context=256, kv_cache_bytes_per_token=2304,
+        attention_replicas=2, expert_shards=4, placement_version=3, eos_token_ids=[1, 2],
+    )
+    assert client.abort("running-1") is True
+    assert client.abort("unknown") is False
+
+
+def test_async_client_essentials(server):
+    async def main():
+        async with AsyncClient(server.target, api_key="sk-async", timeout=10, max_retries=2, **FAST_RETRIES) as c:
+            result = await c.generate([1, 2, 3], max_tokens=3, request_id="a-1")
+            assert (result.request_id, result.token_ids, result.finish_reason) == ("a-1", [100, 101, 102], "length")
+            assert result.usage == Usage(prompt_tokens=3, completion_tokens=3)
+
+            stream = c.stream("Hi", max_tokens=3)
+            chunks = [chunk async for chunk in stream]
+            assert [ch.token_ids for ch in chunks] == [[100, 101], [102]]
+            assert stream.result.text == "<100><101><102>" and stream.request_id == "srv-2"
+
+            assert (await c.model_info()).expert_shards == 4
+            assert await c.abort("running-1") is True
+
+            with pytest.raises(InvalidArgument, match=r"^sampling\.top_p must be in \(0, 1\], got 1\.5$"):
+                await c.generate("x", top_p=1.5)
+
+            server.script.fail_first = len(server.servicer.calls) + 2
+            assert (await c.generate("x", max_tokens=1)).token_ids == [100]
+
+            server.script.stream_error = (grpc.StatusCode.NOT_FOUND, "gone")
+            with pytest.raises(EpserveError, match="^gone$") as info:
+                await c.generate("x", max_tokens=4)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+            server.script.delay = 5
+            with pytest.raises(DeadlineExceeded):
+                await c.generate("x", timeout=0.2)
+            with pytest.raises(Cancelled):
+                async with c.stream("x") as stream:
+                    stream.cancel()
+                    await stream.__anext__()
+
+            server.script.delay, server.script.chunk_delay, server.script.stream_error = 0, 0.2, None
+            async with c.stream("x", max_tokens=100) as stream:
+                async for chunk in stream:
+                    break
+            assert await asyncio.to_thread(server.servicer.calls[-1].ended.wait, 2)
+
+    asyncio.run(main())
+    assert {call.metadata.get("authorization") for call in server.servicer.calls} == {"Bearer sk-async"}
+
+
+def _self_signed_cert() -> tuple[bytes, bytes]:
+    """A PEM (key, certificate) for localhost / 127.0.0.1, signed by itself."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(san, critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_tls_with_self_signed_certificate():
+    pytest.importorskip("cryptography", reason="TLS test needs `cryptography` to make a certificate")
+    key_pem, cert_pem = _self_signed_cert()
+    _, other_cert_pem = _self_signed_cert()
+    server = ScriptedServer(credentials=grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    try:
+        target = f"localhost:{server.port}"
+        with Client(target, tls=True, root_certificates=cert_pem, api_key="k") as c:
+            assert c.generate("x", max_tokens=2).token_ids == [100, 101]
+        with Client(target, tls=True, root_certificates=other_cert_pem, max_retries=0, timeout=5) as c:
+            with pytest.raises(Unavailable):
+                c.model_info()
+        with Client(target, max_retries=0, timeout=5) as c, pytest.raises(Unavailable):
+            c.model_info()  # plaintext against a TLS port
+        assert [call.metadata.get("authorization") for call in server.servicer.calls] == ["Bearer k"]
+    finally:
+        server.stop()
