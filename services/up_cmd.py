@@ -49,10 +49,12 @@ def run_up(args: argparse.Namespace) -> int:
     children: list[subprocess.Popen] = []
     with EmbeddedRedis() as redis_server:
         try:
-            _start_cluster(args, redis_server.url, f"up-{uuid.uuid4().hex[:8]}", children, stop)
+            cluster = f"up-{uuid.uuid4().hex[:8]}"
+            _start_cluster(args, redis_server.url, cluster, children, stop)
             print(f"epserve up: {args.model} serving at 127.0.0.1:{args.port} "
                   f"({args.attention} attention, {args.expert_shards} expert shards, "
-                  f"{args.redundant_experts} redundant experts). Ctrl-C stops it.", flush=True)
+                  f"{args.redundant_experts} redundant experts; state in {redis_server.url} "
+                  f"cluster {cluster}). Ctrl-C stops it.", flush=True)
             while not stop["signal"]:
                 dead = [c for c in children if c.poll() is not None]
                 if dead:

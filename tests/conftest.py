@@ -34,3 +34,33 @@ def hf_checkpoints(tmp_path_factory):
 def private_model_cache(tmp_path_factory):
     """The built-in tiny model is written to a per-session cache, never the user's."""
     os.environ["EPSERVE_CACHE"] = str(tmp_path_factory.mktemp("epserve-cache"))
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One private redis-server (free loopback port, no persistence) for the whole session."""
+    from services.cluster.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client of the session's Redis, emptied (FLUSHALL) before the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cluster_keys():
+    """Keys under a cluster name of this test's own."""
+    import uuid
+
+    from services.cluster.keys import Keys
+
+    return Keys(cluster=f"test-{uuid.uuid4().hex[:12]}")

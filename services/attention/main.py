@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens).start()
     servicer = AttentionServicer(loop, args.replica_id, placement.version)
     server = start_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{args.host}:{args.port}")
-    info = lambda: {**loop.load(), "max_num_seqs": args.max_num_seqs, "placement_version": placement.version}  # noqa: E731
+    static = {"max_num_seqs": args.max_num_seqs, "placement_version": placement.version,
+              "kv_bytes_per_token": engine.runner.kv_bytes_per_token}
+    info = lambda: {**loop.load(), **static}  # noqa: E731
     heartbeat = Registry(client, keys).register("attention", args.replica_id, advertised(args, server.port), info())
     threading.Thread(target=_report_load, args=(heartbeat, info, stop), daemon=True).start()
     log.warning("attention replica %s serving on %s (placement v%d)", args.replica_id, server.address, placement.version)

@@ -8,7 +8,8 @@ All keys live under ``epserve:{cluster}:``. What each holds:
   seed, tokens emitted so far) - enough to continue it on another replica.
   ``tok:{request_id}`` stream: the request's token log, one entry per engine step.
 - ``placement:{version}`` string (JSON placement); ``placement:current`` its version;
-  ``placement:next`` the version counter.
+  ``placement:next`` the version counter; ``placement:lock`` string with TTL, held by the one
+  starting service that builds and publishes a placement when none current fits.
 - ``load:{moe_layer}`` hash logical expert -> tokens routed (placement input);
   ``slot_load:{shard}`` hash ``"{moe_layer}:{slot}"`` -> tokens served by that physical slot.
 - ``balancer:lease`` string with TTL: the balancer leader's id.
@@ -52,6 +53,10 @@ class Keys:
     @property
     def placement_counter(self) -> str:
         return f"{self.prefix}:placement:next"
+
+    @property
+    def placement_lock(self) -> str:
+        return f"{self.prefix}:placement:lock"
 
     def expert_load(self, moe_layer: int) -> str:
         return f"{self.prefix}:load:{moe_layer}"

@@ -35,15 +35,12 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(path, vocab_size=config.vocab_size, bos_token_id=config.bos_token_id,
                                eos_token_ids=config.eos_token_ids)
     registry = Registry(client, keys)
-    placement = PlacementStore(client, keys).current()
     model_info = {"model": args.model, "vocab_size": config.vocab_size, "max_context": config.max_position_embeddings,
-                  "kv_cache_bytes_per_token": config.kv_bytes_per_token(2), "eos_token_ids": list(config.eos_token_ids),
-                  "expert_shards": placement.num_shards if placement else 0,
-                  "placement_version": placement.version if placement else 0}
+                  "kv_cache_bytes_per_token": config.kv_bytes_per_token(2), "eos_token_ids": list(config.eos_token_ids)}
     servicer = GenerationServicer(
         model_name=args.model, tokenizer=tokenizer, admission=Admission(registry, max_queue=args.max_queue),
         limits=Limits(config.vocab_size, config.max_position_embeddings, args.max_request_bytes),
-        requests=RequestStore(client, keys), model_info=model_info)
+        requests=RequestStore(client, keys), placements=PlacementStore(client, keys), model_info=model_info)
     server = start_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{args.host}:{args.port}",
                                max_workers=args.max_workers, max_message_bytes=2 * args.max_request_bytes)
     router_id = args.router_id or uuid.uuid4().hex[:8]

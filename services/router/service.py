@@ -14,7 +14,7 @@ import uuid
 
 import grpc
 
-from services.cluster.state import RequestRecord, RequestStore
+from services.cluster.state import DuplicateRequest, PlacementStore, RequestRecord, RequestStore
 from services.engine.sampling import InvalidParam, draw_seed
 from services.engine.tokenizer import IncrementalDecoder, Tokenizer
 from services.params import FINISH_REASON_NAMES, sampling_to_proto
@@ -45,9 +45,10 @@ class AttentionStubs:
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, *, model_name: str, tokenizer: Tokenizer, limits: Limits, admission: Admission,
-                 requests: RequestStore, model_info: dict):
+                 requests: RequestStore, placements: PlacementStore, model_info: dict):
         self.model_name, self.tokenizer, self.limits = model_name, tokenizer, limits
         self.admission, self.requests, self.model_info = admission, requests, model_info
+        self.placements = placements
         self.stubs = AttentionStubs()
 
     def Generate(self, request, context):
@@ -57,7 +58,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         request_id = request.request_id or uuid.uuid4().hex
         seed = params.seed if params.seed is not None else draw_seed()
-        self.requests.create(RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
+        try:
+            self.requests.create(RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
+        except DuplicateRequest:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} already exists")
         try:
             replica = self.admission.acquire(context.time_remaining())
         except QueueFull as err:
@@ -110,7 +114,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def GetModelInfo(self, request, context):
         info = dict(self.model_info)
-        info["attention_replicas"] = len(self.admission.replicas())
+        replicas = self.admission.replicas()
+        info["attention_replicas"] = len(replicas)
+        if replicas:
+            info["kv_cache_bytes_per_token"] = replicas[0].info.get("kv_bytes_per_token", info["kv_cache_bytes_per_token"])
+        placement = self.placements.current()
+        if placement is not None:
+            info["expert_shards"], info["placement_version"] = placement.num_shards, placement.version
         return generation_pb2.ModelInfo(request_id=request.request_id, **info)
 
     def Abort(self, request, context):

@@ -1,0 +1,314 @@
+"""Cluster state kept in Redis: placement versions, expert load, request records and token logs.
+
+- ``PlacementStore``: versioned placements; ``choose_placement`` makes every service starting
+  together serve one version (it reuses the current one when it fits, else one service, holding a
+  lock, builds and publishes a new one from load stats, a profile file, or uniform load).
+- ``LoadStats``: expert shards flush per-slot token counts; placement reads per-expert totals.
+- ``RequestStore``: each request's record (enough to continue it elsewhere) and its token log.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import redis
+import torch
+
+from services.cluster.keys import Keys
+from services.cluster.placement import EMPTY, Placement, build_placement
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# ---- placement ---------------------------------------------------------------------------------
+_SET_PLACEMENT = """
+redis.call('SET', KEYS[1], ARGV[2])
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[2], ARGV[1]) end
+"""  # KEYS: placement:{v}, placement:current; ARGV: v, JSON. `current` only moves forward.
+
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""  # delete the lock only if this holder's token is still in it (it may have expired and moved on)
+
+
+class PlacementStore:
+    """Placements by version; ``current`` is the newest published."""
+
+    def __init__(self, client: redis.Redis, keys: Keys):
+        self.client, self.keys = client, keys
+        self._set = client.register_script(_SET_PLACEMENT)
+
+    def publish(self, placement: Placement) -> Placement:
+        """Store ``placement`` under the next version (its own version is ignored) and make it current."""
+        version = int(self.client.incr(self.keys.placement_counter))
+        published = replace(placement, version=version)
+        self._set(keys=[self.keys.placement(version), self.keys.placement_current],
+                  args=[version, published.to_json()])
+        return published
+
+    def current(self) -> Placement | None:
+        version = self.client.get(self.keys.placement_current)
+        return None if version is None else self.get(int(version))
+
+    def get(self, version: int) -> Placement:
+        text = self.client.get(self.keys.placement(version))
+        if text is None:
+            raise KeyError(f"placement version {version} is not in Redis ({self.keys.placement(version)})")
+        return Placement.from_json(_text(text))
+
+
+def _fits(placement: Placement | None, num_experts: int, num_shards: int, redundant: int,
+          moe_layers: tuple[int, ...]) -> bool:
+    """Whether ``placement`` has the shape asked for: experts, shards, slots (E + R used), layers."""
+    if placement is None:
+        return False
+    slots_per_shard = -(-(num_experts + redundant) // num_shards)
+    used = (placement.physical_to_logical != EMPTY).sum(dim=1)                       # [rows]
+    return (placement.num_experts == num_experts and placement.num_shards == num_shards
+            and placement.slots_per_shard == slots_per_shard and placement.moe_layers == moe_layers
+            and bool((used == num_experts + redundant).all()))
+
+
+def choose_placement(client: redis.Redis, keys: Keys, *, num_experts: int, num_shards: int, redundant: int,
+                     moe_layers: Sequence[int], profile_path: str | Path | None = None,
+                     lock_ttl_s: float = 30.0, timeout_s: float = 60.0) -> Placement:
+    """The placement every service should serve: the current one if it fits, else a new published one.
+
+    The new one balances Redis load stats when there are any, else the profile file when given,
+    else uniform load. One caller at a time builds (under ``keys.placement_lock``); the others
+    wait and then find its placement current.
+    """
+    store, layers = PlacementStore(client, keys), tuple(moe_layers)
+    token, deadline = uuid.uuid4().hex, time.monotonic() + timeout_s
+    while True:
+        current = store.current()
+        if _fits(current, num_experts, num_shards, redundant, layers):
+            return current
+        if client.set(keys.placement_lock, token, nx=True, px=round(lock_ttl_s * 1000)):
+            break
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"placement lock {keys.placement_lock} still held after {timeout_s} s")
+        time.sleep(0.05)
+    try:
+        current = store.current()            # published by the previous holder just before we got the lock
+        if _fits(current, num_experts, num_shards, redundant, layers):
+            return current
+        load = LoadStats(client, keys).logical_load(layers, num_experts)
+        if load is None and profile_path is not None:
+            load = read_load_profile(profile_path, layers, num_experts)
+        return store.publish(build_placement(num_experts, num_shards, redundant, layers, load))
+    finally:
+        client.register_script(_RELEASE_LOCK)(keys=[keys.placement_lock], args=[token])
+
+
+def read_load_profile(path: str | Path, moe_layers: Sequence[int], num_experts: int) -> torch.Tensor:
+    """``{"moe_layers": {"3": [E counts], ...}}`` -> load [len(moe_layers), E] float64.
+
+    Layers missing from the file get uniform load (ones); layers not in ``moe_layers`` are ignored.
+    """
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"load profile {path}: cannot read JSON: {e}") from e
+    layers = raw.get("moe_layers") if isinstance(raw, dict) else None
+    if not isinstance(layers, dict):
+        raise ValueError(f"load profile {path}: expected an object with a 'moe_layers' object")
+    load = torch.ones(len(moe_layers), num_experts, dtype=torch.float64)
+    for row, layer in enumerate(moe_layers):
+        counts = layers.get(str(layer))
+        if counts is None:
+            continue
+        valid = (isinstance(counts, list) and len(counts) == num_experts
+                 and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0 for c in counts))
+        if not valid:
+            raise ValueError(f"load profile {path}: layer {layer} must be a list of {num_experts} "
+                             f"non-negative numbers")
+        load[row] = torch.tensor(counts, dtype=torch.float64)
+    return load
+
+
+# ---- expert load ---------------------------------------------------------------------------------
+class LoadStats:
+    """Token counters: per physical slot (what each copy served) and per logical expert (placement input)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys):
+        self.client, self.keys = client, keys
+
+    def flush(self, shard: int, placement: Placement, counts: torch.Tensor) -> None:
+        """Add ``counts [len(moe_layers), slots_per_shard]`` int64 (tokens per local slot) in one pipeline."""
+        rows, slots = len(placement.moe_layers), placement.slots_per_shard
+        if tuple(counts.shape) != (rows, slots):
+            raise ValueError(f"counts must be [{rows}, {slots}], got {tuple(counts.shape)}")
+        first = shard * slots
+        experts = placement.physical_to_logical[:, first:first + slots]                 # [rows, slots]
+        pipe = self.client.pipeline()
+        for row, local in (counts != 0).nonzero().tolist():
+            expert = int(experts[row, local])
+            if expert == EMPTY:
+                continue
+            layer, tokens = placement.moe_layers[row], int(counts[row, local])
+            pipe.hincrby(self.keys.slot_load(shard), f"{layer}:{first + local}", tokens)
+            pipe.hincrby(self.keys.expert_load(layer), str(expert), tokens)
+        if len(pipe):
+            pipe.execute()
+
+    def logical_load(self, moe_layers: Sequence[int], num_experts: int) -> torch.Tensor | None:
+        """Tokens per logical expert [len(moe_layers), E] float64; None when nothing was counted."""
+        pipe = self.client.pipeline(transaction=False)
+        for layer in moe_layers:
+            pipe.hgetall(self.keys.expert_load(layer))
+        load = torch.zeros(len(moe_layers), num_experts, dtype=torch.float64)
+        seen = False
+        for row, fields in enumerate(pipe.execute()):
+            for expert, tokens in fields.items():
+                expert = int(expert)
+                if 0 <= expert < num_experts:          # ids from another model shape are ignored
+                    load[row, expert] = int(tokens)
+                    seen = True
+        return load if seen else None
+
+    def slot_load(self, shard: int) -> dict[tuple[int, int], int]:
+        """(moe_layer, global slot) -> tokens that slot on ``shard`` served."""
+        fields = self.client.hgetall(self.keys.slot_load(shard))
+        load = {}
+        for field, tokens in fields.items():
+            layer, slot = _text(field).split(":")
+            load[int(layer), int(slot)] = int(tokens)
+        return load
+
+
+# ---- requests ------------------------------------------------------------------------------------
+REQUEST_STATES = ("queued", "running", "finished", "aborted", "failed")
+TERMINAL_STATES = ("finished", "aborted", "failed")
+
+_SET_STATE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state == 'finished' or state == 'aborted' or state == 'failed' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if tonumber(ARGV[1]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return 1
+"""  # KEYS: record, token log; ARGV: TTL seconds (0: none), field, value, ... -> -1 none, 0 terminal, 1 set
+
+_APPEND = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'finished' or state == 'aborted' or state == 'failed' then return 0 end
+redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'emitted', ARGV[2])
+return 1
+"""  # KEYS: record, token log; ARGV: comma-joined ids, how many -> 0 when the request is gone or over
+
+
+class DuplicateRequest(ValueError):
+    """A record with this request id already exists."""
+
+
+@dataclass
+class RequestRecord:
+    """What a request needs to run, or to be continued on another replica."""
+
+    request_id: str
+    state: str                       # one of REQUEST_STATES
+    owner: str | None                # id of the attention replica running it (None while unassigned)
+    prompt_ids: list[int]
+    sampling: dict                   # sampling parameters as given (temperature, top_p, max_tokens, ...)
+    seed: int                        # with the step index, makes sampling reproducible elsewhere
+    emitted: int = 0                 # tokens appended to the token log so far
+    finish_reason: str | None = None
+
+    def to_fields(self) -> dict[str, str]:
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        fields.update(prompt_ids=json.dumps(self.prompt_ids), sampling=json.dumps(self.sampling))
+        return {k: str(v) for k, v in fields.items()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "RequestRecord":
+        return cls(fields["request_id"], fields["state"], fields.get("owner"), json.loads(fields["prompt_ids"]),
+                   json.loads(fields["sampling"]), int(fields["seed"]), int(fields.get("emitted", 0)),
+                   fields.get("finish_reason"))
+
+
+def _check_state(state: str) -> None:
+    if state not in REQUEST_STATES:
+        raise ValueError(f"request state must be one of {REQUEST_STATES}, got {state!r}")
+
+
+class RequestStore:
+    """Request records (hashes) and token logs (streams); both expire ``ttl_s`` after the request ends."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int = 3600):
+        self.client, self.keys, self.ttl_s = client, keys, ttl_s
+        self._set_state = client.register_script(_SET_STATE)
+        self._append = client.register_script(_APPEND)
+
+    def create(self, record: RequestRecord) -> None:
+        """Store a new record; DuplicateRequest if its id exists (checked atomically with WATCH)."""
+        _check_state(record.state)
+        key = self.keys.request(record.request_id)
+        with self.client.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.exists(key):
+                    raise DuplicateRequest(f"request {record.request_id!r} already exists")
+                pipe.multi()
+                pipe.hset(key, mapping=record.to_fields())
+                if record.state in TERMINAL_STATES:
+                    pipe.expire(key, self.ttl_s)
+                pipe.execute()
+            except redis.WatchError:
+                raise DuplicateRequest(f"request {record.request_id!r} already exists") from None
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        fields = self.client.hgetall(self.keys.request(request_id))
+        return RequestRecord.from_fields({_text(k): _text(v) for k, v in fields.items()}) if fields else None
+
+    def set_state(self, request_id: str, state: str, owner: str | None = None,
+                  finish_reason: str | None = None) -> bool:
+        """Move the request to ``state`` (and set owner / finish reason when given).
+
+        False, changing nothing, when the request already ended (finished/aborted/failed);
+        KeyError when there is no such record. Ending it starts the record's and log's TTL.
+        """
+        _check_state(state)
+        fields = ["state", state]
+        fields += ["owner", owner] if owner is not None else []
+        fields += ["finish_reason", finish_reason] if finish_reason is not None else []
+        ttl = self.ttl_s if state in TERMINAL_STATES else 0
+        done = self._set_state(keys=[self.keys.request(request_id), self.keys.tokens(request_id)],
+                               args=[ttl, *fields])
+        if done < 0:
+            raise KeyError(f"no request record {request_id!r}")
+        return bool(done)
+
+    def append_tokens(self, batch: dict[str, list[int]]) -> list[str]:
+        """Append one engine step's new token ids per request, in one pipeline.
+
+        Each request's ids become one stream entry and add to its ``emitted``. Returns the ids
+        not appended because their request ended or has no record (the engine can drop them).
+        """
+        batch = {rid: ids for rid, ids in batch.items() if ids}
+        pipe = self.client.pipeline(transaction=False)
+        for rid, ids in batch.items():
+            self._append(keys=[self.keys.request(rid), self.keys.tokens(rid)],
+                         args=[",".join(str(int(t)) for t in ids), len(ids)], client=pipe)
+        results = pipe.execute() if batch else []
+        return [rid for rid, appended in zip(batch, results) if not appended]
+
+    def tokens(self, request_id: str) -> list[int]:
+        """Every token id emitted so far, in order (from the token log)."""
+        ids = []
+        for _, entry in self.client.xrange(self.keys.tokens(request_id)):
+            fields = {_text(k): _text(v) for k, v in entry.items()}
+            ids += [int(t) for t in fields["ids"].split(",")]
+        return ids

@@ -1,0 +1,185 @@
+"""Whole clusters started by `epserve up`: separate processes, real Redis, real gRPC.
+
+The cluster must give exactly the single-process engine's tokens, validate at the edge, free KV on
+cancellation, serve replicated experts from both copies, and leave nothing behind on SIGTERM.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import redis
+import torch
+from epserve_client import Client, InvalidArgument
+
+from services.cluster.keys import Keys
+from services.cluster.registry import Registry
+from services.cluster.state import PlacementStore, RequestStore
+from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.sampling import SamplingParams
+from services.cluster.tensor_codec import from_proto
+from services.proto import attention_pb2, attention_pb2_grpc, expert_pb2, expert_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = [[(7 * i + 3 * j) % 250 + 2 for j in range(3 + (5 * i) % 23)] for i in range(16)]
+MAX_TOKENS = 10
+
+
+class UpCluster:
+    """`epserve up` in a subprocess, with what a test needs to look inside."""
+
+    def __init__(self, model_dir, attention: int, shards: int, redundant: int):
+        self.port = _free_port()
+        command = [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--dtype", "float32",
+                   "--attention", str(attention), "--expert-shards", str(shards),
+                   "--redundant-experts", str(redundant), "--port", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        banner = self._read_banner()
+        url, cluster = banner.split("state in ")[1].split(" cluster ")
+        self.redis = redis.Redis.from_url(url)
+        self.registry = Registry(self.redis, Keys(cluster.split(")")[0]))
+        self.endpoint = f"127.0.0.1:{self.port}"
+
+    def _read_banner(self) -> str:
+        lines = []
+        for line in self.process.stdout:
+            lines.append(line)
+            if "serving at" in line:
+                return line
+        raise RuntimeError("epserve up exited:\n" + "".join(lines[-40:]))
+
+    def children(self) -> list[int]:
+        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
+            return [int(pid) for pid in f.read().split()]
+
+    def replica_load(self, service) -> attention_pb2.LoadReport:
+        with grpc.insecure_channel(service.address) as channel:
+            return attention_pb2_grpc.AttentionServiceStub(channel).GetLoad(attention_pb2.LoadRequest(), timeout=10)
+
+    def shard_info(self, service) -> expert_pb2.ShardInfo:
+        with grpc.insecure_channel(service.address) as channel:
+            return expert_pb2_grpc.ExpertServiceStub(channel).GetShardInfo(expert_pb2.ShardInfoRequest(), timeout=10)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_checkpoints):
+    return hf_checkpoints["groups_yarn"]
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    engine = LLMEngine.from_path(model_dir, EngineConfig(block_size=16, num_kv_blocks=256), dtype=torch.float32)
+    seqs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    return [s.output_ids for s in seqs]
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    up = UpCluster(model_dir, attention=1, shards=2, redundant=2)
+    yield up
+    if up.process.poll() is None:
+        up.stop()
+
+
+def generate_all(endpoint: str) -> list[list[int]]:
+    with Client(endpoint, timeout=300) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = pool.map(lambda p: client.generate(p, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True), PROMPTS)
+        return [r.token_ids for r in results]
+
+
+def test_one_replica_two_shards_two_redundant_matches_single_process(cluster, expected):
+    assert generate_all(cluster.endpoint) == expected
+
+
+def test_two_replicas_three_shards_match_single_process(model_dir, expected):
+    up = UpCluster(model_dir, attention=2, shards=3, redundant=0)
+    try:
+        assert generate_all(up.endpoint) == expected
+        assert all(up.replica_load(r).kv_blocks_used == 0 for r in up.registry.live("attention"))
+    finally:
+        up.stop()
+
+
+def test_replicated_experts_are_served_by_both_copies(cluster, expected):
+    generate_all(cluster.endpoint)
+    shards = cluster.registry.live("expert")
+    counts = {int(s.service_id): from_proto(cluster.shard_info(s).tokens_per_slot) for s in shards}  # [rows, slots]
+    placement = PlacementStore(cluster.redis, cluster.registry.keys).current()
+    replicated = (placement.replica_counts >= 2).nonzero().tolist()
+    assert replicated, "the placement has no replicated expert"
+    served_by_both = 0
+    for row, expert in replicated:
+        copies = placement.logical_to_physical[row, expert, :2].tolist()
+        per_copy = [int(counts[placement.shard_of_slot(s)][row, s % placement.slots_per_shard]) for s in copies]
+        served_by_both += all(c > 0 for c in per_copy)
+    assert served_by_both >= 1
+
+
+BAD_INPUTS = [
+    (dict(prompt=""), "text"),
+    (dict(prompt=[1] * 600), "token_ids"),
+    (dict(prompt=[5, 6], max_tokens=0), "sampling.max_tokens"),
+    (dict(prompt=[5, 6], max_tokens=100_000), "sampling.max_tokens"),
+    (dict(prompt=[5, 6], temperature=-0.5), "sampling.temperature"),
+    (dict(prompt=[5, 6], top_p=0.0), "sampling.top_p"),
+    (dict(prompt=[5, 6], top_p=1.5), "sampling.top_p"),
+    (dict(prompt=[5, 6], top_k=-1), "sampling.top_k"),
+    (dict(prompt=[5, 99_999]), "token_ids"),
+    (dict(prompt="x" * (5 << 20)), "text"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD_INPUTS, ids=[f for _, f in BAD_INPUTS])
+def test_bad_input_is_invalid_argument_naming_the_field_and_cluster_keeps_serving(cluster, expected, kwargs, field):
+    kwargs = {"max_tokens": 4, **kwargs}
+    with Client(cluster.endpoint, timeout=60) as client:
+        prompt = kwargs.pop("prompt")
+        with pytest.raises(InvalidArgument) as err:
+            client.generate(prompt, **kwargs)
+        assert err.value.message.startswith(field), err.value.message
+        assert client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True).token_ids == expected[0]
+
+
+def test_cancelled_stream_frees_its_kv_blocks(cluster):
+    replica = cluster.registry.live("attention")[0]
+    with Client(cluster.endpoint, timeout=120) as client:
+        stream = client.stream(PROMPTS[3], max_tokens=400, temperature=0, ignore_eos=True)
+        next(stream), next(stream)
+        assert cluster.replica_load(replica).kv_blocks_used > 0
+        stream.cancel()
+        request_id = stream.request_id
+    deadline = time.monotonic() + 30
+    while cluster.replica_load(replica).kv_blocks_used and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.replica_load(replica).kv_blocks_used == 0
+    store = RequestStore(cluster.redis, cluster.registry.keys)
+    assert store.get(request_id).state == "aborted"
+    assert len(store.tokens(request_id)) < 400          # freed by the abort, not by finishing
+
+
+def test_sigterm_leaves_no_child_process(model_dir):
+    up = UpCluster(model_dir, attention=1, shards=2, redundant=0)
+    children = up.children()
+    assert len(children) >= 4                        # redis + 2 shards + attention + router
+    assert up.stop() == 0
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
