@@ -1,0 +1,121 @@
+"""The remote expert backend: routed experts run on expert shards, reached over an ExpertTransport.
+
+``dispatch`` (per MoE layer, per micro-batch)::
+
+    topk_ids [T, K] logical --placement.to_physical--> slots [T, K] --> (shard, local slot)
+    per shard touched: rows [R] with >= 1 choice there, local slots [R, K] (-1: elsewhere),
+                       weights [R, K], hidden [R, D] (model dtype, or e4m3 + [R, ceil(D/128)] scales)
+    -> transport.send(shard, request) for all of them at once -> handle
+
+``combine`` waits for every shard's ``[R, D]`` weighted sum and index-adds it into ``[T, D]``
+(float32 accumulation, cast to x's dtype). The model's MoE runs the shared expert between the two,
+while the shards work.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.fp8_quant import fp8_quant
+from services.cluster.placement import Placement
+from services.cluster.tensor_codec import from_proto, to_proto
+from services.cluster.transport import ExpertTransport
+from services.model.moe import ExpertBackend
+from services.proto import expert_pb2
+
+WIRE_DTYPES = ("model", "fp8")
+FP8_GROUP = 128
+
+
+@dataclass
+class DispatchStats:
+    """What went out, for wire accounting: bytes per token per MoE layer = transport bytes / tokens."""
+
+    layer_calls: int = 0          # dispatch() calls (one per MoE layer per micro-batch)
+    tokens: int = 0               # tokens over those calls (a token counts once per layer)
+    token_shards: int = 0         # (token, shard) pairs sent: rows over all requests
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, tokens: int, token_shards: int) -> None:
+        with self._lock:
+            self.layer_calls += 1
+            self.tokens += tokens
+            self.token_shards += token_shards
+
+    def reset(self) -> None:
+        with self._lock:
+            self.layer_calls = self.tokens = self.token_shards = 0
+
+
+@dataclass
+class _Handle:
+    shape: tuple[int, int]                       # (T, D) of x
+    dtype: torch.dtype
+    device: torch.device
+    parts: list[tuple[int, torch.Tensor, Future]]   # (shard, rows [R] int64 on CPU, future of its output)
+
+
+class RemoteExperts(ExpertBackend):
+    """Routed experts on shards; ``wire_dtype`` "model" sends x as is, "fp8" as e4m3 + 1x128 scales."""
+
+    def __init__(self, placement: Placement, transport: ExpertTransport, *, wire_dtype: str = "model",
+                 timeout_s: float | None = 60.0):
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        self.placement = placement
+        self.transport = transport
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self.stats = DispatchStats()
+        self._ids = itertools.count()
+
+    def dispatch(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> _Handle:
+        """x [T, D], topk_weights [T, K] float32, topk_ids [T, K] logical -> handle for combine."""
+        p = self.placement
+        slots = p.to_physical(layer, topk_ids).cpu()                       # [T, K] global slot
+        shard_of = torch.div(slots, p.slots_per_shard, rounding_mode="floor")
+        local = (slots - shard_of * p.slots_per_shard).to(torch.int32)    # [T, K] slot on its shard
+        hidden, scales = self._encode(x)                                  # [T, D], [T, G] or None
+        weights = topk_weights.float().cpu()
+        parts = []
+        for shard in torch.unique(shard_of).tolist():
+            here = shard_of == shard                                      # [T, K]
+            rows = here.any(dim=1).nonzero().squeeze(1)                   # [R]
+            request = expert_pb2.DispatchRequest(
+                request_id=f"{layer}:{next(self._ids)}", layer=layer, placement_version=p.version,
+                hidden=to_proto(hidden[rows]),
+                topk_slots=to_proto(torch.where(here, local, -1)[rows]),
+                topk_weights=to_proto(torch.where(here, weights, 0.0)[rows]))
+            if scales is not None:
+                request.scales.CopyFrom(to_proto(scales[rows]))
+            parts.append((shard, rows, self.transport.send(shard, request)))
+        self.stats.add(x.shape[0], sum(len(rows) for _, rows, _ in parts))
+        return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [T, D] -> what goes on the wire, on the CPU: (x, None) or (e4m3 [T, D], scales [T, ceil(D/128)])."""
+        if self.wire_dtype == "fp8":
+            q, scales = fp8_quant(x, FP8_GROUP)
+            return q.cpu(), scales.cpu()
+        return x.cpu(), None
+
+    def combine(self, handle: _Handle) -> torch.Tensor:
+        """Wait for every shard's rows; their sum per token, [T, D] in x's dtype on x's device."""
+        out = torch.zeros(handle.shape, dtype=torch.float32)
+        for shard, rows, future in handle.parts:
+            output = from_proto(self._wait(shard, future).output)             # [R, D]
+            if tuple(output.shape) != (len(rows), handle.shape[1]):
+                raise RuntimeError(f"expert shard {shard} returned output of shape {list(output.shape)}, "
+                                   f"expected {[len(rows), handle.shape[1]]}")
+            out.index_add_(0, rows, output.float())
+        return out.to(device=handle.device, dtype=handle.dtype)
+
+    def _wait(self, shard: int, future: Future) -> expert_pb2.CombineResponse:
+        try:
+            return future.result(timeout=self.timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"expert shard {shard}: no response within {self.timeout_s} s") from None

@@ -1,0 +1,60 @@
+"""One way to start an epserve gRPC server: the caller's servicers + health + reflection.
+
+Every service (router, attention, expert shard) serves ``grpc.health.v1.Health`` (each of its
+service names and ``""`` start SERVING; set NOT_SERVING through ``GrpcServer.health`` to drain) and
+server reflection (so ``grpcurl`` works without protos). Message-size limits apply to both
+directions. The server is the sync one with a thread pool: a bidi stream holds one worker thread
+for its whole life, so ``max_workers`` bounds concurrent streams plus unary calls.
+"""
+from __future__ import annotations
+
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options limiting messages to ``max_message_bytes`` each way (servers and channels)."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+@dataclass
+class GrpcServer:
+    """A started server and what its owner needs to advertise and drain it."""
+
+    server: grpc.Server
+    port: int
+    address: str                     # host:port as bound (the port resolved when 0 was asked)
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None = None) -> None:
+        """Mark every service NOT_SERVING, then stop; in-flight RPCs get ``grace`` seconds (None: cancelled)."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def start_grpc_server(register: Callable[[grpc.Server], None], service_names: list[str], *,
+                      address: str = "127.0.0.1:0", max_workers: int = 64,
+                      max_message_bytes: int = 64 << 20) -> GrpcServer:
+    """Build, bind and start a server; ``register(server)`` adds the caller's servicers.
+
+    ``service_names`` are the full names of those services (``"epserve.v1.ExpertService"``).
+    """
+    executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker")
+    # no SO_REUSEPORT: a second server on a taken port must fail, not silently share it
+    server = grpc.server(executor, options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)      # raises RuntimeError when the address can't be bound
+    server.start()
+    host = address.rsplit(":", 1)[0]
+    return GrpcServer(server, port, f"{host}:{port}", health_servicer)

@@ -1,0 +1,1 @@
+"""Expert shard service: the routed experts of its physical slots, for every MoE layer."""
