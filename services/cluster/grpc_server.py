@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,21 +40,25 @@ class GrpcServer:
 
 def start_grpc_server(register: Callable[[grpc.Server], None], service_names: list[str], *,
                       address: str = "127.0.0.1:0", max_workers: int = 64,
-                      max_message_bytes: int = 64 << 20) -> GrpcServer:
+                      max_message_bytes: int = 64 << 20, credentials: grpc.ServerCredentials | None = None,
+                      interceptors: Sequence[grpc.ServerInterceptor] = ()) -> GrpcServer:
     """Build, bind and start a server; ``register(server)`` adds the caller's servicers.
 
     ``service_names`` are the full names of those services (``"epserve.v1.ExpertService"``).
+    ``credentials`` serves TLS instead of plaintext.
     """
     executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker")
     # no SO_REUSEPORT: a second server on a taken port must fail, not silently share it
-    server = grpc.server(executor, options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+    server = grpc.server(executor, interceptors=list(interceptors),
+                         options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)      # raises RuntimeError when the address can't be bound
+    # raises RuntimeError when the address can't be bound
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     server.start()
     host = address.rsplit(":", 1)[0]
     return GrpcServer(server, port, f"{host}:{port}", health_servicer)

@@ -5,6 +5,8 @@ import argparse
 import logging
 import uuid
 
+import grpc
+
 from services.cluster.grpc_server import start_grpc_server
 from services.cluster.registry import Registry
 from services.cluster.state import PlacementStore, RequestStore
@@ -13,6 +15,7 @@ from services.lifecycle import advertised, connect, setup_logging, shutdown_even
 from services.model.config import ModelConfig
 from services.model.tiny import resolve_model
 from services.router.admission import Admission
+from services.router.auth import ApiKeyInterceptor, read_api_keys
 from services.router.service import SERVICE_NAME, GenerationServicer, add_to_server
 from services.router.validation import Limits
 
@@ -24,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait when every replica is full")
     parser.add_argument("--max-request-bytes", type=int, default=4 << 20)
     parser.add_argument("--max-workers", type=int, default=512, help="concurrent streams served")
+    parser.add_argument("--api-keys-file", default=None,
+                        help="file of API keys, one per line: clients must send 'authorization: Bearer KEY'")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model, tokenizer=tokenizer, admission=Admission(registry, max_queue=args.max_queue),
         limits=Limits(config.vocab_size, config.max_position_embeddings, args.max_request_bytes),
         requests=RequestStore(client, keys), placements=PlacementStore(client, keys), model_info=model_info)
+    interceptors = [ApiKeyInterceptor(read_api_keys(args.api_keys_file))] if args.api_keys_file else []
     server = start_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{args.host}:{args.port}",
-                               max_workers=args.max_workers, max_message_bytes=2 * args.max_request_bytes)
+                               max_workers=args.max_workers, max_message_bytes=2 * args.max_request_bytes,
+                               credentials=_tls_credentials(args), interceptors=interceptors)
     router_id = args.router_id or uuid.uuid4().hex[:8]
     heartbeat = registry.register("router", router_id, advertised(args, server.port), {})
     log.warning("router %s serving on %s", router_id, server.address)
@@ -50,3 +59,12 @@ def run(args: argparse.Namespace) -> int:
     heartbeat.stop()
     server.stop(grace=5)
     return 0
+
+
+def _tls_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    if not args.tls_cert and not args.tls_key:
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
