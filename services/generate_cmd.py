@@ -15,6 +15,8 @@ def add_generate_parser(commands) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' (built in, made locally) or a checkpoint directory")
     p.add_argument("--endpoint", default=None, help="HOST:PORT of a cluster's router: generate through the SDK")
     p.add_argument("--timeout", type=float, default=120.0, help="with --endpoint: the call's deadline in seconds")
+    p.add_argument("--wait-ready", type=float, default=0.0, metavar="SECONDS",
+                   help="with --endpoint: first wait up to SECONDS for the router to be serving (a cluster starting)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (the tokenizer adds BOS)")
     prompt.add_argument("--prompt-ids", type=_token_ids, help="comma-separated token ids, used exactly as given")
@@ -96,6 +98,9 @@ def run_remote(args: argparse.Namespace) -> int:
     from epserve_client import Client, EpserveError
 
     prompt = args.prompt_ids if args.prompt_ids is not None else args.prompt
+    if args.wait_ready > 0 and not _wait_ready(args.endpoint, args.wait_ready):
+        print(f"epserve generate: error: {args.endpoint} not serving after {args.wait_ready} s", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     try:
         with Client(args.endpoint, timeout=args.timeout) as client:
@@ -119,3 +124,22 @@ def run_remote(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 4), "tokens_per_s": round(len(result.token_ids) / max(seconds, 1e-9), 2),
     }))
     return 0
+
+
+def _wait_ready(endpoint: str, seconds: float) -> bool:
+    """Poll the router's gRPC health check until it says SERVING or ``seconds`` pass."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + seconds
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    return False

@@ -13,8 +13,10 @@ from services.cluster.keys import Keys
 
 
 def setup_logging(verbose: bool) -> None:
+    """epserve's own loggers at INFO (start-up lines); libraries at WARNING unless ``verbose``."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("epserve").setLevel(logging.INFO)
 
 
 def shutdown_event() -> threading.Event:

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     info = lambda: {**loop.load(), **static}  # noqa: E731
     heartbeat = Registry(client, keys).register("attention", args.replica_id, advertised(args, server.port), info())
     threading.Thread(target=_report_load, args=(heartbeat, info, stop), daemon=True).start()
-    log.warning("attention replica %s serving on %s (placement v%d)", args.replica_id, server.address, placement.version)
+    log.info("attention replica %s serving on %s (placement v%d)", args.replica_id, server.address, placement.version)
     stop.wait()
     _drain(loop, server, args.drain_timeout)
     heartbeat.stop()

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     heartbeat = Registry(client, keys).register(
         "expert", str(args.shard_id), advertised(args, server.port),
         {"shard_id": args.shard_id, "placement_version": placement.version, "slots_per_shard": placement.slots_per_shard})
-    log.warning("expert shard %d serving on %s (placement v%d)", args.shard_id, server.address, placement.version)
+    log.info("expert shard %d serving on %s (placement v%d)", args.shard_id, server.address, placement.version)
     stop.wait()
     heartbeat.stop()
     server.stop(grace=5)

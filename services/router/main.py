@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                                credentials=_tls_credentials(args), interceptors=interceptors)
     router_id = args.router_id or uuid.uuid4().hex[:8]
     heartbeat = registry.register("router", router_id, advertised(args, server.port), {})
-    log.warning("router %s serving on %s", router_id, server.address)
+    log.info("router %s serving on %s", router_id, server.address)
     stop.wait()
     heartbeat.stop()
     server.stop(grace=5)
