@@ -5,6 +5,7 @@ cancellation, serve replicated experts from both copies, and leave nothing behin
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -183,3 +184,32 @@ def test_sigterm_leaves_no_child_process(model_dir):
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_cli_generate_through_the_endpoint(cluster, expected):
+    base = [sys.executable, "-m", "services.cli", "generate", "--endpoint", cluster.endpoint,
+            "--prompt-ids", ",".join(map(str, PROMPTS[5])), "--max-tokens", str(MAX_TOKENS)]
+    out = subprocess.run(base + ["--temperature", "0", "--ignore-eos", "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["token_ids"] == expected[5] and result["finish_reason"] == "length"
+    assert result["usage"]["completion_tokens"] == MAX_TOKENS and result["kv_cache_bytes_per_token"] > 0
+    refused = subprocess.run(base + ["--top-p", "2"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "sampling.top_p" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_deadline_aborts_the_request_and_frees_its_kv(cluster):
+    from epserve_client import DeadlineExceeded
+
+    replica = cluster.registry.live("attention")[0]
+    with Client(cluster.endpoint, timeout=1.0) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.generate(PROMPTS[2], max_tokens=450, temperature=0, ignore_eos=True, request_id="deadline-1")
+    deadline = time.monotonic() + 30
+    while cluster.replica_load(replica).kv_blocks_used and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.replica_load(replica).kv_blocks_used == 0
+    store = RequestStore(cluster.redis, cluster.registry.keys)
+    assert store.get("deadline-1").state in ("aborted", "failed")
+    assert len(store.tokens("deadline-1")) < 450        # freed by the abort, not by finishing
