@@ -7,6 +7,7 @@ prefill/decode) -> stop checks and block freeing (CPU) -> ``RequestOutput`` per 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, dtype, device,
                                   config.micro_batches)
         self.requests: dict[str, Sequence] = {}
+        self._generate_ids = itertools.count()
 
     @classmethod
     def from_path(cls, path: str | Path, config: EngineConfig | None = None, *, dtype: torch.dtype | None = None,
@@ -140,9 +142,10 @@ class LLMEngine:
         """Run prompts to completion together; returns the finished sequences in prompt order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         seqs = []
-        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
-            self.add_request(f"generate-{i}-{id(prompts)}", prompt, p)
-            seqs.append(self.requests[f"generate-{i}-{id(prompts)}"])
+        for prompt, p in zip(prompts, params_list):
+            request_id = f"generate-{next(self._generate_ids)}"
+            self.add_request(request_id, prompt, p)
+            seqs.append(self.requests[request_id])
         while any(not s.finished for s in seqs):
             self.step()
         return seqs
