@@ -3,7 +3,9 @@
 Embedded Redis -> S expert shards -> N attention replicas (they wait for the shards) -> the router
 on ``--port``. Prints the endpoint once every service answers its health check. On Ctrl-C or
 SIGTERM every child gets SIGTERM (then SIGKILL after a grace period), Redis stops and its
-temporary directory goes; children also die with this process (PR_SET_PDEATHSIG).
+temporary directory goes; children also die with this process (PR_SET_PDEATHSIG). A service that
+exits while the cluster runs is restarted (up to ``MAX_RESTARTS`` times each): it re-registers in
+Redis and its peers find it there.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 import uuid
 
 _PR_SET_PDEATHSIG = 1
+MAX_RESTARTS = 5
 
 
 def add_up_parser(commands) -> None:
@@ -55,13 +58,7 @@ def run_up(args: argparse.Namespace) -> int:
                   f"({args.attention} attention, {args.expert_shards} expert shards, "
                   f"{args.redundant_experts} redundant experts; state in {redis_server.url} "
                   f"cluster {cluster}). Ctrl-C stops it.", flush=True)
-            while not stop["signal"]:
-                dead = [c for c in children if c.poll() is not None]
-                if dead:
-                    print(f"epserve up: a service exited with status {dead[0].returncode}; stopping", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
-            return 0
+            return _supervise(children, stop)
         except (TimeoutError, RuntimeError) as err:
             print(f"epserve up: {err}", file=sys.stderr)
             return 1
@@ -90,6 +87,34 @@ def _start_cluster(args, redis_url: str, cluster: str, children: list, stop: dic
     children.append(_spawn(base + ["router"] + common + ["--port", str(args.port), "--router-id", "router-0"]))
     _wait(registry, "router", 1, args, children, stop)
     _wait_healthy(f"127.0.0.1:{args.port}", args.startup_timeout)
+
+
+def _supervise(children: list[subprocess.Popen], stop: dict) -> int:
+    """Restart services that exit until a signal comes; give up on one that keeps exiting."""
+    restarts: dict[tuple, int] = {}
+    while not stop["signal"]:
+        for i, child in enumerate(children):
+            if child.poll() is None:
+                continue
+            command = tuple(child.args)
+            restarts[command] = restarts.get(command, 0) + 1
+            name = _service_name(command)
+            if restarts[command] > MAX_RESTARTS:
+                print(f"epserve up: {name} exited {MAX_RESTARTS + 1} times; stopping", file=sys.stderr)
+                return 1
+            print(f"epserve up: {name} exited with status {child.returncode}; restarting", file=sys.stderr, flush=True)
+            children[i] = _spawn(list(command))
+        time.sleep(0.2)
+    return 0
+
+
+def _service_name(command: tuple) -> str:
+    """'expert 1', 'attention attention-0', 'router router-0' from a ``serve`` command line."""
+    kind = command[4]
+    for flag in ("--shard-id", "--replica-id", "--router-id"):
+        if flag in command:
+            return f"{kind} {command[command.index(flag) + 1]}"
+    return kind
 
 
 def _spawn(command: list[str]) -> subprocess.Popen:

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     placement = choose_placement(client, keys, num_experts=config.n_routed_experts, num_shards=args.expert_shards,
                                  redundant=args.redundant_experts, moe_layers=config.moe_layers,
                                  profile_path=args.load_profile)
-    transport = GrpcExpertTransport(_shard_addresses(Registry(client, keys), args, placement.version))
+    registry = Registry(client, keys)
+    transport = GrpcExpertTransport(_shard_addresses(registry, args, placement.version),
+                                    resolve=lambda shard: _live_shard_address(registry, shard, placement.version))
     device, dtype = device_and_dtype(args)
     engine_config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     static = {"max_num_seqs": args.max_num_seqs, "placement_version": placement.version,
               "kv_bytes_per_token": engine.runner.kv_bytes_per_token}
     info = lambda: {**loop.load(), **static}  # noqa: E731
-    heartbeat = Registry(client, keys).register("attention", args.replica_id, advertised(args, server.port), info())
+    heartbeat = registry.register("attention", args.replica_id, advertised(args, server.port), info())
     threading.Thread(target=_report_load, args=(heartbeat, info, stop), daemon=True).start()
     log.info("attention replica %s serving on %s (placement v%d)", args.replica_id, server.address, placement.version)
     stop.wait()
@@ -84,6 +86,12 @@ def _shard_addresses(registry: Registry, args, version: int) -> dict[int, str]:
         if time.monotonic() > deadline:
             raise TimeoutError(f"expert shards serving placement v{version}: {len(shards)} of {args.expert_shards}")
         time.sleep(0.2)
+
+
+def _live_shard_address(registry: Registry, shard: int, version: int) -> str | None:
+    """Where shard ``shard`` serving placement ``version`` is registered now (after a restart, say)."""
+    return next((s.address for s in registry.live("expert")
+                 if s.service_id == str(shard) and s.info.get("placement_version") == version), None)
 
 
 def _report_load(heartbeat, info, stop: threading.Event) -> None:

@@ -22,6 +22,7 @@ import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -101,6 +102,11 @@ class _ShardStream:
         self._reader = threading.Thread(target=self._read, name=f"expert-stream-{shard}", daemon=True)
         self._reader.start()
 
+    @property
+    def broken(self) -> bool:
+        """The stream failed (not closed by its owner): sends to it fail until it is replaced."""
+        return self._error is not None and self._closed is None
+
     def _request_iter(self):
         while (request := self._requests.get()) is not None:
             yield request
@@ -162,18 +168,39 @@ class _ShardStream:
 
 
 class GrpcExpertTransport(ExpertTransport):
-    """The gRPC implementation: one stream per shard in ``addresses`` (shard id -> host:port)."""
+    """The gRPC implementation: one stream per shard in ``addresses`` (shard id -> host:port).
 
-    def __init__(self, addresses: dict[int, str], *, max_message_bytes: int = 64 << 20):
+    With ``resolve`` (shard id -> its current address, or None), a send to a shard whose stream
+    broke opens a new stream to wherever the shard is now (a restarted shard re-registers, often on
+    a new port); what was pending on the broken stream has already failed.
+    """
+
+    def __init__(self, addresses: dict[int, str], *, max_message_bytes: int = 64 << 20,
+                 resolve: Callable[[int], str | None] | None = None):
         self.addresses = dict(addresses)
         self.stats = TransportStats()
+        self._max_message_bytes, self._resolve = max_message_bytes, resolve
+        self._lock = threading.Lock()
         self._streams = {shard: _ShardStream(shard, address, max_message_bytes, self.stats)
                          for shard, address in self.addresses.items()}
 
     def send(self, shard: int, request: expert_pb2.DispatchRequest) -> Future:
         if shard not in self._streams:
             raise KeyError(f"no address for expert shard {shard} (known: {sorted(self._streams)})")
-        return self._streams[shard].send(request)
+        stream = self._streams[shard]
+        if stream.broken and self._resolve is not None:
+            stream = self._reconnect(shard)
+        return stream.send(request)
+
+    def _reconnect(self, shard: int) -> "_ShardStream":
+        with self._lock:
+            stream = self._streams[shard]
+            address = self._resolve(shard) if stream.broken else None
+            if address:
+                stream.close(timeout_s=0)
+                stream = _ShardStream(shard, address, self._max_message_bytes, self.stats)
+                self._streams[shard], self.addresses[shard] = stream, address
+            return stream
 
     def close(self, timeout_s: float = 5.0) -> None:
         for stream in self._streams.values():

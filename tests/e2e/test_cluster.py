@@ -213,3 +213,32 @@ def test_deadline_aborts_the_request_and_frees_its_kv(cluster):
     store = RequestStore(cluster.redis, cluster.registry.keys)
     assert store.get("deadline-1").state in ("aborted", "failed")
     assert len(store.tokens("deadline-1")) < 450        # freed by the abort, not by finishing
+
+
+def test_killed_expert_shard_is_restarted_and_the_cluster_serves_again(model_dir, expected):
+    up = UpCluster(model_dir, attention=1, shards=2, redundant=0)
+    try:
+        pid = _child_with(up, "--shard-id", "1")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        served = None
+        while served is None and time.monotonic() < deadline:
+            try:
+                with Client(up.endpoint, timeout=60) as client:
+                    served = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+            except Exception:                       # noqa: BLE001 - failures until the shard is back
+                time.sleep(0.5)
+        assert served is not None and served.token_ids == expected[0]
+        assert pid not in up.children() and up.process.poll() is None
+    finally:
+        up.stop()
+
+
+def _child_with(up: UpCluster, flag: str, value: str) -> int:
+    """The pid of the `epserve up` child whose command line has ``flag value``."""
+    for pid in up.children():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode().split("\x00")
+        if flag in args and args[args.index(flag) + 1] == value:
+            return pid
+    raise LookupError(f"no child with {flag} {value}")
