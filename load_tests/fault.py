@@ -1,0 +1,150 @@
+"""The fault scenario: kill one service of a local ``epserve up`` cluster at time t, then measure.
+
+Services are the children of the ``epserve up`` process, found by their command lines:
+``expert:K`` (``serve expert --shard-id K``), ``attention:K`` (``--replica-id attention-K``),
+``router`` / ``router:K`` (``--router-id router-K``) and ``redis`` (``redis-server``).
+
+**Recovery**: output tokens per second of the requests that succeeded, in bins of ``bin_s`` seconds
+aligned on the kill. The *baseline* is the mean rate over the pre-fault bins within the second half
+of [0, t) (the first half is ramp-up). Only bins that end before the last request was sent count
+after the kill (later the load itself tails off). Throughput has *recovered* at the start of the
+first post-fault bin from which every counted bin reaches ``threshold`` x baseline;
+``time_to_recover_s`` is that bin's start minus t (0 if it never dipped), null if the last bin is
+still below (not recovered within the run).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from load_tests.metrics import RequestRecord, errors_by_status, token_rate_bins
+
+_KINDS = ("expert", "attention", "router", "redis")
+
+
+@dataclass(frozen=True)
+class Fault:
+    service: str          # expert:1, attention:0, router, redis
+    at_s: float           # seconds after the measured run starts
+    signal: str = "SIGKILL"
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        service, sep, at = text.partition("@")
+        kind, _, index = service.partition(":")
+        if not sep or kind not in _KINDS or (index and not index.isdigit()):
+            raise ValueError(f"--fault {text!r}: use SERVICE@SECONDS, SERVICE one of expert:K, attention:K, "
+                             "router, redis")
+        try:
+            at_s = float(at.removesuffix("s"))
+        except ValueError:
+            raise ValueError(f"--fault {text!r}: {at!r} is not a number of seconds") from None
+        return cls(service, at_s)
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+
+def _processes() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def find_up_process(port: int) -> int:
+    """The pid of the ``epserve up`` (or ``python -m services.cli up``) serving on ``port``."""
+    for pid in _processes():
+        argv = _argv(pid)
+        launcher = any(a.endswith("epserve") or a == "services.cli" for a in argv[:3])
+        if launcher and "up" in argv[1:4] and _option(argv, "--port", "50051") == str(port):
+            return pid
+    raise LookupError(f"no `epserve up` process serving on port {port}; pass --up-pid")
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process under ``root``, nearest first (wrappers such as ``timeout`` are looked through)."""
+    parent = {}
+    for pid in _processes():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        parent[pid] = int(stat.rsplit(")", 1)[1].split()[1])     # field 4, after "pid (comm) state"
+    found, frontier = [], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += frontier
+    return found
+
+
+def service_pid(up_pid: int, service: str) -> int:
+    """The pid of the named service among the processes under ``up_pid``."""
+    kind, _, index = service.partition(":")
+    index = index or "0"
+    wanted = {"expert": ("--shard-id", index), "attention": ("--replica-id", f"attention-{index}"),
+              "router": ("--router-id", f"router-{index}")}
+    for pid in _descendants(up_pid):
+        argv = _argv(pid)
+        if kind == "redis" and argv and Path(argv[0]).name == "redis-server":
+            return pid
+        if kind in wanted and _option(argv, "serve") == kind and _option(argv, wanted[kind][0]) == wanted[kind][1]:
+            return pid
+    raise LookupError(f"no service {service!r} under process {up_pid}")
+
+
+async def inject(fault: Fault, pid: int, t0: float, log: dict) -> None:
+    """Sleeps until ``t0 + fault.at_s`` (perf_counter time), signals ``pid`` and notes it in ``log``."""
+    await asyncio.sleep(max(0.0, t0 + fault.at_s - time.perf_counter()))
+    try:
+        os.kill(pid, getattr(signal, fault.signal))
+    except ProcessLookupError:
+        log.update(pid=pid, not_killed=f"process {pid} had already exited")
+        return
+    log.update(pid=pid, killed_at_s=time.perf_counter() - t0)
+
+
+def analyse(records: list[RequestRecord], killed_at_s: float, bin_s: float, threshold: float) -> dict:
+    """Failures around the kill, the throughput timeline and the recovery (definitions above)."""
+    t = killed_at_s
+    last_send = max((r.start_time for r in records), default=t)
+    end = max((r.start_time + r.end for r in records), default=t)
+    edges = t + bin_s * np.arange(-np.floor(t / bin_s), np.ceil(max(end - t, 0) / bin_s) + 1)
+    rate, failures = token_rate_bins(records, edges)
+    starts = edges[:-1]
+    pre = rate[(starts >= t / 2) & (edges[1:] <= t)]
+    baseline = float(pre.mean()) if len(pre) else None
+    post = rate[(starts >= t) & (edges[1:] <= last_send)]
+    recovered_bin = None
+    if baseline and len(post):
+        below = np.nonzero(post < threshold * baseline)[0]
+        recovered_bin = 0 if not len(below) else (below[-1] + 1 if below[-1] + 1 < len(post) else None)
+    after = [r for r in records if r.start_time + r.end >= t and not r.success]
+    in_flight = [r for r in records if r.start_time <= t < r.start_time + r.end]
+    return {
+        "failed_requests": sum(not r.success for r in records),
+        "failed_after_fault": len(after),
+        "errors_by_status_after_fault": errors_by_status(after),
+        "in_flight_at_fault": len(in_flight),
+        "in_flight_failed": sum(not r.success for r in in_flight),
+        "sent_after_fault": sum(r.start_time >= t for r in records),
+        "succeeded_after_fault": sum(r.start_time >= t and r.success for r in records),
+        "baseline_output_tokens_per_s": baseline,
+        "min_output_tokens_per_s_after": float(post.min()) if len(post) else None,
+        "recovery_threshold": threshold,
+        "recovered": None if not baseline or not len(post) else recovered_bin is not None,
+        "time_to_recover_s": None if recovered_bin is None else float(recovered_bin * bin_s),
+        "timeline": {"bin_s": bin_s, "bin_start_s": starts.round(6).tolist(),
+                     "output_tokens_per_s": rate.round(3).tolist(), "failures_per_s": failures.round(3).tolist()},
+    }

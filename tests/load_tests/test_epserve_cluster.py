@@ -1,0 +1,100 @@
+"""The harness against a local `epserve up` cluster (tiny model, small scale), and the fault scenario."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from load_tests.cli import main
+from load_tests.results import SCHEMA
+
+pytestmark = pytest.mark.e2e
+
+VLLM_FIELDS = (
+    "date", "backend", "label", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency",
+    "duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
+    "request_goodput", "output_throughput", "total_token_throughput", "max_output_tokens_per_s",
+    "max_concurrent_requests", "input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times", "errors",
+    *(f"{stat}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "median", "std", "p50", "p90",
+                                                                            "p95", "p99")),
+)
+
+
+class Up:
+    """`epserve up --model tiny` in a subprocess on a free port."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up", "--model", "tiny", "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in self.process.stdout:
+            lines.append(line)
+            if "serving at" in line:
+                break
+        else:
+            raise RuntimeError("epserve up exited:\n" + "".join(lines[-30:]))
+        self.endpoint = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def up():
+    cluster = Up()
+    yield cluster
+    cluster.stop()
+
+
+def run(*args: str) -> None:
+    assert main(["run", "--input-len", "uniform:8:24", "--output-len", "8", "--no-progress", *args]) == 0
+
+
+def test_open_loop_run_against_a_cluster_writes_the_result_file(up, tmp_path):
+    run("--endpoint", up.endpoint, "--request-rate", "8", "--num-prompts", "12", "--num-warmups", "2",
+        "--slo", "ttft=5000,tpot=5000", "--seed", "3", "--out-dir", str(tmp_path))
+    (path,) = tmp_path.glob("epserve-8.0qps-tiny-*.json")
+    result = json.loads(path.read_text())
+    assert result["schema"] == SCHEMA and set(VLLM_FIELDS) <= set(result)
+    assert (result["completed"], result["failed"], result["num_sent"], result["num_warmups"]) == (12, 0, 12, 2)
+    assert result["backend"] == "epserve" and result["model_id"] == "tiny" and result["request_rate"] == 8.0
+    assert result["output_lens"] == [8] * 12 and result["total_output_tokens"] == 96
+    assert [len(gaps) for gaps in result["itls"]] == [7] * 12
+    assert all(0 < ttft < e2el for ttft, e2el in zip(result["ttfts"], result["latencies"]))
+    assert [r["prompt_len"] for r in result["requests"]] == result["input_lens"]
+    assert all(8 <= n <= 24 for n in result["input_lens"])
+    assert result["request_goodput"] == pytest.approx(result["request_throughput"])
+    assert result["p99_ttft_ms"] >= result["p50_ttft_ms"] > 0
+    (report,) = tmp_path.glob("*.html")
+    assert "TTFT CDF" in report.read_text()
+
+
+def test_killing_an_expert_shard_is_reported(up, tmp_path):
+    pids_before = set(int(p) for p in os.listdir("/proc") if p.isdigit())
+    run("--endpoint", up.endpoint, "--request-rate", "8", "--num-prompts", "24", "--fault", "expert:1@1.5",
+        "--recovery-bin", "0.5", "--up-pid", str(up.process.pid), "--request-timeout", "60", "--out-dir", str(tmp_path))
+    (path,) = tmp_path.glob("*-fault-*.json")
+    result = json.loads(path.read_text())
+    fault = result["fault"]
+    assert fault["service"] == "expert:1" and fault["pid"] in pids_before
+    assert fault["killed_at_s"] == pytest.approx(1.5, abs=0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(fault["pid"], 0)
+    assert fault["failed_requests"] == result["failed"] == sum(result["errors_by_status"].values()) > 0
+    assert fault["failed_after_fault"] == result["failed"]     # nothing failed before the kill
+    assert result["completed"] + result["failed"] == 24
+    assert len(fault["timeline"]["bin_start_s"]) == len(fault["timeline"]["output_tokens_per_s"])
+    assert fault["baseline_output_tokens_per_s"] > 0
+    assert "Throughput around the kill" in next(tmp_path.glob("*.html")).read_text()
