@@ -116,7 +116,7 @@ def steady_records(fail_from: float, fail_until: float, end: float = 20.0) -> li
     return records
 
 
-def test_recovery_time_is_the_start_of_the_first_bin_from_which_throughput_stays_up():
+def test_recovery_time_is_the_start_of_the_first_bin_back_after_the_dip():
     fault = analyse(steady_records(10, 13), killed_at_s=10.0, bin_s=1.0, threshold=0.8)
     assert fault["baseline_output_tokens_per_s"] == pytest.approx(10.0)
     assert fault["min_output_tokens_per_s_after"] == 0.0
@@ -125,6 +125,11 @@ def test_recovery_time_is_the_start_of_the_first_bin_from_which_throughput_stays
     assert fault["failed_after_fault"] == fault["failed_requests"] == 3
     assert fault["errors_by_status_after_fault"] == {"UNAVAILABLE": 3}
     assert fault["sent_after_fault"] == 11 and fault["succeeded_after_fault"] == 8
+
+
+def test_a_later_noisy_bin_does_not_undo_the_recovery():
+    records = [r for r in steady_records(10, 13) if not 16 <= r.start_time < 17]    # one quiet second later
+    assert analyse(records, 10.0, 1.0, 0.8)["time_to_recover_s"] == pytest.approx(3.0)
 
 
 def test_no_dip_recovers_at_once_and_a_dead_service_never():
