@@ -1,8 +1,9 @@
-"""``epserve generate``: one prompt through the single-process engine, printed as text or JSON."""
+"""``epserve generate``: one prompt through the single-process engine or a cluster, printed as text or JSON."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 FLAG_OF_FIELD = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
@@ -15,6 +16,10 @@ def add_generate_parser(commands) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' (built in, made locally) or a checkpoint directory")
     p.add_argument("--endpoint", default=None, help="HOST:PORT of a cluster's router: generate through the SDK")
     p.add_argument("--timeout", type=float, default=120.0, help="with --endpoint: the call's deadline in seconds")
+    p.add_argument("--api-key", default=os.environ.get("EPSERVE_API_KEY"),
+                   help="with --endpoint: sent as 'authorization: Bearer KEY' (default: $EPSERVE_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="with --endpoint: connect with TLS")
+    p.add_argument("--root-certificates", default=None, help="with --tls: PEM file of trusted roots")
     p.add_argument("--wait-ready", type=float, default=0.0, metavar="SECONDS",
                    help="with --endpoint: first wait up to SECONDS for the router to be serving (a cluster starting)")
     prompt = p.add_mutually_exclusive_group(required=True)
@@ -98,12 +103,14 @@ def run_remote(args: argparse.Namespace) -> int:
     from epserve_client import Client, EpserveError
 
     prompt = args.prompt_ids if args.prompt_ids is not None else args.prompt
-    if args.wait_ready > 0 and not _wait_ready(args.endpoint, args.wait_ready):
+    roots = open(args.root_certificates, "rb").read() if args.root_certificates else None
+    if args.wait_ready > 0 and not _wait_ready(args.endpoint, args.wait_ready, args.tls, roots):
         print(f"epserve generate: error: {args.endpoint} not serving after {args.wait_ready} s", file=sys.stderr)
         return 1
     start = time.perf_counter()
     try:
-        with Client(args.endpoint, timeout=args.timeout) as client:
+        with Client(args.endpoint, timeout=args.timeout, api_key=args.api_key, tls=args.tls,
+                    root_certificates=roots) as client:
             result = client.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                      top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                      stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos)
@@ -126,13 +133,14 @@ def run_remote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_ready(endpoint: str, seconds: float) -> bool:
+def _wait_ready(endpoint: str, seconds: float, tls: bool, roots: bytes | None) -> bool:
     """Poll the router's gRPC health check until it says SERVING or ``seconds`` pass."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + seconds
-    with grpc.insecure_channel(endpoint) as channel:
+    channel = grpc.secure_channel(endpoint, grpc.ssl_channel_credentials(roots)) if tls else grpc.insecure_channel(endpoint)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:

@@ -1,0 +1,206 @@
+{{- define "epserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "epserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "epserve.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "epserve.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Labels every pod of this release carries: what the NetworkPolicy means by "the release's own pods". */}}
+{{- define "epserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "epserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "epserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "epserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: epserve
+{{- end }}
+
+{{/* (dict "root" $ "component" "router") */}}
+{{- define "epserve.componentSelector" -}}
+{{ include "epserve.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "epserve.componentLabels" -}}
+{{ include "epserve.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "epserve.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "epserve.cluster" -}}
+{{ .Values.cluster | default .Release.Name }}
+{{- end }}
+
+{{/* The Secret holding the Redis URL, and its key. */}}
+{{- define "epserve.redisUrlSecret" -}}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.existingSecret -}}
+name: {{ .Values.externalRedis.existingSecret }}
+key: {{ .Values.externalRedis.existingSecretKey }}
+{{- else -}}
+name: {{ include "epserve.fullname" . }}
+key: redis-url
+{{- end }}
+{{- end }}
+
+{{- define "epserve.authEnabled" -}}
+{{- if or .Values.auth.apiKeys .Values.auth.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* Pod annotations that roll the pods when the settings or secrets change. */}}
+{{- define "epserve.checksums" -}}
+checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end }}
+
+{{/* Environment of every epserve container: who it is, where Redis is, the cluster name, writable caches. */}}
+{{- define "epserve.env" -}}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: POD_IP
+  valueFrom: {fieldRef: {fieldPath: status.podIP}}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      {{- include "epserve.redisUrlSecret" . | nindent 6 }}
+- name: EPSERVE_CLUSTER
+  valueFrom: {configMapKeyRef: {name: {{ include "epserve.fullname" . }}, key: cluster}}
+- name: EPSERVE_MODEL
+  valueFrom: {configMapKeyRef: {name: {{ include "epserve.fullname" . }}, key: model}}
+- name: HOME
+  value: /cache
+- name: EPSERVE_CACHE
+  value: /cache/epserve
+- name: TRITON_CACHE_DIR
+  value: /cache/triton
+{{- end }}
+
+{{/* Placement settings of attention replicas and expert shards (they must agree). */}}
+{{- define "epserve.placementEnv" -}}
+- name: EPSERVE_EXPERT_SHARDS
+  valueFrom: {configMapKeyRef: {name: {{ include "epserve.fullname" . }}, key: expert-shards}}
+- name: EPSERVE_REDUNDANT_EXPERTS
+  valueFrom: {configMapKeyRef: {name: {{ include "epserve.fullname" . }}, key: redundant-experts}}
+{{- end }}
+
+{{/* `serve KIND` and the flags every service takes: (dict "kind" "router" "port" 50051) */}}
+{{- define "epserve.serveArgs" -}}
+- serve
+- {{ .kind }}
+- --redis=$(REDIS_URL)
+- --cluster=$(EPSERVE_CLUSTER)
+- --model=$(EPSERVE_MODEL)
+- --host=0.0.0.0
+- --port={{ .port }}
+- --advertise-host=$(POD_IP)
+{{- end }}
+
+{{/* Flags of the services that load weights: (dict "root" $ "gpus" N) */}}
+{{- define "epserve.modelArgs" -}}
+- --expert-shards=$(EPSERVE_EXPERT_SHARDS)
+- --redundant-experts=$(EPSERVE_REDUNDANT_EXPERTS)
+- --device={{ if gt (int .gpus) 0 }}cuda{{ else }}cpu{{ end }}
+{{- with .root.Values.model.dtype }}
+- --dtype={{ . }}
+{{- end }}
+{{- if .root.Values.placement.loadProfile }}
+- --load-profile=/etc/epserve/config/load-profile.json
+{{- end }}
+{{- end }}
+
+{{/* Startup, readiness and liveness probes on grpc.health.v1 at `port`: (dict "port" P "startup" .Values.x.startupProbe "tcp" false)
+     Kubelet's gRPC probes speak plaintext only, so a TLS port gets TCP probes instead. */}}
+{{- define "epserve.probes" -}}
+{{- $check := ternary (dict "tcpSocket" (dict "port" .port)) (dict "grpc" (dict "port" .port "service" "")) (eq .tcp true) -}}
+startupProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: 10
+  failureThreshold: {{ .startup.failureThreshold }}
+readinessProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: 5
+  timeoutSeconds: 3
+  failureThreshold: 2
+livenessProbe:
+  {{- toYaml $check | nindent 2 }}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 6
+{{- end }}
+
+{{/* Waits for Redis before the service starts (services exit when Redis does not answer). */}}
+{{- define "epserve.waitForRedis" -}}
+- name: wait-for-redis
+  image: {{ .Values.redis.image.repository }}:{{ .Values.redis.image.tag }}
+  imagePullPolicy: {{ .Values.redis.image.pullPolicy }}
+  command: [sh, -c, 'until redis-cli -u "$REDIS_URL" ping | grep -q PONG; do echo waiting for redis; sleep 2; done']
+  env:
+    - name: REDIS_URL
+      valueFrom:
+        secretKeyRef:
+          {{- include "epserve.redisUrlSecret" . | nindent 10 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 64Mi}
+{{- end }}
+
+{{/* Mounts every epserve container has: writable caches, /tmp, the checkpoint, the placement profile. */}}
+{{- define "epserve.volumeMounts" -}}
+- {name: cache, mountPath: /cache}
+- {name: tmp, mountPath: /tmp}
+{{- if or .Values.model.persistentVolumeClaim.claimName .Values.model.hostPath.path }}
+- {name: model, mountPath: {{ .Values.model.mountPath }}, readOnly: true}
+{{- end }}
+{{- if .Values.placement.loadProfile }}
+- {name: config, mountPath: /etc/epserve/config, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{- define "epserve.volumes" -}}
+- {name: cache, emptyDir: {}}
+- {name: tmp, emptyDir: {}}
+{{- if .Values.model.persistentVolumeClaim.claimName }}
+- name: model
+  persistentVolumeClaim: {claimName: {{ .Values.model.persistentVolumeClaim.claimName }}, readOnly: true}
+{{- else if .Values.model.hostPath.path }}
+- name: model
+  hostPath: {path: {{ .Values.model.hostPath.path }}, type: Directory}
+{{- end }}
+{{- if .Values.placement.loadProfile }}
+- name: config
+  configMap:
+    name: {{ include "epserve.fullname" . }}
+    items: [{key: load-profile.json, path: load-profile.json}]
+{{- end }}
+{{- end }}
+
+{{/* Resources with `gpus` nvidia.com/gpu added to requests and limits: (dict "resources" R "gpus" N) */}}
+{{- define "epserve.resources" -}}
+{{- $r := deepCopy (.resources | default dict) }}
+{{- if gt (int .gpus) 0 }}
+{{- $_ := set $r "limits" (merge (dict "nvidia.com/gpu" (toString (int .gpus))) ($r.limits | default dict)) }}
+{{- $_ := set $r "requests" (merge (dict "nvidia.com/gpu" (toString (int .gpus))) ($r.requests | default dict)) }}
+{{- end }}
+{{- toYaml $r }}
+{{- end }}
+
+{{/* NetworkPolicy ingress rule opening the metrics port when the ServiceMonitor is on. */}}
+{{- define "epserve.metricsIngress" -}}
+- ports:
+    - {port: {{ .Values.serviceMonitor.port }}, protocol: TCP}
+{{- end }}
