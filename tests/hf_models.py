@@ -52,6 +52,27 @@ def save_tiny_checkpoint(name: str, directory: Path, seed: int = 0) -> Path:
     return path
 
 
+# Prompts of 1, 7 and 23 tokens, used by every parity test.
+PARITY_PROMPTS = [[7], [5, 17, 42, 99, 3, 250, 7], [(11 * i + 3) % 250 + 2 for i in range(23)]]
+
+
+def greedy_with_logits(engine, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+    """Our greedy generation of all prompts in one batch: (token ids, per-step logits [steps, vocab]) each."""
+    from services.engine.sampling import SamplingParams
+
+    logits_seen: dict[str, list[torch.Tensor]] = {}
+    sample = engine.runner.sample
+
+    def recording_sample(seqs, logits):
+        for seq, row in zip(seqs, logits):
+            logits_seen.setdefault(seq.request_id, []).append(row.clone())
+        return sample(seqs, logits)
+
+    engine.runner.sample = recording_sample
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+    return [(s.output_ids, torch.stack(logits_seen[s.request_id])) for s in seqs]
+
+
 def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """transformers' own greedy generate in float32: new token ids and per-step logits [steps, vocab]."""
     from transformers import DeepseekV3ForCausalLM

@@ -14,19 +14,19 @@ from services.cluster.placement import EMPTY, Placement, build_placement
 from services.cluster.tensor_codec import from_proto, to_proto
 from services.cluster.transport import ExpertShardError, GrpcExpertTransport
 from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
 from services.expert.shard import ExpertShard
 from services.model.checkpoint import CheckpointReader
 from services.model.config import ModelConfig
 from services.model.moe import LocalExperts
 from services.proto import expert_pb2, expert_pb2_grpc, tensor_pb2
+from tests.hf_models import PARITY_PROMPTS, greedy_with_logits
 
 pytestmark = pytest.mark.integration
 
 MODEL = "groups_yarn"                      # 32 experts, top-6, MoE layers 1 and 2, hidden 64
 SERVICE = "epserve.v1.ExpertService"
 NEW_TOKENS = 12
-PROMPTS = [[7], [5, 17, 42, 99, 3, 250, 7], [(11 * i + 3) % 250 + 2 for i in range(23)]]
+PROMPTS = PARITY_PROMPTS
 ENGINE_CONFIG = EngineConfig(block_size=4, num_kv_blocks=64)
 WAIT_S = 60                                # a bound against hangs, never asserted on
 
@@ -74,21 +74,6 @@ def grpc_transport(addresses: dict[int, str]):
         transport.close()
 
 
-def greedy_with_logits(engine: LLMEngine) -> list[tuple[list[int], torch.Tensor]]:
-    """Greedy generation of PROMPTS in one batch: (token ids, per-step logits [steps, vocab]) per prompt."""
-    logits_seen: dict[str, list[torch.Tensor]] = {}
-    sample = engine.runner.sample
-
-    def recording_sample(seqs, logits):
-        for seq, row in zip(seqs, logits):
-            logits_seen.setdefault(seq.request_id, []).append(row.clone())
-        return sample(seqs, logits)
-
-    engine.runner.sample = recording_sample
-    seqs = engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
-    return [(s.output_ids, torch.stack(logits_seen[s.request_id])) for s in seqs]
-
-
 @pytest.fixture(scope="module")
 def path(hf_checkpoints):
     return hf_checkpoints[MODEL]
@@ -102,7 +87,7 @@ def config(path):
 @pytest.fixture(scope="module")
 def in_process(path):
     """The single-process engine's greedy tokens and logits (every routed expert local)."""
-    return greedy_with_logits(LLMEngine.from_path(path, ENGINE_CONFIG, dtype=torch.float32))
+    return greedy_with_logits(LLMEngine.from_path(path, ENGINE_CONFIG, dtype=torch.float32), PROMPTS, NEW_TOKENS)
 
 
 def remote_generation(path, placement: Placement, wire_dtype: str = "model"):
@@ -110,7 +95,7 @@ def remote_generation(path, placement: Placement, wire_dtype: str = "model"):
     with shard_cluster(path, placement) as cluster, grpc_transport(cluster.addresses) as transport:
         backend = RemoteExperts(placement, transport, wire_dtype=wire_dtype)
         engine = LLMEngine.from_path(path, ENGINE_CONFIG, dtype=torch.float32, backend=backend)
-        result = greedy_with_logits(engine)
+        result = greedy_with_logits(engine, PROMPTS, NEW_TOKENS)
         return result, [cluster.info(s) for s in range(placement.num_shards)]
 
 
@@ -338,7 +323,7 @@ def test_fp8_checkpoint_shards_keep_fp8_and_read_only_their_experts(hf_checkpoin
     write_fp8_checkpoint(hf_checkpoints[MODEL], fp8, num_shards=3)
     config = ModelConfig.from_hf(fp8)
     placement = build_placement(config.n_routed_experts, 2, 2, config.moe_layers)
-    reference = greedy_with_logits(LLMEngine.from_path(fp8, ENGINE_CONFIG, dtype=torch.float32))
+    reference = greedy_with_logits(LLMEngine.from_path(fp8, ENGINE_CONFIG, dtype=torch.float32), PROMPTS, NEW_TOKENS)
     with shard_cluster(fp8, placement) as cluster:
         for shard in cluster.shards:
             assert all(w.w_gate.dtype == torch.float8_e4m3fn and w.w_down_scale is not None
@@ -349,7 +334,7 @@ def test_fp8_checkpoint_shards_keep_fp8_and_read_only_their_experts(hf_checkpoin
         with grpc_transport(cluster.addresses) as transport:
             engine = LLMEngine.from_path(fp8, ENGINE_CONFIG, dtype=torch.float32,
                                          backend=RemoteExperts(placement, transport))
-            remote = greedy_with_logits(engine)
+            remote = greedy_with_logits(engine, PROMPTS, NEW_TOKENS)
     for (tokens, logits), (ref_tokens, ref_logits) in zip(remote, reference):
         assert tokens == ref_tokens
         assert (logits - ref_logits).abs().max().item() <= 1e-4

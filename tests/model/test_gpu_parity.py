@@ -4,11 +4,11 @@ import torch
 
 from services.engine.engine import EngineConfig, LLMEngine
 from services.engine.sampling import SamplingParams
-from tests.hf_models import TINY_CONFIGS, hf_greedy
+from tests.hf_models import PARITY_PROMPTS, TINY_CONFIGS, hf_greedy
 
 pytestmark = pytest.mark.gpu
 
-PROMPTS = [[7], [5, 17, 42, 99, 3, 250, 7], [(11 * i + 3) % 250 + 2 for i in range(23)]]
+PROMPTS = PARITY_PROMPTS
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))

@@ -7,35 +7,19 @@ import pytest
 import torch
 
 from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
-from tests.hf_models import TINY_CONFIGS, hf_greedy
+from tests.hf_models import PARITY_PROMPTS, TINY_CONFIGS, greedy_with_logits, hf_greedy
 
 pytestmark = pytest.mark.integration
 
 NEW_TOKENS = 32
-PROMPTS = [[7], [5, 17, 42, 99, 3, 250, 7], [(11 * i + 3) % 250 + 2 for i in range(23)]]
-
-
-def greedy_with_logits(engine: LLMEngine, prompts):
-    """Our greedy generation of all prompts in one batch; token ids and per-step logits per prompt."""
-    logits_seen: dict[str, list[torch.Tensor]] = {}
-    sample = engine.runner.sample
-
-    def recording_sample(seqs, logits):
-        for seq, row in zip(seqs, logits):
-            logits_seen.setdefault(seq.request_id, []).append(row.clone())
-        return sample(seqs, logits)
-
-    engine.runner.sample = recording_sample
-    seqs = engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
-    return [(s.output_ids, torch.stack(logits_seen[s.request_id])) for s in seqs]
+PROMPTS = PARITY_PROMPTS
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_greedy_tokens_and_logits_match_transformers(hf_checkpoints, name):
     path = hf_checkpoints[name]
     engine = LLMEngine.from_path(path, EngineConfig(block_size=4, num_kv_blocks=64), dtype=torch.float32)
-    ours = greedy_with_logits(engine, PROMPTS)
+    ours = greedy_with_logits(engine, PROMPTS, NEW_TOKENS)
     for prompt, (tokens, logits) in zip(PROMPTS, ours):
         ref_tokens, ref_logits = hf_greedy(path, prompt, NEW_TOKENS)
         assert tokens == ref_tokens, f"{name}: prompt of {len(prompt)} tokens diverged"
