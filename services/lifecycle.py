@@ -5,11 +5,17 @@ import argparse
 import logging
 import signal
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 import torch
 
 from services.cluster.keys import Keys
+from services.cluster.placement import Placement
+from services.cluster.state import choose_placement
+from services.model.config import ModelConfig
+from services.model.tiny import resolve_model
 
 
 def setup_logging(verbose: bool) -> None:
@@ -53,6 +59,34 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     if args.dtype:
         return device, getattr(torch, args.dtype)
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+@dataclass
+class Service:
+    """What every ``epserve serve`` service has once started: its shutdown event, Redis, the model."""
+
+    stop: threading.Event
+    client: redis.Redis
+    keys: Keys
+    model_path: Path
+    config: ModelConfig
+
+
+def start_service(args: argparse.Namespace) -> Service:
+    """Logging, shutdown signals, Redis, and the model's directory and config (call from the main thread)."""
+    setup_logging(args.verbose)
+    stop = shutdown_event()
+    client, keys = connect(args)
+    path = resolve_model(args.model)
+    return Service(stop, client, keys, path, ModelConfig.from_hf(path))
+
+
+def service_placement(args: argparse.Namespace, service: Service) -> Placement:
+    """The placement every attention replica and expert shard of the cluster serves (from Redis)."""
+    config = service.config
+    return choose_placement(service.client, service.keys, num_experts=config.n_routed_experts,
+                            num_shards=args.expert_shards, redundant=args.redundant_experts,
+                            moe_layers=config.moe_layers, profile_path=args.load_profile)
 
 
 def connect(args: argparse.Namespace) -> tuple[redis.Redis, Keys]:

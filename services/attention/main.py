@@ -16,12 +16,10 @@ from services.attention.remote_experts import RemoteExperts
 from services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
 from services.cluster.grpc_server import start_grpc_server
 from services.cluster.registry import Registry
-from services.cluster.state import RequestStore, choose_placement
+from services.cluster.state import RequestStore
 from services.cluster.transport import GrpcExpertTransport
 from services.engine.engine import EngineConfig, LLMEngine
-from services.lifecycle import advertised, connect, device_and_dtype, setup_logging, shutdown_event
-from services.model.config import ModelConfig
-from services.model.tiny import resolve_model
+from services.lifecycle import advertised, device_and_dtype, service_placement, start_service
 
 log = logging.getLogger("epserve.attention")
 
@@ -40,14 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
-    stop = shutdown_event()
-    client, keys = connect(args)
-    path = resolve_model(args.model)
-    config = ModelConfig.from_hf(path)
-    placement = choose_placement(client, keys, num_experts=config.n_routed_experts, num_shards=args.expert_shards,
-                                 redundant=args.redundant_experts, moe_layers=config.moe_layers,
-                                 profile_path=args.load_profile)
+    service = start_service(args)
+    client, keys, path, stop = service.client, service.keys, service.model_path, service.stop
+    placement = service_placement(args, service)
     registry = Registry(client, keys)
     transport = GrpcExpertTransport(_shard_addresses(registry, args, placement.version),
                                     resolve=lambda shard: _live_shard_address(registry, shard, placement.version))

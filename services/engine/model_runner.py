@@ -70,10 +70,12 @@ class ModelRunner:
         for i, seq in enumerate(seqs):
             table[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
         context = [s.num_computed + n for s, n in zip(seqs, chunks)]
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
         batch = ForwardBatch(
-            positions=as_tensor(positions, torch.int64), slot_mapping=as_tensor(slots, torch.int64),
+            positions=self._tensor(positions, torch.int64), slot_mapping=self._tensor(slots, torch.int64),
             query_lens=list(chunks), context_lens=context, block_table=table.to(self.device),
-            context_lens_t=as_tensor(context, torch.int32), num_decodes=num_decodes,
+            context_lens_t=self._tensor(context, torch.int32), num_decodes=num_decodes,
         )
-        return as_tensor(ids, torch.int64), batch
+        return self._tensor(ids, torch.int64), batch
+
+    def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)

@@ -6,11 +6,9 @@ import logging
 
 from services.cluster.grpc_server import start_grpc_server
 from services.cluster.registry import Registry
-from services.cluster.state import LoadStats, choose_placement
+from services.cluster.state import LoadStats
 from services.expert.shard import ExpertShard
-from services.lifecycle import advertised, connect, device_and_dtype, setup_logging, shutdown_event
-from services.model.config import ModelConfig
-from services.model.tiny import resolve_model
+from services.lifecycle import advertised, device_and_dtype, service_placement, start_service
 from services.proto import expert_pb2_grpc
 
 log = logging.getLogger("epserve.expert")
@@ -23,16 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
-    stop = shutdown_event()
-    client, keys = connect(args)
-    path = resolve_model(args.model)
-    config = ModelConfig.from_hf(path)
     if not 0 <= args.shard_id < args.expert_shards:
         raise ValueError(f"--shard-id must be in [0, {args.expert_shards}), got {args.shard_id}")
-    placement = choose_placement(client, keys, num_experts=config.n_routed_experts, num_shards=args.expert_shards,
-                                 redundant=args.redundant_experts, moe_layers=config.moe_layers,
-                                 profile_path=args.load_profile)
+    service = start_service(args)
+    client, keys, path, stop = service.client, service.keys, service.model_path, service.stop
+    placement = service_placement(args, service)
     device, dtype = device_and_dtype(args)
     stats = LoadStats(client, keys)
     shard = ExpertShard(path, args.shard_id, placement, dtype=dtype, device=device,

@@ -11,9 +11,7 @@ from services.cluster.grpc_server import start_grpc_server
 from services.cluster.registry import Registry
 from services.cluster.state import PlacementStore, RequestStore
 from services.engine.tokenizer import load_tokenizer
-from services.lifecycle import advertised, connect, setup_logging, shutdown_event
-from services.model.config import ModelConfig
-from services.model.tiny import resolve_model
+from services.lifecycle import advertised, start_service
 from services.router.admission import Admission
 from services.router.auth import ApiKeyInterceptor, read_api_keys
 from services.router.service import SERVICE_NAME, GenerationServicer, add_to_server
@@ -34,11 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
-    stop = shutdown_event()
-    client, keys = connect(args)
-    path = resolve_model(args.model)
-    config = ModelConfig.from_hf(path)
+    service = start_service(args)
+    client, keys, path, config, stop = service.client, service.keys, service.model_path, service.config, service.stop
     tokenizer = load_tokenizer(path, vocab_size=config.vocab_size, bos_token_id=config.bos_token_id,
                                eos_token_ids=config.eos_token_ids)
     registry = Registry(client, keys)
