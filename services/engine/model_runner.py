@@ -25,7 +25,7 @@ class ModelRunner:
         """Run the batch; returns {request_id: logits [vocab]} for sequences whose pending tokens are all done."""
         groups = self._split(batch)
         inputs = [self._build(seqs, chunks, decodes) for seqs, chunks, decodes in groups]
-        hiddens = self.model.forward_micro_batches(inputs, self.kv_caches)      # [tokens_i, hidden] each
+        hiddens = self.model(inputs, self.kv_caches)      # [tokens_i, hidden] each
         last_rows, finished = [], []
         for (seqs, chunks, _), (_, forward_batch), hidden in zip(groups, inputs, hiddens):
             ends = torch.tensor(forward_batch.query_lens, device=self.device).cumsum(0) - 1

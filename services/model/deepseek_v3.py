@@ -32,9 +32,6 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        return self.finish(*self.start(x, batch, kv_cache))
-
     def start(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> tuple:
         """Attention, then start the FFN: a MoE layer dispatches to its experts and returns at once."""
         x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache)
@@ -76,7 +73,8 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    """forward(token ids, batch, kv caches) -> hidden states; compute_logits(hidden) -> logits."""
+    """forward([(token ids, batch), ...], kv caches) -> hidden states per micro-batch;
+    compute_logits(hidden) -> logits."""
 
     def __init__(self, config: ModelConfig, backend: ExpertBackend, rope: RotaryEmbedding, with_mtp: bool = True):
         super().__init__()
@@ -86,14 +84,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """input_ids [tokens] -> final-normed hidden states [tokens, hidden]."""
-        return self.forward_micro_batches([(input_ids, batch)], kv_caches)[0]
-
-    @torch.inference_mode()
-    def forward_micro_batches(self, micro_batches: list[tuple[torch.Tensor, ForwardBatch]],
-                              kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Several independent micro-batches, interleaved layer by layer (two-batch overlap).
+    def forward(self, micro_batches: list[tuple[torch.Tensor, ForwardBatch]],
+                kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One or more independent micro-batches (input_ids [tokens_i] each), interleaved layer by
+        layer (two-batch overlap).
 
         Micro-batch i starts layer L (attention + expert dispatch) right after finishing layer L-1
         (shared expert + combine), so while its routed experts run remotely the other micro-batches

@@ -132,10 +132,6 @@ class MoE(nn.Module):
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [tokens, hidden] -> routed + shared expert output [tokens, hidden]."""
-        return self.finish(x, self.start(x))
-
     def start(self, x: torch.Tensor) -> Any:
         """Route and dispatch x [tokens, hidden]; returns the backend's handle."""
         topk_weights, topk_ids = self.gate(x)
