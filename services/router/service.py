@@ -100,6 +100,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     return
         except grpc.RpcError as err:
             yield from self._replica_failed(request_id, replica, err, context)
+        except GeneratorExit:           # gRPC dropped the stream: the client cancelled or its deadline passed
+            self.requests.set_state(request_id, "aborted")
+            raise
 
     def _replica_failed(self, request_id: str, replica: Replica, err: grpc.RpcError, context):
         code = err.code()
