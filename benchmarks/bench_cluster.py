@@ -5,16 +5,21 @@
 
 Starts ``epserve up`` (separate processes on loopback), sends ``concurrency`` greedy requests at
 once through the SDK and counts generated tokens per second of wall time; then runs the same
-requests through an in-process ``LLMEngine`` (all added at once). Prints both and their ratio.
+requests through an in-process ``LLMEngine`` (all added at once), alternating the two
+``--repeats`` times. Prints the medians and their ratio,
+and where the cluster's CPU time went: CPU ms per generated token for each process (the load
+client, router, attention replicas, expert shards, redis-server), read from /proc.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -23,16 +28,46 @@ from services.engine.sampling import SamplingParams
 from services.model.tiny import resolve_model
 
 
-def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: int) -> float:
-    from epserve_client import Client
+def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: int,
+                         up: subprocess.Popen) -> tuple[float, dict[str, float]]:
+    """-> (tokens/s, CPU ms per generated token by process role). The load is one asyncio client
+    (``AsyncClient``, as the load-test harness uses) so that it takes little of the machine."""
+    from epserve_client import AsyncClient
 
-    with Client(endpoint, timeout=600) as client, ThreadPoolExecutor(len(prompts)) as pool:
-        client.generate(prompts[0], max_tokens=4, temperature=0)                   # warm-up
-        start = time.perf_counter()
-        results = list(pool.map(lambda p: client.generate(p, max_tokens=new_tokens, temperature=0, ignore_eos=True),
-                                prompts))
-        elapsed = time.perf_counter() - start
-    return sum(len(r.token_ids) for r in results) / elapsed
+    async def run() -> tuple[float, dict[str, float]]:
+        async with AsyncClient(endpoint, timeout=600) as client:
+            await client.generate(prompts[0], max_tokens=4, temperature=0)            # warm-up
+            cpu_before, start = cpu_seconds(up.pid), time.perf_counter()
+            results = await asyncio.gather(*[
+                client.generate(p, max_tokens=new_tokens, temperature=0, ignore_eos=True) for p in prompts])
+            elapsed, cpu_after = time.perf_counter() - start, cpu_seconds(up.pid)
+        tokens = sum(len(r.token_ids) for r in results)
+        cpu_ms = {role: 1e3 * (cpu_after[role] - cpu_before.get(role, 0.0)) / tokens for role in cpu_after}
+        return tokens / elapsed, cpu_ms
+
+    return asyncio.run(run())
+
+
+def cpu_seconds(up_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and of each child of ``epserve up``, by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{up_pid}/task/{up_pid}/children") as f:
+        pids = {pid: _role(pid) for pid in f.read().split()}
+    pids[str(os.getpid())] = "load client"
+    totals: dict[str, float] = {}
+    for pid, role in pids.items():
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def _role(pid: str) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode().split("\x00")
+    if "serve" in args:
+        return args[args.index("serve") + 1]
+    return os.path.basename(args[0].split()[0])
 
 
 def engine_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> float:
@@ -65,26 +100,43 @@ def main() -> None:
     parser.add_argument("--redundant-experts", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--port", type=int, default=50599)
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
     args = parser.parse_args()
     path = resolve_model(args.model)
     engine = LLMEngine.from_path(path, EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048))
-    vocab = engine.model_config.vocab_size
     generator = torch.Generator().manual_seed(0)
     levels = [int(c) for c in args.concurrency.split(",")]
-    prompts = {c: torch.randint(3, vocab, (c, args.prompt_len), generator=generator).tolist() for c in levels}
-    single = {c: engine_tokens_per_s(engine, prompts[c], args.new_tokens) for c in levels}
-    del engine
+    prompts = {c: torch.randint(3, engine.model_config.vocab_size, (c, args.prompt_len), generator=generator).tolist()
+               for c in levels}
+    single, cluster = {c: [] for c in levels}, {c: [] for c in levels}
     process = start_cluster(args)
     try:
-        cluster = {c: cluster_tokens_per_s(f"127.0.0.1:{args.port}", prompts[c], args.new_tokens) for c in levels}
+        for _ in range(args.repeats):           # alternate, so both see the same machine
+            for c in levels:
+                single[c].append(engine_tokens_per_s(engine, prompts[c], args.new_tokens))
+                cluster[c].append(cluster_tokens_per_s(f"127.0.0.1:{args.port}", prompts[c], args.new_tokens, process))
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+    report(args, levels, single, cluster)
+
+
+def report(args, levels: list[int], single: dict[int, list[float]], cluster: dict[int, list]) -> None:
+    """Medians over the repeats; the ratio is of the medians, with the range of per-repeat ratios."""
     print(f"model={args.model} attention={args.attention} shards={args.expert_shards} "
-          f"redundant={args.redundant_experts} micro_batches={args.micro_batches} new_tokens={args.new_tokens}")
-    print(f"{'concurrency':>11} {'single-process tok/s':>21} {'cluster tok/s':>14} {'ratio':>6}")
+          f"redundant={args.redundant_experts} micro_batches={args.micro_batches} new_tokens={args.new_tokens} "
+          f"repeats={args.repeats} (medians)")
+    print(f"{'concurrency':>11} {'single-process tok/s':>21} {'cluster tok/s':>14} {'ratio':>6} {'ratio range':>12}")
     for c in levels:
-        print(f"{c:>11} {single[c]:>21.1f} {cluster[c]:>14.1f} {cluster[c] / single[c]:>6.2f}")
+        one, many = statistics.median(single[c]), statistics.median(t for t, _ in cluster[c])
+        ratios = [t / s for (t, _), s in zip(cluster[c], single[c])]
+        print(f"{c:>11} {one:>21.1f} {many:>14.1f} {many / one:>6.2f} {min(ratios):>5.2f}-{max(ratios):.2f}")
+    roles = sorted(cluster[levels[0]][0][1])
+    print("cluster CPU ms per generated token, by process (2 cores = 2000 ms per second of wall time)")
+    print(f"{'concurrency':>11} " + " ".join(f"{role:>12}" for role in roles))
+    for c in levels:
+        print(f"{c:>11} " + " ".join(f"{statistics.median(cpu.get(role, 0.0) for _, cpu in cluster[c]):>12.2f}"
+                                     for role in roles))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from kernels import backend
 from kernels.fused_moe import (
     dequantize_block_fp8,
     fused_moe,
+    fused_moe_batched,
     fused_moe_reference,
     fused_moe_triton,
     moe_align_block_size,
@@ -185,6 +186,33 @@ def test_reference_fp8_vs_naive_loop_on_dequantised():
     assert_close_rel(fused_moe_reference(*args, **kw).double(), naive_moe(x, *deq, w, ids), 1e-5)
 
 
+@pytest.mark.parametrize("T,D,I,E,K,drop", [(1, 16, 8, 4, 1, 0.0), (9, 24, 20, 6, 3, 0.3), (13, 32, 16, 8, 8, 0.0),
+                                          (32, 64, 32, 17, 4, 0.5)])
+def test_batched_vs_naive_loop(T, D, I, E, K, drop):
+    args, _ = make_moe(T, D, I, E, K, torch.float32, drop=drop, device="cpu")
+    assert_close_rel(fused_moe_batched(*args).double(), naive_moe(*args), 1e-5)
+
+
+def test_batched_fp8_vs_naive_loop_on_dequantised():
+    args, kw = make_moe(5, 136, 200, 3, 2, torch.float32, fp8=True, device="cpu")
+    x, wg, wu, wd, w, ids = args
+    deq = [dequantize_block_fp8(t, s) for t, s in zip((wg, wu, wd), kw.values())]
+    assert_close_rel(fused_moe_batched(*args, **kw).double(), naive_moe(x, *deq, w, ids), 1e-5)
+
+
+def test_batched_bf16_matches_reference():
+    args, _ = make_moe(24, 64, 32, 8, 4, torch.bfloat16, drop=0.2, device="cpu")
+    assert_close_rel(fused_moe_batched(*args).float(), fused_moe_reference(*args).float(), 1e-2)
+
+
+def test_batched_skewed_or_empty_routing():
+    ids = torch.cat([torch.arange(7), torch.full((30,), 7)])[:, None]    # 8 experts x 30 padded rows, 37 kept
+    args, _ = make_moe(37, 32, 32, 8, 1, torch.float32, ids=ids, device="cpu")
+    assert torch.equal(fused_moe_batched(*args), fused_moe_reference(*args))     # beyond PAD_LIMIT: the reference
+    args, _ = make_moe(3, 32, 32, 4, 2, torch.float32, ids=torch.full((3, 2), -1), device="cpu")
+    assert torch.equal(fused_moe_batched(*args), torch.zeros(3, 32))
+
+
 def test_reference_bf16_close_to_fp32():
     args, _ = make_moe(16, 64, 32, 8, 4, torch.float32, device="cpu")
     out32 = fused_moe_reference(*args)
@@ -267,7 +295,7 @@ def test_dispatch_follows_backend(monkeypatch):
     args, _ = make_moe(6, 32, 32, 4, 2, torch.float32)
     calls = []
     import kernels.fused_moe as mod
-    monkeypatch.setattr(mod, "fused_moe_triton", lambda *a, **k: calls.append("triton") or mod.fused_moe_reference(*a, **k))
+    monkeypatch.setattr(mod, "fused_moe_triton", lambda *a, **k: calls.append("triton") or mod.fused_moe_batched(*a, **k))
     try:
         backend.set_backend("torch")
         ref = fused_moe(*args)
@@ -293,7 +321,7 @@ def test_validation_names_argument(mutate, name):
     args, kw = make_moe(4, 32, 32, 3, 2, torch.float32)
     args = list(args)
     mutate(args, kw)
-    for fn in (fused_moe, fused_moe_reference, fused_moe_triton):
+    for fn in (fused_moe, fused_moe_batched, fused_moe_reference, fused_moe_triton):
         with pytest.raises(ValueError, match=name):
             fn(*args, **kw)
 
