@@ -81,7 +81,8 @@ def engine_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], new_tokens:
 def start_cluster(args) -> subprocess.Popen:
     command = [sys.executable, "-m", "services.cli", "up", "--model", args.model, "--port", str(args.port),
                "--attention", str(args.attention), "--expert-shards", str(args.expert_shards),
-               "--redundant-experts", str(args.redundant_experts), "--micro-batches", str(args.micro_batches)]
+               "--redundant-experts", str(args.redundant_experts), "--micro-batches", str(args.micro_batches),
+               "--micro-batch-min-tokens", str(args.micro_batch_min_tokens)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     for line in process.stdout:
         if "serving at" in line:
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--expert-shards", type=int, default=2)
     parser.add_argument("--redundant-experts", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--micro-batch-min-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=50599)
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
     args = parser.parse_args()
@@ -124,7 +126,7 @@ def main() -> None:
 def report(args, levels: list[int], single: dict[int, list[float]], cluster: dict[int, list]) -> None:
     """Medians over the repeats; the ratio is of the medians, with the range of per-repeat ratios."""
     print(f"model={args.model} attention={args.attention} shards={args.expert_shards} "
-          f"redundant={args.redundant_experts} micro_batches={args.micro_batches} new_tokens={args.new_tokens} "
+          f"redundant={args.redundant_experts} micro_batches={args.micro_batches} (min {args.micro_batch_min_tokens} tokens) new_tokens={args.new_tokens} "
           f"repeats={args.repeats} (medians)")
     print(f"{'concurrency':>11} {'single-process tok/s':>21} {'cluster tok/s':>14} {'ratio':>6} {'ratio range':>12}")
     for c in levels:

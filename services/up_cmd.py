@@ -29,7 +29,8 @@ def add_up_parser(commands) -> None:
     p.add_argument("--expert-shards", type=int, default=2, help="expert shard services")
     p.add_argument("--redundant-experts", type=int, default=2, help="extra slots for copies of hot experts")
     p.add_argument("--port", type=int, default=50051, help="the router's port (the public endpoint)")
-    p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches in flight per attention replica")
+    p.add_argument("--micro-batch-min-tokens", type=int, default=64, help="... each of at least this many tokens")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--startup-timeout", type=float, default=300.0)
@@ -82,7 +83,8 @@ def _start_cluster(args, redis_url: str, cluster: str, children: list, stop: dic
     _wait(registry, "expert", args.expert_shards, args, children, stop)
     for replica in range(args.attention):
         children.append(_spawn(base + ["attention"] + common + model +
-                               ["--replica-id", f"attention-{replica}", "--micro-batches", str(args.micro_batches)]))
+                               ["--replica-id", f"attention-{replica}", "--micro-batches", str(args.micro_batches),
+                                "--micro-batch-min-tokens", str(args.micro_batch_min_tokens)]))
     _wait(registry, "attention", args.attention, args, children, stop)
     children.append(_spawn(base + ["router"] + common + ["--port", str(args.port), "--router-id", "router-0"]))
     _wait(registry, "router", 1, args, children, stop)

@@ -27,6 +27,8 @@ log = logging.getLogger("epserve.attention")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica-id", required=True, help="unique id of this replica in the cluster")
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches in flight (2-4 hide expert round trips)")
+    parser.add_argument("--micro-batch-min-tokens", type=int, default=64,
+                        help="split a step only into micro-batches of at least this many tokens")
     parser.add_argument("--wire-dtype", choices=("model", "fp8"), default="model",
                         help="activations to expert shards in the model dtype, or FP8 with 1x128 scales")
     parser.add_argument("--block-size", type=int, default=16)
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     engine_config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 micro_batches=args.micro_batches)
+                                 micro_batches=args.micro_batches, micro_batch_min_tokens=args.micro_batch_min_tokens)
     engine = LLMEngine.from_path(path, engine_config, dtype=dtype, device=device,
                                  backend=RemoteExperts(placement, transport, wire_dtype=args.wire_dtype))
     loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens).start()

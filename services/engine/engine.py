@@ -31,6 +31,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024     # token budget of one step (decodes + prefill chunks)
     max_model_len: int | None = None       # default: the model's max_position_embeddings
     micro_batches: int = 1                 # >= 2 overlaps remote experts of one with compute of another
+    micro_batch_min_tokens: int = 1        # split a step only into micro-batches of at least this many tokens
 
 
 @dataclass
@@ -52,7 +53,7 @@ class LLMEngine:
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, dtype, device,
-                                  config.micro_batches)
+                                  config.micro_batches, config.micro_batch_min_tokens)
         self.requests: dict[str, Sequence] = {}
         self._generate_ids = itertools.count()
 

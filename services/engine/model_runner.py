@@ -12,10 +12,11 @@ from services.model.mla import ForwardBatch
 
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str, micro_batches: int = 1):
+                 dtype: torch.dtype, device: torch.device | str, micro_batches: int = 1,
+                 micro_batch_min_tokens: int = 1):
         c = model.config
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
-        self.micro_batches = micro_batches
+        self.micro_batches, self.micro_batch_min_tokens = micro_batches, max(1, micro_batch_min_tokens)
         width = c.kv_lora_rank + c.qk_rope_head_dim
         self.kv_caches = [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)
                           for _ in range(c.num_hidden_layers)]              # per layer [blocks, block_size, lora + rope]
@@ -40,9 +41,12 @@ class ModelRunner:
         return dict(zip(finished, logits))
 
     def _split(self, batch: ScheduledBatch) -> list[tuple[list[Sequence], list[int], int]]:
-        """Up to ``micro_batches`` groups of whole sequences, balanced by tokens, decodes first in each."""
+        """Up to ``micro_batches`` groups of whole sequences, balanced by tokens, decodes first in each;
+        fewer when a group would get under ``micro_batch_min_tokens`` tokens (a small batch is
+        bound by per-call overhead, which splitting multiplies)."""
         work = [(s, 1) for s in batch.decodes] + list(batch.prefills)
-        count = max(1, min(self.micro_batches, len(work)))
+        total = sum(n for _, n in work)
+        count = max(1, min(self.micro_batches, len(work), total // self.micro_batch_min_tokens))
         groups = [([], [], 0) for _ in range(count)]
         tokens = [0] * count
         for index, (seq, n) in enumerate(work):

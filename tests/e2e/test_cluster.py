@@ -37,11 +37,12 @@ MAX_TOKENS = 10
 class UpCluster:
     """`epserve up` in a subprocess, with what a test needs to look inside."""
 
-    def __init__(self, model_dir, attention: int, shards: int, redundant: int):
+    def __init__(self, model_dir, attention: int, shards: int, redundant: int, micro_batch_min_tokens: int = 1):
         self.port = _free_port()
         command = [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--dtype", "float32",
                    "--attention", str(attention), "--expert-shards", str(shards),
-                   "--redundant-experts", str(redundant), "--port", str(self.port)]
+                   "--redundant-experts", str(redundant), "--port", str(self.port),
+                   "--micro-batch-min-tokens", str(micro_batch_min_tokens)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         banner = self._read_banner()
         url, cluster = banner.split("state in ")[1].split(" cluster ")
@@ -111,7 +112,7 @@ def test_one_replica_two_shards_two_redundant_matches_single_process(cluster, ex
 
 
 def test_two_replicas_three_shards_match_single_process(model_dir, expected):
-    up = UpCluster(model_dir, attention=2, shards=3, redundant=0)
+    up = UpCluster(model_dir, attention=2, shards=3, redundant=0, micro_batch_min_tokens=64)  # the default
     try:
         assert generate_all(up.endpoint) == expected
         assert all(up.replica_load(r).kv_blocks_used == 0 for r in up.registry.live("attention"))

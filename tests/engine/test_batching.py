@@ -4,6 +4,7 @@ import torch
 
 from services.engine.engine import EngineConfig, LLMEngine
 from services.engine.sampling import InvalidParam, SamplingParams
+from services.engine.scheduler import ScheduledBatch
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +91,20 @@ def test_stop_token_and_eos_finish_with_reason_stop(checkpoint):
     stop_at = free_run[3]
     seq = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop_at,)))[0]
     assert seq.finish_reason == "stop" and seq.output_ids == free_run[: free_run.index(stop_at) + 1]
+
+
+def test_a_step_splits_only_into_micro_batches_of_min_tokens(checkpoint):
+    runner = make_engine(checkpoint, micro_batches=2, micro_batch_min_tokens=8).runner
+
+    def split(decodes: int, chunks: list[int]) -> list[int]:
+        batch = ScheduledBatch(decodes=[object() for _ in range(decodes)], prefills=[(object(), n) for n in chunks])
+        return sorted(sum(group_chunks) for _, group_chunks, _ in runner._split(batch))
+
+    assert split(15, []) == [15]                 # two groups would get 7 and 8 tokens
+    assert split(16, []) == [8, 8]
+    assert split(40, []) == [20, 20]             # never more than micro_batches
+    assert split(0, [30]) == [30]                # one sequence is never split
+    assert split(4, [12]) == [2, 14]              # balanced by tokens, decodes first
 
 
 @pytest.mark.parametrize("micro_batches", [2, 3])
