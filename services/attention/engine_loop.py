@@ -2,9 +2,12 @@
 
 gRPC handler threads validate a request (read-only), then hand it over as a command; the loop
 thread admits it, steps the engine while there is work, and delivers each request's outputs to that
-request's queue. After every step, the tokens of all requests go to ``on_step`` at once (the
-attention service appends them to Redis in one pipeline). A step that fails (an expert shard went
-away) fails the requests of that step with the error and frees their KV; the loop keeps serving.
+request's queue. A courier thread does the handing over, so the loop thread goes on to the next
+step at once: after every step it passes the tokens of all requests to ``on_step`` together (the
+attention service appends them to Redis in one pipeline, so a token is logged before any client
+sees it), then puts each output in its request's queue, in step order. A step that fails (an expert
+shard went away) fails the requests of that step with the error and frees their KV; the loop keeps
+serving.
 """
 from __future__ import annotations
 
@@ -32,20 +35,25 @@ class EngineLoop:
         self.engine = engine
         self.on_step = on_step
         self._commands: queue.Queue = queue.Queue()
-        self._outputs: dict[str, queue.Queue] = {}     # request id -> its outputs (loop thread writes)
+        self._outputs: dict[str, queue.Queue] = {}     # request id -> its outputs (courier writes)
+        self._deliveries: queue.Queue = queue.Queue()  # (step tokens or None, [(request id, item, final)])
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._courier = threading.Thread(target=self._courier_run, name="engine-courier", daemon=True)
         self.draining = False
 
     def start(self) -> "EngineLoop":
         self._thread.start()
+        self._courier.start()
         return self
 
     def stop(self) -> None:
         self._stopped.set()
         self._commands.put(None)
         self._thread.join(timeout=30)
+        self._deliveries.put(None)
+        self._courier.join(timeout=30)
 
     # ---- called from gRPC threads ------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -113,16 +121,9 @@ class EngineLoop:
             log.exception("engine step failed")
             self._fail_all(f"engine step failed: {err}")
             return
-        if self.on_step and outputs:
-            self._publish({o.request_id: o.new_token_ids for o in outputs if o.new_token_ids})
-        for output in outputs:
-            self._deliver(output.request_id, output, final=output.finished)
-
-    def _publish(self, tokens: dict[str, list[int]]) -> None:
-        try:
-            self.on_step(tokens)
-        except Exception:                                 # noqa: BLE001 - the token log is best effort
-            log.exception("publishing step tokens failed")
+        if outputs:
+            tokens = {o.request_id: o.new_token_ids for o in outputs if o.new_token_ids}
+            self._deliveries.put((tokens, [(o.request_id, o, o.finished) for o in outputs]))
 
     def _fail_all(self, message: str) -> None:
         for request_id in list(self.engine.requests):
@@ -130,6 +131,24 @@ class EngineLoop:
             self._deliver(request_id, StepError(message), final=True)
 
     def _deliver(self, request_id: str, item: RequestOutput | StepError, final: bool) -> None:
+        self._deliveries.put((None, [(request_id, item, final)]))
+
+    # ---- the courier thread --------------------------------------------------------------------
+    def _courier_run(self) -> None:
+        while (delivery := self._deliveries.get()) is not None:
+            tokens, items = delivery
+            if tokens and self.on_step:
+                self._publish(tokens)
+            for request_id, item, final in items:
+                self._hand_over(request_id, item, final)
+
+    def _publish(self, tokens: dict[str, list[int]]) -> None:
+        try:
+            self.on_step(tokens)
+        except Exception:                                 # noqa: BLE001 - the token log is best effort
+            log.exception("publishing step tokens failed")
+
+    def _hand_over(self, request_id: str, item: RequestOutput | StepError, final: bool) -> None:
         with self._lock:
             outputs = self._outputs.pop(request_id, None) if final else self._outputs.get(request_id)
         if outputs is not None:

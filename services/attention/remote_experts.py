@@ -80,16 +80,18 @@ class RemoteExperts(ExpertBackend):
         shard_of = torch.div(slots, p.slots_per_shard, rounding_mode="floor")
         local = (slots - shard_of * p.slots_per_shard).to(torch.int32)    # [T, K] slot on its shard
         hidden, scales = self._encode(x)                                  # [T, D], [T, G] or None
-        weights = topk_weights.float().cpu()
+        shards = torch.unique(shard_of)                                   # [S] shards touched
+        here = shard_of[None] == shards[:, None, None]                    # [S, T, K]
+        local_by_shard = torch.where(here, local, -1)                     # [S, T, K] (-1: elsewhere)
+        weights_by_shard = torch.where(here, topk_weights.float().cpu(), 0.0)
+        touched = here.any(dim=2)                                         # [S, T]
         parts = []
-        for shard in torch.unique(shard_of).tolist():
-            here = shard_of == shard                                      # [T, K]
-            rows = here.any(dim=1).nonzero().squeeze(1)                   # [R]
+        for i, shard in enumerate(shards.tolist()):
+            rows = touched[i].nonzero().squeeze(1)                        # [R]
             request = expert_pb2.DispatchRequest(
                 request_id=f"{layer}:{next(self._ids)}", layer=layer, placement_version=p.version,
-                hidden=to_proto(hidden[rows]),
-                topk_slots=to_proto(torch.where(here, local, -1)[rows]),
-                topk_weights=to_proto(torch.where(here, weights, 0.0)[rows]))
+                hidden=to_proto(hidden[rows]), topk_slots=to_proto(local_by_shard[i, rows]),
+                topk_weights=to_proto(weights_by_shard[i, rows]))
             if scales is not None:
                 request.scales.CopyFrom(to_proto(scales[rows]))
             parts.append((shard, rows, self.transport.send(shard, request)))
