@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from services.engine.engine import LLMEngine, RequestOutput
 from services.engine.sampling import InvalidParam, SamplingParams
@@ -30,12 +30,18 @@ class StepError:
     message: str
 
 
+class Outputs(Protocol):
+    """Where one request's outputs go (``queue.Queue``, or a queue on an event loop); ``put`` must not block."""
+
+    def put(self, item: RequestOutput | StepError) -> None: ...
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_step: Callable[[dict[str, list[int]]], None] | None = None):
         self.engine = engine
         self.on_step = on_step
         self._commands: queue.Queue = queue.Queue()
-        self._outputs: dict[str, queue.Queue] = {}     # request id -> its outputs (courier writes)
+        self._outputs: dict[str, Outputs] = {}         # request id -> its outputs (courier writes)
         self._deliveries: queue.Queue = queue.Queue()  # (step tokens or None, [(request id, item, final)])
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -56,17 +62,15 @@ class EngineLoop:
         self._courier.join(timeout=30)
 
     # ---- called from gRPC threads ------------------------------------------------------------
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               emitted_ids: list[int] = ()) -> queue.Queue:
-        """Validate (raises InvalidParam) and queue a request; returns the queue of its outputs."""
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, outputs: Outputs,
+               emitted_ids: list[int] = ()) -> None:
+        """Validate (raises InvalidParam) and queue a request; its outputs will be put to ``outputs``."""
         self.engine.validate(list(prompt_ids) + list(emitted_ids), params)
-        outputs: queue.Queue = queue.Queue()
         with self._lock:
             if request_id in self._outputs:
                 raise InvalidParam("request_id", f"{request_id!r} is already running on this replica")
             self._outputs[request_id] = outputs
         self._commands.put(("add", request_id, list(prompt_ids), params, list(emitted_ids)))
-        return outputs
 
     def abort(self, request_id: str) -> bool:
         with self._lock:

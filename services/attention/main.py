@@ -14,7 +14,7 @@ import time
 from services.attention.engine_loop import EngineLoop
 from services.attention.remote_experts import RemoteExperts
 from services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
-from services.cluster.grpc_server import start_grpc_server
+from services.cluster.grpc_server import start_aio_grpc_server
 from services.cluster.registry import Registry
 from services.cluster.state import RequestStore
 from services.cluster.transport import GrpcExpertTransport
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                                  backend=RemoteExperts(placement, transport, wire_dtype=args.wire_dtype))
     loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens).start()
     servicer = AttentionServicer(loop, args.replica_id, placement.version)
-    server = start_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{args.host}:{args.port}")
+    server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{args.host}:{args.port}")
     static = {"max_num_seqs": args.max_num_seqs, "placement_version": placement.version,
               "kv_bytes_per_token": engine.runner.kv_bytes_per_token}
     info = lambda: {**loop.load(), **static}  # noqa: E731
@@ -97,7 +97,7 @@ def _report_load(heartbeat, info, stop: threading.Event) -> None:
 def _drain(loop: EngineLoop, server, timeout_s: float) -> None:
     """Stop admitting (health NOT_SERVING, registry says draining) and let running requests finish."""
     loop.draining = True
-    server.health.enter_graceful_shutdown()
+    server.enter_graceful_shutdown()
     deadline = time.monotonic() + timeout_s
     while loop.in_flight() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,12 +1,13 @@
-"""AttentionService: the router's view of one attention/prefill replica.
+"""AttentionService: the router's view of one attention/prefill replica, served by ``grpc.aio``.
 
-``Submit`` streams a request's token events until it finishes; a cancelled call (client gone,
-deadline passed) aborts the request on the engine, which frees its KV blocks at once.
+Every call is a coroutine on the server's event loop, so the replica's many long ``Submit`` streams
+cost no thread each: the engine loop's courier puts each step's outputs on the event loop and the
+streams send them. ``Submit`` streams a request's token events until it finishes; a cancelled call
+(client gone, deadline passed) aborts the request on the engine, which frees its KV blocks at once.
 """
 from __future__ import annotations
 
-import queue
-import time
+import asyncio
 
 import grpc
 
@@ -17,7 +18,16 @@ from services.params import FINISH_REASONS, sampling_from_proto
 from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 
 SERVICE_NAME = "epserve.v1.AttentionService"
-_POLL_S = 0.1          # how often a waiting Submit checks whether its caller went away
+
+
+class LoopOutputs:
+    """A request's outputs as an ``asyncio.Queue`` on ``loop``, fed from the engine's courier thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item: RequestOutput | StepError) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
@@ -26,43 +36,43 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         self.replica_id = replica_id
         self.placement_version = placement_version
 
-    def Submit(self, request, context):
+    async def Submit(self, request, context):
         if self.loop.draining:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica_id} is draining")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica_id} is draining")
+        outputs = LoopOutputs(asyncio.get_running_loop())
         try:
             params = sampling_from_proto(request.sampling, seed=request.seed)
-            outputs = self.loop.submit(request.request_id, list(request.prompt_ids), params, list(request.emitted_ids))
+            self.loop.submit(request.request_id, list(request.prompt_ids), params, outputs, list(request.emitted_ids))
         except InvalidParam as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        context.add_callback(lambda: self.loop.abort(request.request_id))
-        while True:
-            try:
-                item = outputs.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not context.is_active():
-                    return
-                continue
-            if isinstance(item, StepError):
-                context.abort(grpc.StatusCode.INTERNAL, item.message)
-            yield _event(item)
-            if item.finished:
-                return
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.queue.get()
+                if isinstance(item, StepError):
+                    finished = True                       # the engine already dropped the request
+                    await context.abort(grpc.StatusCode.INTERNAL, item.message)
+                finished = item.finished
+                yield _event(item)
+        finally:
+            if not finished:                              # cancelled: the caller went away or its deadline passed
+                self.loop.abort(request.request_id)
 
-    def Abort(self, request, context):
+    async def Abort(self, request, context):
         found = self.loop.abort(request.request_id)
         return generation_pb2.AbortResponse(request_id=request.request_id, found=found)
 
-    def Drain(self, request, context):
+    async def Drain(self, request, context):
         """Stop admitting; wait (up to the call's deadline) until running requests have finished."""
         self.loop.draining = True
-        while self.loop.in_flight() and context.is_active():
+        while self.loop.in_flight():
             remaining = context.time_remaining()
             if remaining is not None and remaining < 0.2:
                 break
-            time.sleep(0.1)
+            await asyncio.sleep(0.1)
         return attention_pb2.DrainResponse(request_id=request.request_id, remaining=self.loop.in_flight())
 
-    def GetLoad(self, request, context):
+    async def GetLoad(self, request, context):
         load = self.loop.load()
         return attention_pb2.LoadReport(
             request_id=request.request_id, replica_id=self.replica_id, kv_blocks_total=load["kv_blocks_total"],
