@@ -99,7 +99,9 @@ def start_grpc_server(register: Callable[[grpc.Server], None], service_names: li
 
 def start_aio_grpc_server(register: Callable[[grpc.aio.Server], None], service_names: list[str], *,
                           address: str = "127.0.0.1:0", max_message_bytes: int = 64 << 20,
-                          credentials: grpc.ServerCredentials | None = None) -> AioGrpcServer:
+                          credentials: grpc.ServerCredentials | None = None,
+                          interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                          max_concurrent_rpcs: int | None = None) -> AioGrpcServer:
     """As ``start_grpc_server``, for a ``grpc.aio`` server on a new event-loop thread; the caller's
     servicers have ``async`` methods and run on that loop (``AioGrpcServer.loop``)."""
     loop = asyncio.new_event_loop()
@@ -107,7 +109,8 @@ def start_aio_grpc_server(register: Callable[[grpc.aio.Server], None], service_n
     thread.start()
 
     async def build() -> tuple[grpc.aio.Server, int, aio_health.HealthServicer]:
-        server = grpc.aio.server(options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=list(interceptors), maximum_concurrent_rpcs=max_concurrent_rpcs,
+                                 options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
         register(server)
         health_servicer = aio_health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -21,13 +21,15 @@ def read_api_keys(path: str | Path) -> list[str]:
     return keys
 
 
-class ApiKeyInterceptor(grpc.ServerInterceptor):
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """For the router's ``grpc.aio`` server."""
+
     def __init__(self, keys: list[str]):
         self._keys = [k.encode() for k in keys]
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_OPEN_PREFIXES) or self._authorised(handler_call_details):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         return _DENY
 
     def _authorised(self, details) -> bool:
@@ -36,8 +38,8 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         return any(hmac.compare_digest(token, key) for key in self._keys)
 
 
-def _deny(request, context):
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid 'Bearer <api key>' is required")
+async def _deny(request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid 'Bearer <api key>' is required")
 
 
 _DENY = grpc.unary_unary_rpc_method_handler(_deny)

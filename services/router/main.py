@@ -7,7 +7,7 @@ import uuid
 
 import grpc
 
-from services.cluster.grpc_server import start_grpc_server
+from services.cluster.grpc_server import start_aio_grpc_server
 from services.cluster.registry import Registry
 from services.cluster.state import PlacementStore, RequestStore
 from services.engine.tokenizer import load_tokenizer
@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-id", default=None, help="unique id (default: random)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait when every replica is full")
     parser.add_argument("--max-request-bytes", type=int, default=4 << 20)
-    parser.add_argument("--max-workers", type=int, default=512, help="concurrent streams served")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=1024,
+                        help="calls served at once; beyond it a call is refused with RESOURCE_EXHAUSTED")
     parser.add_argument("--api-keys-file", default=None,
                         help="file of API keys, one per line: clients must send 'authorization: Bearer KEY'")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
@@ -44,15 +45,16 @@ def run(args: argparse.Namespace) -> int:
         limits=Limits(config.vocab_size, config.max_position_embeddings, args.max_request_bytes),
         requests=RequestStore(client, keys), placements=PlacementStore(client, keys), model_info=model_info)
     interceptors = [ApiKeyInterceptor(read_api_keys(args.api_keys_file))] if args.api_keys_file else []
-    server = start_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{args.host}:{args.port}",
-                               max_workers=args.max_workers, max_message_bytes=2 * args.max_request_bytes,
-                               credentials=_tls_credentials(args), interceptors=interceptors)
+    server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{args.host}:{args.port}",
+                                   max_message_bytes=2 * args.max_request_bytes, credentials=_tls_credentials(args),
+                                   interceptors=interceptors, max_concurrent_rpcs=args.max_concurrent_rpcs)
     router_id = args.router_id or uuid.uuid4().hex[:8]
     heartbeat = registry.register("router", router_id, advertised(args, server.port), {})
     log.info("router %s serving on %s", router_id, server.address)
     stop.wait()
     heartbeat.stop()
     server.stop(grace=5)
+    servicer.close()
     return 0
 
 

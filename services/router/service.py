@@ -1,16 +1,20 @@
 """GenerationService: the public API. Validate at the edge, admit, record, stream, cancel.
 
-One ``Generate`` call: validate every field (INVALID_ARGUMENT naming it) -> resolve the seed ->
-record the request in Redis (state, owner, prompt, params, seed) -> take a replica from admission
-(queue when all are full, RESOURCE_EXHAUSTED beyond the bound) -> ``Submit`` to it and relay its
-token events as chunks, then one ``complete``. A cancelled or expired client call cancels the
-``Submit`` call, which aborts the request on its replica and frees its KV.
+Served by ``grpc.aio``: every call is a coroutine on one event loop (a router relays many long
+streams; a thread each would cost a wake-up per token each). What blocks (Redis, the admission
+queue) runs on a thread pool. One ``Generate`` call: validate every field (INVALID_ARGUMENT naming
+it) -> resolve the seed -> record the request in Redis (state, owner, prompt, params, seed) -> take
+a replica from admission (queue when all are full, RESOURCE_EXHAUSTED beyond the bound) ->
+``Submit`` to it and relay its token events as chunks, then one ``complete``. A cancelled or
+expired client call cancels the ``Submit`` call, which aborts the request on its replica and frees
+its KV.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
@@ -24,23 +28,23 @@ from services.router.validation import Limits, validate_request
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "epserve.v1.GenerationService"
+_ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: grpc.StatusCode.UNAVAILABLE,
+                     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class AttentionStubs:
-    """One channel and stub per attention replica address, shared by all calls."""
+    """One ``grpc.aio`` channel and stub per attention replica address (made on the serving loop)."""
 
     def __init__(self, max_message_bytes: int = 64 << 20):
         self._stubs: dict[str, attention_pb2_grpc.AttentionServiceStub] = {}
-        self._lock = threading.Lock()
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes)]
 
     def get(self, address: str) -> attention_pb2_grpc.AttentionServiceStub:
-        with self._lock:
-            if address not in self._stubs:
-                channel = grpc.insecure_channel(address, options=self._options)
-                self._stubs[address] = attention_pb2_grpc.AttentionServiceStub(channel)
-            return self._stubs[address]
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._stubs[address] = attention_pb2_grpc.AttentionServiceStub(channel)
+        return self._stubs[address]
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -50,43 +54,57 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.admission, self.requests, self.model_info = admission, requests, model_info
         self.placements = placements
         self.stubs = AttentionStubs()
+        # requests waiting in the admission queue each hold a thread; Redis calls need a few more
+        self._pool = ThreadPoolExecutor(admission.max_queue + 16, thread_name_prefix="router-blocking")
 
-    def Generate(self, request, context):
+    async def _blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def Generate(self, request, context):
         try:
             prompt, params = validate_request(request, self.tokenizer, self.limits)
         except InvalidParam as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         request_id = request.request_id or uuid.uuid4().hex
         seed = params.seed if params.seed is not None else draw_seed()
         try:
-            self.requests.create(RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
+            await self._blocking(self.requests.create,
+                                 RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
         except DuplicateRequest:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} already exists")
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} already exists")
         try:
-            replica = self.admission.acquire(context.time_remaining())
-        except QueueFull as err:
-            self.requests.set_state(request_id, "failed")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        except NoReplicas as err:
-            self.requests.set_state(request_id, "failed")
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        except TimeoutError as err:
-            self.requests.set_state(request_id, "failed")
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+            replica = await self._admit(context.time_remaining())
+        except tuple(_ADMISSION_ERRORS) as err:
+            await self._blocking(self.requests.set_state, request_id, "failed")
+            await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
         try:
-            yield from self._relay(request_id, prompt, params, seed, replica, context)
+            async for response in self._relay(request_id, prompt, params, seed, replica, context):
+                yield response
         finally:
             self.admission.release(replica)
 
-    def _relay(self, request_id, prompt, params, seed, replica: Replica, context):
-        self.requests.set_state(request_id, "running", owner=replica.service_id)
+    async def _admit(self, timeout_s: float | None) -> Replica:
+        """A replica from admission (on a thread: it may wait in the queue); one whose wait was
+        cancelled is handed back once the thread gets it."""
+        acquired: Future = self._pool.submit(self.admission.acquire, timeout_s)
+        try:
+            return await asyncio.wrap_future(acquired)
+        except asyncio.CancelledError:
+            acquired.add_done_callback(self._release_unused)
+            raise
+
+    def _release_unused(self, acquired: Future) -> None:
+        if not acquired.cancelled() and acquired.exception() is None:
+            self.admission.release(acquired.result())
+
+    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context):
+        await self._blocking(self.requests.set_state, request_id, "running", replica.service_id)
         submit = attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
                                              sampling=sampling_to_proto(params), seed=seed)
         call = self.stubs.get(replica.address).Submit(submit, timeout=context.time_remaining())
-        context.add_callback(call.cancel)
         decoder, token_ids = IncrementalDecoder(self.tokenizer), []
         try:
-            for event in call:
+            async for event in call:
                 token_ids += event.token_ids
                 text = decoder.push(list(event.token_ids))
                 if event.token_ids:
@@ -94,48 +112,56 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                         request_id=request_id, chunk=generation_pb2.Chunk(token_ids=event.token_ids, text=text))
                 if event.finished:
                     reason = FINISH_REASON_NAMES.get(event.finish_reason, "stop")
-                    self.requests.set_state(request_id, "aborted" if reason == "abort" else "finished",
-                                            finish_reason=reason)
+                    await self._blocking(self.requests.set_state, request_id,
+                                         "aborted" if reason == "abort" else "finished", None, reason)
                     yield _complete(request_id, event, token_ids, self.tokenizer.decode(token_ids))
                     return
-        except grpc.RpcError as err:
-            yield from self._replica_failed(request_id, replica, err, context)
-        except GeneratorExit:           # gRPC dropped the stream: the client cancelled or its deadline passed
+        except grpc.aio.AioRpcError as err:
+            response = await self._replica_failed(request_id, replica, err, context)
+            if response is not None:
+                yield response
+        except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or its deadline passed
             self.requests.set_state(request_id, "aborted")
             raise
+        finally:
+            call.cancel()                                 # a no-op once the call has ended
 
-    def _replica_failed(self, request_id: str, replica: Replica, err: grpc.RpcError, context):
+    async def _replica_failed(self, request_id: str, replica: Replica, err: grpc.aio.AioRpcError, context):
+        """Record the failure; INVALID_ARGUMENT ends the call with that status, others become an error response."""
         code = err.code()
-        self.requests.set_state(request_id, "aborted" if code == grpc.StatusCode.CANCELLED else "failed")
-        if not context.is_active():
-            return
+        await self._blocking(self.requests.set_state, request_id,
+                             "aborted" if code == grpc.StatusCode.CANCELLED else "failed")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            context.abort(code, err.details())
+            await context.abort(code, err.details())
         log.warning("request %s failed on replica %s: %s", request_id, replica.service_id, err.details())
-        yield generation_pb2.GenerateResponse(request_id=request_id, error=generation_pb2.Error(
+        return generation_pb2.GenerateResponse(request_id=request_id, error=generation_pb2.Error(
             code=code.value[0], message=f"attention replica {replica.service_id}: {err.details()}"))
 
-    def GetModelInfo(self, request, context):
+    async def GetModelInfo(self, request, context):
         info = dict(self.model_info)
-        replicas = self.admission.replicas()
+        replicas = await self._blocking(self.admission.replicas)
         info["attention_replicas"] = len(replicas)
         if replicas:
             info["kv_cache_bytes_per_token"] = replicas[0].info.get("kv_bytes_per_token", info["kv_cache_bytes_per_token"])
-        placement = self.placements.current()
+        placement = await self._blocking(self.placements.current)
         if placement is not None:
             info["expert_shards"], info["placement_version"] = placement.num_shards, placement.version
         return generation_pb2.ModelInfo(request_id=request.request_id, **info)
 
-    def Abort(self, request, context):
-        record = self.requests.get(request.request_id)
+    async def Abort(self, request, context):
+        record = await self._blocking(self.requests.get, request.request_id)
         if record is None or not record.owner or record.state not in ("queued", "running"):
             return generation_pb2.AbortResponse(request_id=request.request_id, found=False)
-        replica = next((r for r in self.admission.replicas() if r.service_id == record.owner), None)
+        replicas = await self._blocking(self.admission.replicas)
+        replica = next((r for r in replicas if r.service_id == record.owner), None)
         if replica is None:
             return generation_pb2.AbortResponse(request_id=request.request_id, found=False)
-        reply = self.stubs.get(replica.address).Abort(generation_pb2.AbortRequest(request_id=request.request_id),
-                                                      timeout=10)
+        reply = await self.stubs.get(replica.address).Abort(
+            generation_pb2.AbortRequest(request_id=request.request_id), timeout=10)
         return generation_pb2.AbortResponse(request_id=request.request_id, found=reply.found)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _complete(request_id, event, token_ids: list[int], text: str) -> generation_pb2.GenerateResponse:

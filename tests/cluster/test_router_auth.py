@@ -3,7 +3,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cluster.grpc_server import start_grpc_server
+from services.cluster.grpc_server import start_aio_grpc_server
 from services.proto import generation_pb2, generation_pb2_grpc
 from services.router.auth import ApiKeyInterceptor, read_api_keys
 
@@ -11,10 +11,10 @@ pytestmark = pytest.mark.integration
 
 
 class Echo(generation_pb2_grpc.GenerationServiceServicer):
-    def GetModelInfo(self, request, context):
+    async def GetModelInfo(self, request, context):
         return generation_pb2.ModelInfo(request_id=request.request_id, model="echo")
 
-    def Generate(self, request, context):
+    async def Generate(self, request, context):
         yield generation_pb2.GenerateResponse(request_id="r", chunk=generation_pb2.Chunk(token_ids=[1]))
 
 
@@ -22,8 +22,9 @@ class Echo(generation_pb2_grpc.GenerationServiceServicer):
 def server(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# comment\nkey-one\n\nkey-two\n")
-    started = start_grpc_server(lambda s: generation_pb2_grpc.add_GenerationServiceServicer_to_server(Echo(), s),
-                                ["epserve.v1.GenerationService"], interceptors=[ApiKeyInterceptor(read_api_keys(keys))])
+    started = start_aio_grpc_server(lambda s: generation_pb2_grpc.add_GenerationServiceServicer_to_server(Echo(), s),
+                                    ["epserve.v1.GenerationService"],
+                                    interceptors=[ApiKeyInterceptor(read_api_keys(keys))])
     yield started
     started.stop(None)
 
