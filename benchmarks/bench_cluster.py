@@ -5,8 +5,8 @@
 
 Starts ``epserve up`` (separate processes on loopback), sends ``concurrency`` greedy requests at
 once through the SDK and counts generated tokens per second of wall time; then runs the same
-requests through an in-process ``LLMEngine`` (all added at once), alternating the two
-``--repeats`` times. Prints the medians and their ratio,
+requests through an in-process ``LLMEngine`` (all added at once), ``--repeats`` times before
+the cluster starts and again after it stopped. Prints the medians, their ranges and the ratio,
 and where the cluster's CPU time went: CPU ms per generated token for each process (the load
 client, router, attention replicas, expert shards, redis-server), read from /proc.
 """
@@ -102,7 +102,8 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--micro-batch-min-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=50599)
-    parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="cluster measurements (and twice as many single-process ones); medians reported")
     args = parser.parse_args()
     path = resolve_model(args.model)
     engine = LLMEngine.from_path(path, EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048))
@@ -111,34 +112,48 @@ def main() -> None:
     prompts = {c: torch.randint(3, engine.model_config.vocab_size, (c, args.prompt_len), generator=generator).tolist()
                for c in levels}
     single, cluster = {c: [] for c in levels}, {c: [] for c in levels}
+    # The single process runs alone (even an idle cluster's threads slow its two OpenMP threads),
+    # before and after the cluster, so a drift of the machine shows in its range.
+    measure_single(engine, prompts, args, single)
     process = start_cluster(args)
     try:
-        for _ in range(args.repeats):           # alternate, so both see the same machine
+        for _ in range(args.repeats):
             for c in levels:
-                single[c].append(engine_tokens_per_s(engine, prompts[c], args.new_tokens))
                 cluster[c].append(cluster_tokens_per_s(f"127.0.0.1:{args.port}", prompts[c], args.new_tokens, process))
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+    measure_single(engine, prompts, args, single)
     report(args, levels, single, cluster)
 
 
+def measure_single(engine: LLMEngine, prompts: dict[int, list], args, single: dict[int, list[float]]) -> None:
+    for _ in range(args.repeats):
+        for c, level_prompts in prompts.items():
+            single[c].append(engine_tokens_per_s(engine, level_prompts, args.new_tokens))
+
+
 def report(args, levels: list[int], single: dict[int, list[float]], cluster: dict[int, list]) -> None:
-    """Medians over the repeats; the ratio is of the medians, with the range of per-repeat ratios."""
+    """Medians over the repeats, with ranges; the ratio is of the medians."""
     print(f"model={args.model} attention={args.attention} shards={args.expert_shards} "
           f"redundant={args.redundant_experts} micro_batches={args.micro_batches} (min {args.micro_batch_min_tokens} tokens) new_tokens={args.new_tokens} "
           f"repeats={args.repeats} (medians)")
-    print(f"{'concurrency':>11} {'single-process tok/s':>21} {'cluster tok/s':>14} {'ratio':>6} {'ratio range':>12}")
+    print(f"{'concurrency':>11} {'single-process tok/s':>21} {'(range)':>15} {'cluster tok/s':>14} {'(range)':>15} "
+          f"{'ratio':>6}")
     for c in levels:
-        one, many = statistics.median(single[c]), statistics.median(t for t, _ in cluster[c])
-        ratios = [t / s for (t, _), s in zip(cluster[c], single[c])]
-        print(f"{c:>11} {one:>21.1f} {many:>14.1f} {many / one:>6.2f} {min(ratios):>5.2f}-{max(ratios):.2f}")
+        many = [t for t, _ in cluster[c]]
+        print(f"{c:>11} {statistics.median(single[c]):>21.1f} {_span(single[c]):>15} "
+              f"{statistics.median(many):>14.1f} {_span(many):>15} {statistics.median(many) / statistics.median(single[c]):>6.2f}")
     roles = sorted(cluster[levels[0]][0][1])
     print("cluster CPU ms per generated token, by process (2 cores = 2000 ms per second of wall time)")
     print(f"{'concurrency':>11} " + " ".join(f"{role:>12}" for role in roles))
     for c in levels:
         print(f"{c:>11} " + " ".join(f"{statistics.median(cpu.get(role, 0.0) for _, cpu in cluster[c]):>12.2f}"
                                      for role in roles))
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}"
 
 
 if __name__ == "__main__":
