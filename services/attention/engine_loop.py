@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepError:
-    """Delivered to a request's queue instead of an output when its step failed."""
+    """Delivered to a request's outputs instead of an output when it could not run or its step failed."""
 
+    request_id: str
     message: str
 
 
@@ -112,7 +113,7 @@ class EngineLoop:
             try:
                 self.engine.add_request(request_id, prompt_ids, params, emitted)
             except ValueError as err:
-                self._deliver(request_id, StepError(str(err)), final=True)
+                self._deliver(request_id, StepError(request_id, str(err)), final=True)
         elif command[0] == "abort":
             output = self.engine.abort(command[1])
             if output is not None:
@@ -132,7 +133,7 @@ class EngineLoop:
     def _fail_all(self, message: str) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-            self._deliver(request_id, StepError(message), final=True)
+            self._deliver(request_id, StepError(request_id, message), final=True)
 
     def _deliver(self, request_id: str, item: RequestOutput | StepError, final: bool) -> None:
         self._deliveries.put((None, [(request_id, item, final)]))

@@ -1,9 +1,11 @@
 """AttentionService: the router's view of one attention/prefill replica, served by ``grpc.aio``.
 
-Every call is a coroutine on the server's event loop, so the replica's many long ``Submit`` streams
-cost no thread each: the engine loop's courier puts each step's outputs on the event loop and the
-streams send them. ``Submit`` streams a request's token events until it finishes; a cancelled call
-(client gone, deadline passed) aborts the request on the engine, which frees its KV blocks at once.
+A router holds one ``Session`` stream per replica and submits every request it routes there on
+it. The engine loop's courier puts each step's outputs on the event loop, and each session sends
+all of its requests' new tokens in one message: one wake-up and one message per step and router,
+not one per request. A request ends with a finished event, with ``error`` set when it was refused
+(INVALID_ARGUMENT, UNAVAILABLE while draining) or its step failed (INTERNAL); an abort, or the end
+of the session (router gone), aborts the request on the engine, which frees its KV blocks at once.
 """
 from __future__ import annotations
 
@@ -20,14 +22,28 @@ from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 SERVICE_NAME = "epserve.v1.AttentionService"
 
 
-class LoopOutputs:
-    """A request's outputs as an ``asyncio.Queue`` on ``loop``, fed from the engine's courier thread."""
+class SessionOutputs:
+    """The outputs of every request of one session, gathered on ``loop`` until the session sends them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
+        self.loop, self.ready = loop, asyncio.Event()
+        self.events: list[attention_pb2.TokenEvent] = []
 
     def put(self, item: RequestOutput | StepError) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        """From the engine's courier thread."""
+        self.loop.call_soon_threadsafe(self.add, _event(item))
+
+    def add(self, event: attention_pb2.TokenEvent) -> None:
+        """On the loop."""
+        self.events.append(event)
+        self.ready.set()
+
+    async def take(self) -> list[attention_pb2.TokenEvent]:
+        """Every event gathered so far, waiting for at least one."""
+        await self.ready.wait()
+        self.ready.clear()
+        events, self.events = self.events, []
+        return events
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
@@ -36,27 +52,39 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         self.replica_id = replica_id
         self.placement_version = placement_version
 
-    async def Submit(self, request, context):
+    async def Session(self, request_iterator, context):
+        outputs = SessionOutputs(asyncio.get_running_loop())
+        running: set[str] = set()
+        reader = asyncio.ensure_future(self._read_session(request_iterator, outputs, running))
+        try:
+            while True:
+                events = await outputs.take()
+                running.difference_update(e.request_id for e in events if e.finished)
+                yield attention_pb2.SessionEvents(events=events)
+        finally:                                       # the router went away or ended the session
+            reader.cancel()
+            for request_id in running:
+                self.loop.abort(request_id)
+
+    async def _read_session(self, request_iterator, outputs: SessionOutputs, running: set[str]) -> None:
+        async for request in request_iterator:
+            if request.HasField("submit"):
+                self._submit(request.submit, outputs, running)
+            elif request.HasField("abort"):
+                self.loop.abort(request.abort.request_id)
+
+    def _submit(self, request: attention_pb2.SubmitRequest, outputs: SessionOutputs, running: set[str]) -> None:
         if self.loop.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica_id} is draining")
-        outputs = LoopOutputs(asyncio.get_running_loop())
+            outputs.add(_refused(request.request_id, grpc.StatusCode.UNAVAILABLE,
+                                 f"replica {self.replica_id} is draining"))
+            return
         try:
             params = sampling_from_proto(request.sampling, seed=request.seed)
             self.loop.submit(request.request_id, list(request.prompt_ids), params, outputs, list(request.emitted_ids))
         except InvalidParam as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        finished = False
-        try:
-            while not finished:
-                item = await outputs.queue.get()
-                if isinstance(item, StepError):
-                    finished = True                       # the engine already dropped the request
-                    await context.abort(grpc.StatusCode.INTERNAL, item.message)
-                finished = item.finished
-                yield _event(item)
-        finally:
-            if not finished:                              # cancelled: the caller went away or its deadline passed
-                self.loop.abort(request.request_id)
+            outputs.add(_refused(request.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+            return
+        running.add(request.request_id)
 
     async def Abort(self, request, context):
         found = self.loop.abort(request.request_id)
@@ -80,11 +108,18 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
             placement_version=self.placement_version, draining=load["draining"])
 
 
-def _event(output: RequestOutput) -> attention_pb2.TokenEvent:
+def _event(item: RequestOutput | StepError) -> attention_pb2.TokenEvent:
+    if isinstance(item, StepError):
+        return _refused(item.request_id, grpc.StatusCode.INTERNAL, item.message)
     return attention_pb2.TokenEvent(
-        request_id=output.request_id, token_ids=output.new_token_ids, finished=output.finished,
-        finish_reason=FINISH_REASONS.get(output.finish_reason, 0),
-        usage=generation_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens))
+        request_id=item.request_id, token_ids=item.new_token_ids, finished=item.finished,
+        finish_reason=FINISH_REASONS.get(item.finish_reason, 0),
+        usage=generation_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens))
+
+
+def _refused(request_id: str, code: grpc.StatusCode, message: str) -> attention_pb2.TokenEvent:
+    return attention_pb2.TokenEvent(request_id=request_id, finished=True,
+                                    error=generation_pb2.Error(code=code.value[0], message=message))
 
 
 def add_to_server(servicer: AttentionServicer):

@@ -35,10 +35,10 @@ class AttentionServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Submit = channel.unary_stream(
-                '/epserve.v1.AttentionService/Submit',
-                request_serializer=epserve_dot_v1_dot_attention__pb2.SubmitRequest.SerializeToString,
-                response_deserializer=epserve_dot_v1_dot_attention__pb2.TokenEvent.FromString,
+        self.Session = channel.stream_stream(
+                '/epserve.v1.AttentionService/Session',
+                request_serializer=epserve_dot_v1_dot_attention__pb2.SessionRequest.SerializeToString,
+                response_deserializer=epserve_dot_v1_dot_attention__pb2.SessionEvents.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/epserve.v1.AttentionService/Abort',
@@ -60,9 +60,11 @@ class AttentionServiceStub:
 class AttentionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Submit(self, request, context):
-        """Admits a validated request and streams its token events until it finishes.
-        Cancelling the call aborts the request and frees its KV blocks.
+    def Session(self, request_iterator, context):
+        """One long-lived stream per router: submits and aborts go up; each engine step's token events
+        for the requests submitted on this stream come down together, in one message. A request ends
+        with a finished event (with `error` set when it failed); ending the stream aborts the requests
+        still running on it and frees their KV blocks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,10 +92,10 @@ class AttentionServiceServicer:
 
 def add_AttentionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Submit': grpc.unary_stream_rpc_method_handler(
-                    servicer.Submit,
-                    request_deserializer=epserve_dot_v1_dot_attention__pb2.SubmitRequest.FromString,
-                    response_serializer=epserve_dot_v1_dot_attention__pb2.TokenEvent.SerializeToString,
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=epserve_dot_v1_dot_attention__pb2.SessionRequest.FromString,
+                    response_serializer=epserve_dot_v1_dot_attention__pb2.SessionEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -122,7 +124,7 @@ class AttentionService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Submit(request,
+    def Session(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -132,12 +134,12 @@ class AttentionService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/epserve.v1.AttentionService/Submit',
-            epserve_dot_v1_dot_attention__pb2.SubmitRequest.SerializeToString,
-            epserve_dot_v1_dot_attention__pb2.TokenEvent.FromString,
+            '/epserve.v1.AttentionService/Session',
+            epserve_dot_v1_dot_attention__pb2.SessionRequest.SerializeToString,
+            epserve_dot_v1_dot_attention__pb2.SessionEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,8 +5,8 @@ streams; a thread each would cost a wake-up per token each). What blocks (Redis,
 queue) runs on a thread pool. One ``Generate`` call: validate every field (INVALID_ARGUMENT naming
 it) -> resolve the seed -> record the request in Redis (state, owner, prompt, params, seed) -> take
 a replica from admission (queue when all are full, RESOURCE_EXHAUSTED beyond the bound) ->
-``Submit`` to it and relay its token events as chunks, then one ``complete``. A cancelled or
-expired client call cancels the ``Submit`` call, which aborts the request on its replica and frees
+submit it on the replica's shared ``Session`` stream and relay its token events as chunks, then
+one ``complete``. A cancelled or expired client call aborts the request on its replica, which frees
 its KV.
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ from services.cluster.state import DuplicateRequest, PlacementStore, RequestReco
 from services.engine.sampling import InvalidParam, draw_seed
 from services.engine.tokenizer import IncrementalDecoder, Tokenizer
 from services.params import FINISH_REASON_NAMES, sampling_to_proto
-from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2, generation_pb2_grpc
+from services.proto import attention_pb2, generation_pb2, generation_pb2_grpc
 from services.router.admission import Admission, NoReplicas, QueueFull, Replica
+from services.router.replica_session import ReplicaSessions, SessionBroken
 from services.router.validation import Limits, validate_request
 
 log = logging.getLogger(__name__)
@@ -32,28 +33,13 @@ _ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: 
                      TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-class AttentionStubs:
-    """One ``grpc.aio`` channel and stub per attention replica address (made on the serving loop)."""
-
-    def __init__(self, max_message_bytes: int = 64 << 20):
-        self._stubs: dict[str, attention_pb2_grpc.AttentionServiceStub] = {}
-        self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes)]
-
-    def get(self, address: str) -> attention_pb2_grpc.AttentionServiceStub:
-        if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
-            self._stubs[address] = attention_pb2_grpc.AttentionServiceStub(channel)
-        return self._stubs[address]
-
-
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, *, model_name: str, tokenizer: Tokenizer, limits: Limits, admission: Admission,
                  requests: RequestStore, placements: PlacementStore, model_info: dict):
         self.model_name, self.tokenizer, self.limits = model_name, tokenizer, limits
         self.admission, self.requests, self.model_info = admission, requests, model_info
         self.placements = placements
-        self.stubs = AttentionStubs()
+        self.sessions = ReplicaSessions()
         # requests waiting in the admission queue each hold a thread; Redis calls need a few more
         self._pool = ThreadPoolExecutor(admission.max_queue + 16, thread_name_prefix="router-blocking")
 
@@ -99,43 +85,49 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def _relay(self, request_id, prompt, params, seed, replica: Replica, context):
         await self._blocking(self.requests.set_state, request_id, "running", replica.service_id)
-        submit = attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
-                                             sampling=sampling_to_proto(params), seed=seed)
-        call = self.stubs.get(replica.address).Submit(submit, timeout=context.time_remaining())
-        decoder, token_ids = IncrementalDecoder(self.tokenizer), []
+        session = self.sessions.get(replica.address)
+        events = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
+                                                            sampling=sampling_to_proto(params), seed=seed))
+        decoder, token_ids, ended = IncrementalDecoder(self.tokenizer), [], False
         try:
-            async for event in call:
+            while not ended:
+                event = await events.get()
+                if isinstance(event, SessionBroken) or event.HasField("error"):
+                    ended = True
+                    response = await self._replica_failed(request_id, replica, event, context)
+                    yield response
+                    return
                 token_ids += event.token_ids
                 text = decoder.push(list(event.token_ids))
                 if event.token_ids:
                     yield generation_pb2.GenerateResponse(
                         request_id=request_id, chunk=generation_pb2.Chunk(token_ids=event.token_ids, text=text))
                 if event.finished:
+                    ended = True
                     reason = FINISH_REASON_NAMES.get(event.finish_reason, "stop")
                     await self._blocking(self.requests.set_state, request_id,
                                          "aborted" if reason == "abort" else "finished", None, reason)
                     yield _complete(request_id, event, token_ids, self.tokenizer.decode(token_ids))
-                    return
-        except grpc.aio.AioRpcError as err:
-            response = await self._replica_failed(request_id, replica, err, context)
-            if response is not None:
-                yield response
         except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or its deadline passed
             self.requests.set_state(request_id, "aborted")
             raise
         finally:
-            call.cancel()                                 # a no-op once the call has ended
+            if not ended:
+                session.abort(request_id)                 # frees its KV on the replica
 
-    async def _replica_failed(self, request_id: str, replica: Replica, err: grpc.aio.AioRpcError, context):
-        """Record the failure; INVALID_ARGUMENT ends the call with that status, others become an error response."""
-        code = err.code()
-        await self._blocking(self.requests.set_state, request_id,
-                             "aborted" if code == grpc.StatusCode.CANCELLED else "failed")
+    async def _replica_failed(self, request_id: str, replica: Replica, failure, context):
+        """Record the failure; INVALID_ARGUMENT ends the call with that status, others become an error
+        response. ``failure`` is a ``SessionBroken`` or a finished event with ``error`` set."""
+        if isinstance(failure, SessionBroken):
+            code, details = failure.code, failure.details
+        else:
+            code, details = _status_code(failure.error.code), failure.error.message
+        await self._blocking(self.requests.set_state, request_id, "failed")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            await context.abort(code, err.details())
-        log.warning("request %s failed on replica %s: %s", request_id, replica.service_id, err.details())
+            await context.abort(code, details)
+        log.warning("request %s failed on replica %s: %s", request_id, replica.service_id, details)
         return generation_pb2.GenerateResponse(request_id=request_id, error=generation_pb2.Error(
-            code=code.value[0], message=f"attention replica {replica.service_id}: {err.details()}"))
+            code=code.value[0], message=f"attention replica {replica.service_id}: {details}"))
 
     async def GetModelInfo(self, request, context):
         info = dict(self.model_info)
@@ -156,12 +148,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         replica = next((r for r in replicas if r.service_id == record.owner), None)
         if replica is None:
             return generation_pb2.AbortResponse(request_id=request.request_id, found=False)
-        reply = await self.stubs.get(replica.address).Abort(
+        reply = await self.sessions.stub(replica.address).Abort(
             generation_pb2.AbortRequest(request_id=request.request_id), timeout=10)
         return generation_pb2.AbortResponse(request_id=request.request_id, found=reply.found)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _status_code(value: int) -> grpc.StatusCode:
+    return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
 def _complete(request_id, event, token_ids: list[int], text: str) -> generation_pb2.GenerateResponse:

@@ -1,0 +1,102 @@
+"""The router's side of ``AttentionService.Session``: one stream per attention replica, shared.
+
+Every ``Generate`` routed to a replica submits on that replica's session and reads its own
+events from a queue; one reader task per session hands each step's batch of events out::
+
+    submit(SubmitRequest) -> asyncio.Queue of TokenEvent   (until one with finished, or SessionBroken)
+    abort(request_id)                                      (the request's queue gets no more events)
+
+A session whose stream breaks (replica gone) puts ``SessionBroken`` in every open queue; the next
+``ReplicaSessions.get`` for that address opens a new stream. Everything runs on the serving loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionBroken:
+    """In place of a request's next event: its replica's stream ended with ``code``."""
+
+    code: grpc.StatusCode
+    details: str
+
+
+class ReplicaSession:
+    def __init__(self, stub: attention_pb2_grpc.AttentionServiceStub):
+        self._outgoing: asyncio.Queue = asyncio.Queue()                # SessionRequest, None ends
+        self._requests: dict[str, asyncio.Queue] = {}                  # request id -> its events
+        self.broken: SessionBroken | None = None
+        self._call = stub.Session(self._send())
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _send(self):
+        while (request := await self._outgoing.get()) is not None:
+            yield request
+
+    def submit(self, request: attention_pb2.SubmitRequest) -> asyncio.Queue:
+        events: asyncio.Queue = asyncio.Queue()
+        if self.broken is not None:
+            events.put_nowait(self.broken)
+            return events
+        self._requests[request.request_id] = events
+        self._outgoing.put_nowait(attention_pb2.SessionRequest(request_id=request.request_id, submit=request))
+        return events
+
+    def abort(self, request_id: str) -> None:
+        if self._requests.pop(request_id, None) is not None and self.broken is None:
+            self._outgoing.put_nowait(attention_pb2.SessionRequest(
+                request_id=request_id, abort=generation_pb2.AbortRequest(request_id=request_id)))
+
+    async def _read(self) -> None:
+        try:
+            async for batch in self._call:
+                for event in batch.events:
+                    events = self._requests.pop(event.request_id, None) if event.finished \
+                        else self._requests.get(event.request_id)
+                    if events is not None:
+                        events.put_nowait(event)
+            self._break(grpc.StatusCode.UNAVAILABLE, "the replica ended the session")
+        except grpc.aio.AioRpcError as err:
+            self._break(err.code(), err.details() or err.code().name)
+        except asyncio.CancelledError:
+            self._break(grpc.StatusCode.CANCELLED, "session closed")
+            raise
+
+    def _break(self, code: grpc.StatusCode, details: str) -> None:
+        self.broken = SessionBroken(code, details)
+        for events in self._requests.values():
+            events.put_nowait(self.broken)
+        self._requests.clear()
+        if code != grpc.StatusCode.CANCELLED:
+            log.warning("session to an attention replica broke: %s %s", code.name, details)
+
+
+class ReplicaSessions:
+    """One ``grpc.aio`` channel and session per attention replica address (made on the serving loop)."""
+
+    def __init__(self, max_message_bytes: int = 64 << 20):
+        self._options = [("grpc.max_send_message_length", max_message_bytes),
+                         ("grpc.max_receive_message_length", max_message_bytes)]
+        self._stubs: dict[str, attention_pb2_grpc.AttentionServiceStub] = {}
+        self._sessions: dict[str, ReplicaSession] = {}
+
+    def stub(self, address: str) -> attention_pb2_grpc.AttentionServiceStub:
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._stubs[address] = attention_pb2_grpc.AttentionServiceStub(channel)
+        return self._stubs[address]
+
+    def get(self, address: str) -> ReplicaSession:
+        session = self._sessions.get(address)
+        if session is None or session.broken is not None:
+            session = self._sessions[address] = ReplicaSession(self.stub(address))
+        return session
