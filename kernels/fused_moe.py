@@ -169,7 +169,8 @@ def fused_moe_reference(
 # --------------------------------------------------------------------------------------------
 # Batched torch path (the CPU path of the model when the padding is small)
 # --------------------------------------------------------------------------------------------
-PAD_LIMIT = 4       # batched path only while padded rows <= PAD_LIMIT x kept choices
+PAD_LIMIT = 4                   # batched path only while padded rows <= PAD_LIMIT x kept choices
+COPY_LIMIT_BYTES = 256 << 20    # ... and while the hit experts' weights it copies or dequantises fit this
 
 
 def _hit_experts(w: torch.Tensor, scale, hit: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -177,6 +178,14 @@ def _hit_experts(w: torch.Tensor, scale, hit: torch.Tensor, dtype: torch.dtype) 
     if scale is None:
         return w if hit.numel() == w.shape[0] else w.index_select(0, hit)
     return dequantize_block_fp8(w.index_select(0, hit), scale.index_select(0, hit), dtype=dtype)
+
+
+def _copy_bytes(x: torch.Tensor, w_gate: torch.Tensor, scale, hit: torch.Tensor) -> int:
+    """Bytes of the three projections' weights ``_hit_experts`` would make (0 when it copies nothing)."""
+    if scale is None and hit.numel() == w_gate.shape[0]:
+        return 0
+    per_expert = 3 * w_gate.shape[1] * w_gate.shape[2]
+    return hit.numel() * per_expert * (4 if scale is not None else x.element_size())   # FP8 dequantises via fp32
 
 
 def fused_moe_batched(
@@ -188,7 +197,9 @@ def fused_moe_batched(
     The kept choices are grouped by expert into ``xs [H, rows, D]`` (H experts hit, each group
     zero-padded to the busiest one's count), so a layer costs ~10 torch calls instead of ~8 per
     expert: what decides CPU decode speed. Falls back to ``fused_moe_reference`` when padding would
-    exceed ``PAD_LIMIT`` x the kept choices (one expert takes most tokens).
+    exceed ``PAD_LIMIT`` x the kept choices (one expert takes most tokens), or when the hit experts'
+    weights it must gather or dequantise exceed ``COPY_LIMIT_BYTES`` (real model sizes: the
+    reference handles one expert at a time).
     """
     scales = {"w_gate_scale": w_gate_scale, "w_up_scale": w_up_scale, "w_down_scale": w_down_scale}
     _check_inputs(x, w_gate, w_up, w_down, topk_weights, topk_ids, scales)
@@ -200,7 +211,7 @@ def fused_moe_batched(
         return out.to(x.dtype)
     hit, group, counts = torch.unique(flat_ids[kept], return_inverse=True, return_counts=True)  # [H], [n], [H]
     rows = int(counts.max())
-    if hit.numel() * rows > PAD_LIMIT * kept.numel():
+    if hit.numel() * rows > PAD_LIMIT * kept.numel() or _copy_bytes(x, w_gate, w_gate_scale, hit) > COPY_LIMIT_BYTES:
         return fused_moe_reference(x, w_gate, w_up, w_down, topk_weights, topk_ids, **scales)
     order = torch.argsort(group, stable=True)
     choice, group = kept[order], group[order]                              # [n] sorted by expert

@@ -1,6 +1,6 @@
-"""The engine loop of an attention replica: one thread owns the engine; gRPC threads talk to it.
+"""The engine loop of an attention replica: one thread owns the engine; the service talks to it.
 
-gRPC handler threads validate a request (read-only), then hand it over as a command; the loop
+The service validates a request (read-only), then hands it over as a command; the loop
 thread admits it, steps the engine while there is work, and delivers each request's outputs to that
 request's queue. A courier thread does the handing over, so the loop thread goes on to the next
 step at once: after every step it passes the tokens of all requests to ``on_step`` together (the
@@ -62,7 +62,7 @@ class EngineLoop:
         self._deliveries.put(None)
         self._courier.join(timeout=30)
 
-    # ---- called from gRPC threads ------------------------------------------------------------
+    # ---- called from the service (any thread) ----------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, outputs: Outputs,
                emitted_ids: list[int] = ()) -> None:
         """Validate (raises InvalidParam) and queue a request; its outputs will be put to ``outputs``."""
@@ -145,7 +145,10 @@ class EngineLoop:
             if tokens and self.on_step:
                 self._publish(tokens)
             for request_id, item, final in items:
-                self._hand_over(request_id, item, final)
+                try:
+                    self._hand_over(request_id, item, final)
+                except Exception:                         # noqa: BLE001 - one consumer must not stop the others
+                    log.exception("handing over the output of %s failed", request_id)
 
     def _publish(self, tokens: dict[str, list[int]]) -> None:
         try:

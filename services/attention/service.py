@@ -1,15 +1,17 @@
 """AttentionService: the router's view of one attention/prefill replica, served by ``grpc.aio``.
 
 A router holds one ``Session`` stream per replica and submits every request it routes there on
-it. The engine loop's courier puts each step's outputs on the event loop, and each session sends
-all of its requests' new tokens in one message: one wake-up and one message per step and router,
-not one per request. A request ends with a finished event, with ``error`` set when it was refused
+it. The engine loop's courier hands each step's outputs to the event loop in one go per session, and
+each session sends all of its requests' new tokens in one message: one wake-up and one message per
+step and router, not one per request. A request ends with a finished event, with ``error`` set when it was refused
 (INVALID_ARGUMENT, UNAVAILABLE while draining) or its step failed (INTERNAL); an abort, or the end
 of the session (router gone), aborts the request on the engine, which frees its KV blocks at once.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 
 import grpc
 
@@ -20,28 +22,56 @@ from services.params import FINISH_REASONS, sampling_from_proto
 from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 
 SERVICE_NAME = "epserve.v1.AttentionService"
+log = logging.getLogger(__name__)
 
 
 class SessionOutputs:
-    """The outputs of every request of one session, gathered on ``loop`` until the session sends them."""
+    """The outputs of every request of one session, gathered until the session sends them.
+
+    The courier thread ``put``s a step's outputs one by one; the first of a burst schedules one
+    hand-over to the event loop, which takes the whole burst (one wake-up per step, not per request).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.ready = loop, asyncio.Event()
-        self.events: list[attention_pb2.TokenEvent] = []
+        self.events: list[attention_pb2.TokenEvent] = []        # on the loop
+        self.failure: str | None = None
+        self._incoming: list[attention_pb2.TokenEvent] = []      # from the courier, under _lock
+        self._lock = threading.Lock()
 
     def put(self, item: RequestOutput | StepError) -> None:
         """From the engine's courier thread."""
-        self.loop.call_soon_threadsafe(self.add, _event(item))
+        with self._lock:
+            self._incoming.append(_event(item))
+            if len(self._incoming) > 1:
+                return                                     # a hand-over is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:                               # the server's loop is closed: shutting down
+            pass
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        self.events += incoming
+        self.ready.set()
 
     def add(self, event: attention_pb2.TokenEvent) -> None:
         """On the loop."""
         self.events.append(event)
         self.ready.set()
 
+    def fail(self, message: str) -> None:
+        """On the loop: the session cannot go on."""
+        self.failure = message
+        self.ready.set()
+
     async def take(self) -> list[attention_pb2.TokenEvent]:
-        """Every event gathered so far, waiting for at least one."""
+        """Every event gathered so far, waiting for at least one; RuntimeError once failed."""
         await self.ready.wait()
         self.ready.clear()
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
         events, self.events = self.events, []
         return events
 
@@ -58,7 +88,10 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         reader = asyncio.ensure_future(self._read_session(request_iterator, outputs, running))
         try:
             while True:
-                events = await outputs.take()
+                try:
+                    events = await outputs.take()
+                except RuntimeError as err:
+                    await context.abort(grpc.StatusCode.INTERNAL, f"replica {self.replica_id}: session failed: {err}")
                 running.difference_update(e.request_id for e in events if e.finished)
                 yield attention_pb2.SessionEvents(events=events)
         finally:                                       # the router went away or ended the session
@@ -67,11 +100,15 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
                 self.loop.abort(request_id)
 
     async def _read_session(self, request_iterator, outputs: SessionOutputs, running: set[str]) -> None:
-        async for request in request_iterator:
-            if request.HasField("submit"):
-                self._submit(request.submit, outputs, running)
-            elif request.HasField("abort"):
-                self.loop.abort(request.abort.request_id)
+        try:
+            async for request in request_iterator:
+                if request.HasField("submit"):
+                    self._submit(request.submit, outputs, running)
+                elif request.HasField("abort"):
+                    self.loop.abort(request.abort.request_id)
+        except Exception as err:                       # noqa: BLE001 - end the session, not the replica
+            log.exception("replica %s: reading a session failed", self.replica_id)
+            outputs.fail(f"{type(err).__name__}: {err}")
 
     def _submit(self, request: attention_pb2.SubmitRequest, outputs: SessionOutputs, running: set[str]) -> None:
         if self.loop.draining:

@@ -29,6 +29,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+# Long-lived internal streams (sessions, expert dispatch) ping, so a peer that vanished without
+# closing its connection (node lost, partition) breaks the stream in seconds; servers allow it.
+KEEPALIVE_CHANNEL = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+KEEPALIVE_SERVER = [("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.keepalive_permit_without_calls", 1)]
+
+
 @dataclass
 class GrpcServer:
     """A started server and what its owner needs to advertise and drain it."""
@@ -83,7 +89,7 @@ def start_grpc_server(register: Callable[[grpc.Server], None], service_names: li
     executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker")
     # no SO_REUSEPORT: a second server on a taken port must fail, not silently share it
     server = grpc.server(executor, interceptors=list(interceptors),
-                         options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+                         options=[*channel_options(max_message_bytes), *KEEPALIVE_SERVER, ("grpc.so_reuseport", 0)])
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -110,7 +116,8 @@ def start_aio_grpc_server(register: Callable[[grpc.aio.Server], None], service_n
 
     async def build() -> tuple[grpc.aio.Server, int, aio_health.HealthServicer]:
         server = grpc.aio.server(interceptors=list(interceptors), maximum_concurrent_rpcs=max_concurrent_rpcs,
-                                 options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+                                 options=[*channel_options(max_message_bytes), *KEEPALIVE_SERVER,
+                                          ("grpc.so_reuseport", 0)])
         register(server)
         health_servicer = aio_health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

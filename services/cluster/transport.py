@@ -27,7 +27,7 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.cluster.grpc_server import channel_options
+from services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
 from services.proto import expert_pb2
 
 DISPATCH_METHOD = "/{}/Dispatch".format(expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name)
@@ -90,7 +90,8 @@ class _ShardStream:
 
     def __init__(self, shard: int, address: str, max_message_bytes: int, stats: TransportStats):
         self.shard, self.address, self.stats = shard, address, stats
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        options = [*channel_options(max_message_bytes), *KEEPALIVE_CHANNEL]
+        self._channel = grpc.insecure_channel(address, options=options)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()      # serialised requests; None ends
         self._pending: collections.deque[tuple[str, Future]] = collections.deque()
         self._lock = threading.Lock()

@@ -45,16 +45,24 @@ class ModelRunner:
         fewer when a group would get under ``micro_batch_min_tokens`` tokens (a small batch is
         bound by per-call overhead, which splitting multiplies)."""
         work = [(s, 1) for s in batch.decodes] + list(batch.prefills)
-        total = sum(n for _, n in work)
-        count = max(1, min(self.micro_batches, len(work), total // self.micro_batch_min_tokens))
+        count = max(1, min(self.micro_batches, len(work)))
+        while True:
+            groups, tokens = self._fill(work, len(batch.decodes), count)
+            if count == 1 or min(tokens) >= self.micro_batch_min_tokens:
+                return groups
+            count -= 1
+
+    @staticmethod
+    def _fill(work: list[tuple[Sequence, int]], num_decodes: int, count: int):
+        """``work`` into ``count`` groups, each item to the group with the fewest tokens so far."""
         groups = [([], [], 0) for _ in range(count)]
         tokens = [0] * count
         for index, (seq, n) in enumerate(work):
             g = min(range(count), key=lambda i: tokens[i])
             seqs, chunks, decodes = groups[g]
-            groups[g] = (seqs + [seq], chunks + [n], decodes + (index < len(batch.decodes)))
+            groups[g] = (seqs + [seq], chunks + [n], decodes + (index < num_decodes))
             tokens[g] += n
-        return groups
+        return groups, tokens
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """logits [seqs, vocab] -> one token per sequence (step = tokens it has emitted so far)."""

@@ -25,6 +25,10 @@ class NoReplicas(Exception):
     """No attention replica is registered and alive."""
 
 
+class WaitCancelled(Exception):
+    """The caller gave up while its request was queued."""
+
+
 @dataclass(frozen=True)
 class Replica:
     service_id: str
@@ -40,8 +44,8 @@ class Admission:
         self._replicas: list[ServiceInfo] = []
         self._refreshed = 0.0
 
-    def acquire(self, timeout_s: float | None) -> Replica:
-        """Pick a replica, waiting in the bounded queue while all are full."""
+    def acquire(self, timeout_s: float | None, cancelled: threading.Event | None = None) -> Replica:
+        """Pick a replica, waiting in the bounded queue while all are full (and ``cancelled`` is not set)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             replica = self._pick()
@@ -55,6 +59,8 @@ class Admission:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError("deadline passed while queued for an attention replica")
+                    if cancelled is not None and cancelled.is_set():
+                        raise WaitCancelled("the caller went away while queued")
                     self._cond.wait(timeout=min(self.refresh_s, remaining) if remaining else self.refresh_s)
                     replica = self._pick()
                 return replica

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
 from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class ReplicaSession:
             self._break(grpc.StatusCode.UNAVAILABLE, "the replica ended the session")
         except grpc.aio.AioRpcError as err:
             self._break(err.code(), err.details() or err.code().name)
+        except Exception as err:                                    # noqa: BLE001 - fail its requests, not the router
+            log.exception("reading a session to an attention replica failed")
+            self._break(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
         except asyncio.CancelledError:
             self._break(grpc.StatusCode.CANCELLED, "session closed")
             raise
@@ -84,8 +88,7 @@ class ReplicaSessions:
     """One ``grpc.aio`` channel and session per attention replica address (made on the serving loop)."""
 
     def __init__(self, max_message_bytes: int = 64 << 20):
-        self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes)]
+        self._options = [*channel_options(max_message_bytes), *KEEPALIVE_CHANNEL]
         self._stubs: dict[str, attention_pb2_grpc.AttentionServiceStub] = {}
         self._sessions: dict[str, ReplicaSession] = {}
 

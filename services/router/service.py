@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -63,19 +64,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except tuple(_ADMISSION_ERRORS) as err:
             await self._blocking(self.requests.set_state, request_id, "failed")
             await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
+        except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
+            self._record_abort(request_id)
+            raise
         try:
             async for response in self._relay(request_id, prompt, params, seed, replica, context):
                 yield response
         finally:
-            self.admission.release(replica)
+            self._pool.submit(self.admission.release, replica)     # its lock may be held across Redis calls
+
+    def _record_abort(self, request_id: str) -> None:
+        """Mark the request aborted without waiting (no-op once it has ended)."""
+        self._pool.submit(self.requests.set_state, request_id, "aborted")
 
     async def _admit(self, timeout_s: float | None) -> Replica:
-        """A replica from admission (on a thread: it may wait in the queue); one whose wait was
-        cancelled is handed back once the thread gets it."""
-        acquired: Future = self._pool.submit(self.admission.acquire, timeout_s)
+        """A replica from admission (on a thread: it may wait in the queue). A cancelled caller
+        leaves the queue, and a replica its thread got meanwhile is handed back."""
+        cancelled = threading.Event()
+        acquired: Future = self._pool.submit(self.admission.acquire, timeout_s, cancelled)
         try:
             return await asyncio.wrap_future(acquired)
         except asyncio.CancelledError:
+            cancelled.set()
             acquired.add_done_callback(self._release_unused)
             raise
 
@@ -84,12 +94,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self.admission.release(acquired.result())
 
     async def _relay(self, request_id, prompt, params, seed, replica: Replica, context):
-        await self._blocking(self.requests.set_state, request_id, "running", replica.service_id)
-        session = self.sessions.get(replica.address)
-        events = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
-                                                            sampling=sampling_to_proto(params), seed=seed))
-        decoder, token_ids, ended = IncrementalDecoder(self.tokenizer), [], False
+        decoder, token_ids, ended, session = IncrementalDecoder(self.tokenizer), [], False, None
         try:
+            await self._blocking(self.requests.set_state, request_id, "running", replica.service_id)
+            session = self.sessions.get(replica.address)
+            events = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
+                                                                sampling=sampling_to_proto(params), seed=seed))
             while not ended:
                 event = await events.get()
                 if isinstance(event, SessionBroken) or event.HasField("error"):
@@ -109,10 +119,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                          "aborted" if reason == "abort" else "finished", None, reason)
                     yield _complete(request_id, event, token_ids, self.tokenizer.decode(token_ids))
         except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or its deadline passed
-            self.requests.set_state(request_id, "aborted")
+            self._record_abort(request_id)
             raise
         finally:
-            if not ended:
+            if session is not None and not ended:
                 session.abort(request_id)                 # frees its KV on the replica
 
     async def _replica_failed(self, request_id: str, replica: Replica, failure, context):

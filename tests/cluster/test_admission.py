@@ -1,10 +1,12 @@
 """Admission over replicas found in a real Redis registry: least loaded first, bounded queue."""
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from services.cluster.registry import Registry
-from services.router.admission import Admission, NoReplicas, QueueFull
+from services.router.admission import Admission, NoReplicas, QueueFull, WaitCancelled
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +61,20 @@ def test_queued_request_times_out_at_its_deadline(registry):
     admission.acquire(1)
     with pytest.raises(TimeoutError):
         admission.acquire(0.2)
+
+
+def test_a_cancelled_wait_leaves_the_queue(registry):
+    reg, beats = registry
+    register(reg, beats, "a")
+    admission = Admission(reg, max_queue=1, refresh_s=0.05)
+    admission.acquire(1)
+    cancelled = threading.Event()
+    waiter = ThreadPoolExecutor(1).submit(admission.acquire, None, cancelled)
+    while admission._waiting == 0:
+        time.sleep(0.01)
+    with pytest.raises(QueueFull):
+        admission.acquire(0.1)                  # the one queue place is taken
+    cancelled.set()
+    with pytest.raises(WaitCancelled):
+        waiter.result(timeout=5)
+    assert admission._waiting == 0

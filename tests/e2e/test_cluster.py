@@ -237,6 +237,32 @@ def test_killed_expert_shard_is_restarted_and_the_cluster_serves_again(model_dir
         up.stop()
 
 
+def test_killed_attention_replica_fails_its_requests_and_the_cluster_serves_again(model_dir, expected):
+    """The router's session to the replica breaks: its running request ends with an error naming
+    the replica; `epserve up` restarts the replica and a new session serves the same tokens."""
+    from epserve_client import EpserveError
+
+    up = UpCluster(model_dir, attention=1, shards=2, redundant=0)
+    try:
+        with Client(up.endpoint, timeout=60) as client:
+            chunks = iter(client.stream(PROMPTS[0], max_tokens=450, temperature=0, ignore_eos=True))
+            next(chunks)                                    # running on the replica
+            os.kill(_child_with(up, "--replica-id", "attention-0"), signal.SIGKILL)
+            with pytest.raises(EpserveError, match="attention replica attention-0"):
+                for _ in chunks:
+                    pass
+        deadline, served = time.monotonic() + 120, None
+        while served is None and time.monotonic() < deadline:
+            try:
+                with Client(up.endpoint, timeout=60) as client:
+                    served = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+            except EpserveError:                            # until the replica is back and registered
+                time.sleep(0.5)
+        assert served is not None and served.token_ids == expected[0]
+    finally:
+        up.stop()
+
+
 def _child_with(up: UpCluster, flag: str, value: str) -> int:
     """The pid of the `epserve up` child whose command line has ``flag value``."""
     for pid in up.children():

@@ -104,7 +104,8 @@ def test_a_step_splits_only_into_micro_batches_of_min_tokens(checkpoint):
     assert split(16, []) == [8, 8]
     assert split(40, []) == [20, 20]             # never more than micro_batches
     assert split(0, [30]) == [30]                # one sequence is never split
-    assert split(4, [12]) == [2, 14]              # balanced by tokens, decodes first
+    assert split(4, [12]) == [16]                 # balanced by tokens, the groups would get 2 and 14
+    assert split(16, [8]) == [8, 16]
 
 
 @pytest.mark.parametrize("micro_batches", [2, 3])

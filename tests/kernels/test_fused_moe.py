@@ -188,9 +188,19 @@ def test_reference_fp8_vs_naive_loop_on_dequantised():
 
 @pytest.mark.parametrize("T,D,I,E,K,drop", [(1, 16, 8, 4, 1, 0.0), (9, 24, 20, 6, 3, 0.3), (13, 32, 16, 8, 8, 0.0),
                                           (32, 64, 32, 17, 4, 0.5)])
-def test_batched_vs_naive_loop(T, D, I, E, K, drop):
+def test_batched_vs_naive_loop(T, D, I, E, K, drop, monkeypatch):
+    import kernels.fused_moe as mod
+    monkeypatch.setattr(mod, "fused_moe_reference", None)     # the batched path itself, no fallback
     args, _ = make_moe(T, D, I, E, K, torch.float32, drop=drop, device="cpu")
     assert_close_rel(fused_moe_batched(*args).double(), naive_moe(*args), 1e-5)
+
+
+def test_batched_falls_back_beyond_its_copy_limit(monkeypatch):
+    import kernels.fused_moe as mod
+    args, _ = make_moe(8, 32, 16, 8, 2, torch.float32, device="cpu")
+    args[5][:, :] = torch.tensor([0, 1])                       # 2 of 8 experts hit: their weights are copied
+    monkeypatch.setattr(mod, "COPY_LIMIT_BYTES", 0)
+    assert torch.equal(fused_moe_batched(*args), fused_moe_reference(*args))
 
 
 def test_batched_fp8_vs_naive_loop_on_dequantised():
