@@ -68,7 +68,11 @@ class Heartbeat:
             pipe = self._client.pipeline()
             pipe.delete(self._keys.service(self.kind, self.service_id))
             pipe.srem(self._keys.services(self.kind), self.service_id)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.RedisError as err:      # shutting down must not need Redis: the entry expires
+                log.warning("%s %s: deregistering failed (%s); the entry expires with its TTL",
+                            self.kind, self.service_id, err)
 
     def _write(self) -> None:
         key = self._keys.service(self.kind, self.service_id)

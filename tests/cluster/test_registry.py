@@ -3,7 +3,9 @@ import threading
 import time
 
 import pytest
+import redis
 
+from services.cluster.redis_server import EmbeddedRedis
 from services.cluster.registry import Registry, ServiceInfo
 
 pytestmark = pytest.mark.integration
@@ -90,3 +92,13 @@ def test_bad_registrations_are_refused(registry):
     with pytest.raises(ValueError, match="non-empty"):
         registry.register("router", "", "127.0.0.1:1", {})
     assert registry.live("router") == []
+
+
+def test_stopping_a_heartbeat_needs_no_redis(cluster_keys):
+    """A service shutting down after Redis went away must still stop (its entry expires by TTL)."""
+    server = EmbeddedRedis().start()
+    try:
+        beat = Registry(redis.Redis.from_url(server.url), cluster_keys).register("expert", "0", "127.0.0.1:1", {})
+    finally:
+        server.stop()
+    beat.stop()                                     # logs a warning instead of raising
