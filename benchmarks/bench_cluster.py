@@ -5,8 +5,9 @@
 
 Starts ``epserve up`` (separate processes on loopback), sends ``concurrency`` greedy requests at
 once through the SDK and counts generated tokens per second of wall time; then runs the same
-requests through an in-process ``LLMEngine`` (all added at once), ``--repeats`` times before
-the cluster starts and again after it stopped. Prints the medians, their ranges and the ratio,
+requests through an in-process ``LLMEngine`` (all added at once) while every cluster process is
+stopped (SIGSTOP), alternating the two ``--repeats`` times. Prints the medians, their ranges and
+the ratio,
 and where the cluster's CPU time went: CPU ms per generated token for each process (the load
 client, router, attention replicas, expert shards, redis-server), read from /proc.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -26,6 +28,8 @@ import torch
 from services.engine.engine import EngineConfig, LLMEngine
 from services.engine.sampling import SamplingParams
 from services.model.tiny import resolve_model
+
+RESUME_S = 2.0      # after a pause: heartbeats re-register what expired in Redis (TTL 3 s) meanwhile
 
 
 def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: int,
@@ -102,8 +106,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--micro-batch-min-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=50599)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="cluster measurements (and twice as many single-process ones); medians reported")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
     args = parser.parse_args()
     path = resolve_model(args.model)
     engine = LLMEngine.from_path(path, EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048))
@@ -112,25 +115,38 @@ def main() -> None:
     prompts = {c: torch.randint(3, engine.model_config.vocab_size, (c, args.prompt_len), generator=generator).tolist()
                for c in levels}
     single, cluster = {c: [] for c in levels}, {c: [] for c in levels}
-    # The single process runs alone (even an idle cluster's threads slow its two OpenMP threads),
-    # before and after the cluster, so a drift of the machine shows in its range.
-    measure_single(engine, prompts, args, single)
     process = start_cluster(args)
     try:
-        for _ in range(args.repeats):
+        for _ in range(args.repeats):           # alternate, so a drift of the machine hits both alike
             for c in levels:
+                with paused(process):
+                    single[c].append(engine_tokens_per_s(engine, prompts[c], args.new_tokens))
                 cluster[c].append(cluster_tokens_per_s(f"127.0.0.1:{args.port}", prompts[c], args.new_tokens, process))
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
-    measure_single(engine, prompts, args, single)
     report(args, levels, single, cluster)
 
 
-def measure_single(engine: LLMEngine, prompts: dict[int, list], args, single: dict[int, list[float]]) -> None:
-    for _ in range(args.repeats):
-        for c, level_prompts in prompts.items():
-            single[c].append(engine_tokens_per_s(engine, level_prompts, args.new_tokens))
+@contextlib.contextmanager
+def paused(up: subprocess.Popen):
+    """Every process of the cluster stopped (SIGSTOP) while the single process runs, so it runs
+    alone (even an idle cluster's threads slow its two OpenMP threads); resumed after (SIGCONT)."""
+    pids = [up.pid, *_descendants(up.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in reversed(pids):
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(RESUME_S)
+
+
+def _descendants(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(child) for child in f.read().split()]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
 
 
 def report(args, levels: list[int], single: dict[int, list[float]], cluster: dict[int, list]) -> None:
