@@ -55,9 +55,8 @@ def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: in
 def cpu_seconds(up_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of this process and of each child of ``epserve up``, by role."""
     tick = os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{up_pid}/task/{up_pid}/children") as f:
-        pids = {pid: _role(pid) for pid in f.read().split()}
-    pids[str(os.getpid())] = "load client"
+    pids = {pid: _role(pid) for pid in _descendants(up_pid)}
+    pids[os.getpid()] = "load client"
     totals: dict[str, float] = {}
     for pid, role in pids.items():
         with open(f"/proc/{pid}/stat") as f:
@@ -66,7 +65,7 @@ def cpu_seconds(up_pid: int) -> dict[str, float]:
     return totals
 
 
-def _role(pid: str) -> str:
+def _role(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         args = f.read().decode().split("\x00")
     if "serve" in args:
@@ -104,7 +103,7 @@ def main() -> None:
     parser.add_argument("--expert-shards", type=int, default=2)
     parser.add_argument("--redundant-experts", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=2)
-    parser.add_argument("--micro-batch-min-tokens", type=int, default=64)
+    parser.add_argument("--micro-batch-min-tokens", type=int, default=128)
     parser.add_argument("--port", type=int, default=50599)
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
     args = parser.parse_args()

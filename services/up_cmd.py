@@ -30,7 +30,7 @@ def add_up_parser(commands) -> None:
     p.add_argument("--redundant-experts", type=int, default=2, help="extra slots for copies of hot experts")
     p.add_argument("--port", type=int, default=50051, help="the router's port (the public endpoint)")
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches in flight per attention replica")
-    p.add_argument("--micro-batch-min-tokens", type=int, default=64, help="... each of at least this many tokens")
+    p.add_argument("--micro-batch-min-tokens", type=int, default=128, help="... each of at least this many tokens")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--startup-timeout", type=float, default=300.0)

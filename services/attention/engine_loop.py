@@ -29,10 +29,11 @@ class StepError:
 
     request_id: str
     message: str
+    finished = True                        # like a final RequestOutput: nothing follows it
 
 
 class Outputs(Protocol):
-    """Where one request's outputs go (``queue.Queue``, or a queue on an event loop); ``put`` must not block."""
+    """Where a request's outputs go (the service's session); ``put`` is called from the courier and must not block."""
 
     def put(self, item: RequestOutput | StepError) -> None: ...
 
@@ -43,7 +44,7 @@ class EngineLoop:
         self.on_step = on_step
         self._commands: queue.Queue = queue.Queue()
         self._outputs: dict[str, Outputs] = {}         # request id -> its outputs (courier writes)
-        self._deliveries: queue.Queue = queue.Queue()  # (step tokens or None, [(request id, item, final)])
+        self._deliveries: queue.Queue = queue.Queue()  # (step tokens or None, [outputs or step errors])
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -113,11 +114,11 @@ class EngineLoop:
             try:
                 self.engine.add_request(request_id, prompt_ids, params, emitted)
             except ValueError as err:
-                self._deliver(request_id, StepError(request_id, str(err)), final=True)
+                self._deliver(StepError(request_id, str(err)))
         elif command[0] == "abort":
             output = self.engine.abort(command[1])
             if output is not None:
-                self._deliver(command[1], output, final=True)
+                self._deliver(output)
 
     def _step(self) -> None:
         try:
@@ -128,15 +129,15 @@ class EngineLoop:
             return
         if outputs:
             tokens = {o.request_id: o.new_token_ids for o in outputs if o.new_token_ids}
-            self._deliveries.put((tokens, [(o.request_id, o, o.finished) for o in outputs]))
+            self._deliveries.put((tokens, outputs))
 
     def _fail_all(self, message: str) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-            self._deliver(request_id, StepError(request_id, message), final=True)
+            self._deliver(StepError(request_id, message))
 
-    def _deliver(self, request_id: str, item: RequestOutput | StepError, final: bool) -> None:
-        self._deliveries.put((None, [(request_id, item, final)]))
+    def _deliver(self, item: RequestOutput | StepError) -> None:
+        self._deliveries.put((None, [item]))
 
     # ---- the courier thread --------------------------------------------------------------------
     def _courier_run(self) -> None:
@@ -144,11 +145,11 @@ class EngineLoop:
             tokens, items = delivery
             if tokens and self.on_step:
                 self._publish(tokens)
-            for request_id, item, final in items:
+            for item in items:
                 try:
-                    self._hand_over(request_id, item, final)
+                    self._hand_over(item)
                 except Exception:                         # noqa: BLE001 - one consumer must not stop the others
-                    log.exception("handing over the output of %s failed", request_id)
+                    log.exception("handing over the output of %s failed", item.request_id)
 
     def _publish(self, tokens: dict[str, list[int]]) -> None:
         try:
@@ -156,8 +157,9 @@ class EngineLoop:
         except Exception:                                 # noqa: BLE001 - the token log is best effort
             log.exception("publishing step tokens failed")
 
-    def _hand_over(self, request_id: str, item: RequestOutput | StepError, final: bool) -> None:
+    def _hand_over(self, item: RequestOutput | StepError) -> None:
         with self._lock:
-            outputs = self._outputs.pop(request_id, None) if final else self._outputs.get(request_id)
+            outputs = (self._outputs.pop(item.request_id, None) if item.finished
+                       else self._outputs.get(item.request_id))
         if outputs is not None:
             outputs.put(item)

@@ -27,8 +27,9 @@ log = logging.getLogger("epserve.attention")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica-id", required=True, help="unique id of this replica in the cluster")
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches in flight (2-4 hide expert round trips)")
-    parser.add_argument("--micro-batch-min-tokens", type=int, default=64,
-                        help="split a step only into micro-batches of at least this many tokens")
+    parser.add_argument("--micro-batch-min-tokens", type=int, default=128,
+                        help="split a step only into micro-batches of at least this many tokens "
+                             "(bench_micro_batches: on the CPU a smaller split costs more than it hides)")
     parser.add_argument("--wire-dtype", choices=("model", "fp8"), default="model",
                         help="activations to expert shards in the model dtype, or FP8 with 1x128 scales")
     parser.add_argument("--block-size", type=int, default=16)

@@ -112,7 +112,7 @@ def test_one_replica_two_shards_two_redundant_matches_single_process(cluster, ex
 
 
 def test_two_replicas_three_shards_match_single_process(model_dir, expected):
-    up = UpCluster(model_dir, attention=2, shards=3, redundant=0, micro_batch_min_tokens=64)  # the default
+    up = UpCluster(model_dir, attention=2, shards=3, redundant=0, micro_batch_min_tokens=128)  # the default
     try:
         assert generate_all(up.endpoint) == expected
         assert all(up.replica_load(r).kv_blocks_used == 0 for r in up.registry.live("attention"))

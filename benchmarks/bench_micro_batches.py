@@ -1,0 +1,94 @@
+"""Decode step time of one attention engine over remote expert shards, by micro-batch count.
+
+    python -m benchmarks.bench_micro_batches [--model tiny] [--seqs 32,64,128] [--micro-batches 1,2]
+
+Starts an embedded Redis and ``--expert-shards`` ``epserve serve expert`` processes (one OpenMP
+thread each, as ``epserve up`` runs them), then, in this process, an ``LLMEngine`` whose routed
+experts are those shards (no router, no streaming: the engine's step alone). For each batch size
+it prefills that many 16-token prompts and times ``--steps`` decode steps, once per micro-batch
+count (``micro_batch_min_tokens`` 1, so the split always happens). This is what the attention
+service's ``--micro-batch-min-tokens`` default rests on.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import redis
+import torch
+
+from benchmarks.common import print_table
+from services.attention.remote_experts import RemoteExperts
+from services.cluster.keys import Keys
+from services.cluster.redis_server import EmbeddedRedis
+from services.cluster.registry import Registry
+from services.cluster.state import PlacementStore
+from services.cluster.transport import GrpcExpertTransport
+from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.sampling import SamplingParams
+from services.model.tiny import resolve_model
+
+CLUSTER = "bench-micro-batches"
+
+
+def start_shards(args, redis_url: str) -> list[subprocess.Popen]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "services.cli", "serve", "expert", "--redis", redis_url, "--cluster", CLUSTER,
+               "--model", args.model, "--expert-shards", str(args.expert_shards),
+               "--redundant-experts", str(args.redundant_experts), "--dtype", "float32"]
+    return [subprocess.Popen(command + ["--shard-id", str(shard)], env=env, stdin=subprocess.DEVNULL)
+            for shard in range(args.expert_shards)]
+
+
+def step_ms(path, backend: RemoteExperts, seqs: int, micro_batches: int, steps: int) -> float:
+    """Mean wall ms of one decode step of ``seqs`` sequences."""
+    config = EngineConfig(max_num_seqs=seqs, max_num_batched_tokens=4096, micro_batches=micro_batches,
+                          micro_batch_min_tokens=1)
+    engine = LLMEngine.from_path(path, config, dtype=torch.float32, backend=backend)
+    prompts = torch.randint(3, engine.model_config.vocab_size, (seqs, 16), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(prompts.tolist()):
+        engine.add_request(f"r{i}", prompt, params)
+    for _ in range(4):                                   # prefill and warm-up
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--seqs", default="32,64,128")
+    parser.add_argument("--micro-batches", default="1,2")
+    parser.add_argument("--expert-shards", type=int, default=2)
+    parser.add_argument("--redundant-experts", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)                             # as the attention service runs under `epserve up`
+    path = resolve_model(args.model)
+    with EmbeddedRedis() as server:
+        shards = start_shards(args, server.url)
+        try:
+            client, keys = redis.Redis.from_url(server.url), Keys(CLUSTER)
+            found = Registry(client, keys).wait_for("expert", args.expert_shards, timeout_s=300)
+            transport = GrpcExpertTransport({int(s.service_id): s.address for s in found})
+            backend = RemoteExperts(PlacementStore(client, keys).current(), transport)
+            rows = [{"seqs": n, "micro_batches": m, "ms_per_step": round(step_ms(path, backend, n, m, args.steps), 2)}
+                    for n in map(int, args.seqs.split(",")) for m in map(int, args.micro_batches.split(","))]
+            transport.close()
+        finally:
+            for shard in shards:
+                shard.terminate()
+                shard.wait(timeout=60)
+    print(f"model={args.model} shards={args.expert_shards} redundant={args.redundant_experts} "
+          f"steps={args.steps} (decode, wall ms per engine step, attention on one thread)")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
