@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
-from services.model.tiny import resolve_model
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
+from epserve.services.model.tiny import resolve_model
 
 RESUME_S = 2.0      # after a pause: heartbeats re-register what expired in Redis (TTL 3 s) meanwhile
 
@@ -82,7 +82,7 @@ def engine_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], new_tokens:
 
 
 def start_cluster(args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "services.cli", "up", "--model", args.model, "--port", str(args.port),
+    command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", args.model, "--port", str(args.port),
                "--attention", str(args.attention), "--expert-shards", str(args.expert_shards),
                "--redundant-experts", str(args.redundant_experts), "--micro-batches", str(args.micro_batches),
                "--micro-batch-min-tokens", str(args.micro_batch_min_tokens)]

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
-from services.model.tiny import resolve_model
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
+from epserve.services.model.tiny import resolve_model
 
 
 def _sync(device: str) -> None:

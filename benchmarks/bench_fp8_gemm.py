@@ -11,9 +11,9 @@ vs fp8_block_gemm_reference, which the CPU model runs; TFLOP/s and GB/s) and ``l
 import torch
 
 from benchmarks.common import H100_HBM_BYTES_PER_S, H100_PEAK_FLOPS, bench_parser, print_table, time_ms, write_csv
-from kernels.backend import use_triton
-from kernels.fp8_gemm import dequant_weight, fp8_block_gemm, fp8_block_gemm_reference, fp8_linear
-from kernels.fp8_quant import FP8_DTYPE, per_token_group_quant_fp8, per_token_group_quant_fp8_reference
+from epserve.kernels.backend import use_triton
+from epserve.kernels.fp8_gemm import dequant_weight, fp8_block_gemm, fp8_block_gemm_reference, fp8_linear
+from epserve.kernels.fp8_quant import FP8_DTYPE, per_token_group_quant_fp8, per_token_group_quant_fp8_reference
 
 V3_SHAPES = [(7168, 2048), (24576, 1536), (2112, 7168)]  # (N, K): o_proj-like, q_b_proj, fused q_a/kv_a
 COLUMNS = ["op", "M", "N", "K", "provider", "ms", "TFLOP/s", "GB/s", "%peak_flops", "%hbm"]

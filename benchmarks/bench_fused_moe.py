@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from benchmarks.common import H100_HBM_BYTES_PER_S, H100_PEAK_FLOPS, bench_parser, print_table, time_ms, write_csv
-from kernels.fused_moe import fused_moe_batched, fused_moe_reference, fused_moe_triton
+from epserve.kernels.fused_moe import fused_moe_batched, fused_moe_reference, fused_moe_triton
 
 FP8 = torch.float8_e4m3fn
 

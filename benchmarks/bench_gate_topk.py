@@ -10,7 +10,7 @@ the torch reference runs unless ``--triton`` is given.
 import torch
 
 from benchmarks.common import H100_HBM_BYTES_PER_S, bench_parser, print_table, time_ms, write_csv
-from kernels.gate_topk import grouped_topk, grouped_topk_reference
+from epserve.kernels.gate_topk import grouped_topk, grouped_topk_reference
 
 COLUMNS = ["T", "E", "n_group", "topk_group", "top_k", "provider", "ms", "us/token", "GB/s", "%hbm"]
 

@@ -21,22 +21,22 @@ import redis
 import torch
 
 from benchmarks.common import print_table
-from services.attention.remote_experts import RemoteExperts
-from services.cluster.keys import Keys
-from services.cluster.redis_server import EmbeddedRedis
-from services.cluster.registry import Registry
-from services.cluster.state import PlacementStore
-from services.cluster.transport import GrpcExpertTransport
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
-from services.model.tiny import resolve_model
+from epserve.services.attention.remote_experts import RemoteExperts
+from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.redis_server import EmbeddedRedis
+from epserve.services.cluster.registry import Registry
+from epserve.services.cluster.state import PlacementStore
+from epserve.services.cluster.transport import GrpcExpertTransport
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
+from epserve.services.model.tiny import resolve_model
 
 CLUSTER = "bench-micro-batches"
 
 
 def start_shards(args, redis_url: str) -> list[subprocess.Popen]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "services.cli", "serve", "expert", "--redis", redis_url, "--cluster", CLUSTER,
+    command = [sys.executable, "-m", "epserve.services.cli", "serve", "expert", "--redis", redis_url, "--cluster", CLUSTER,
                "--model", args.model, "--expert-shards", str(args.expert_shards),
                "--redundant-experts", str(args.redundant_experts), "--dtype", "float32"]
     return [subprocess.Popen(command + ["--shard-id", str(shard)], env=env, stdin=subprocess.DEVNULL)

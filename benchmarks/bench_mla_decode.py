@@ -12,7 +12,7 @@ Bandwidth counts the KV rows read once: ``B * seq_len * (L + R) * bytes``; FLOPs
 import torch
 
 from benchmarks.common import H100_HBM_BYTES_PER_S, H100_PEAK_FLOPS, bench_parser, print_table, time_ms, write_csv
-from kernels.mla_decode import mla_decode_num_splits, mla_decode_reference, mla_decode_triton
+from epserve.kernels.mla_decode import mla_decode_num_splits, mla_decode_reference, mla_decode_triton
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -22,16 +22,16 @@ import time
 import torch
 
 from benchmarks.common import print_table, write_csv
-from services.attention.remote_experts import RemoteExperts
-from services.cluster.grpc_server import start_grpc_server
-from services.cluster.placement import build_placement
-from services.cluster.transport import GrpcExpertTransport
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
-from services.expert.shard import ExpertShard
-from services.model.config import ModelConfig
-from services.model.tiny import resolve_model
-from services.proto import expert_pb2_grpc
+from epserve.services.attention.remote_experts import RemoteExperts
+from epserve.services.cluster.grpc_server import start_grpc_server
+from epserve.services.cluster.placement import build_placement
+from epserve.services.cluster.transport import GrpcExpertTransport
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
+from epserve.services.expert.shard import ExpertShard
+from epserve.services.model.config import ModelConfig
+from epserve.services.model.tiny import resolve_model
+from epserve.services.proto import expert_pb2_grpc
 
 SERVICE = "epserve.v1.ExpertService"
 

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import use_triton
-from kernels.fp8_quant import FP8_DTYPE, dequant_fp8, fp8_quant
+from epserve.kernels.backend import use_triton
+from epserve.kernels.fp8_quant import FP8_DTYPE, dequant_fp8, fp8_quant
 
 QUANT_BLOCK = 128  # DeepSeek-V3 FP8 block: 1 x 128 for activations, 128 x 128 for weights
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -223,7 +223,7 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scal
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``y = x @ w.T`` for an FP8 block-quantised weight: ``x [..., K]`` -> ``[..., N]`` in ``x.dtype``.
 
-    ``x`` is quantised per 1 x 128 group (:func:`kernels.fp8_quant.fp8_quant`) and multiplied with
+    ``x`` is quantised per 1 x 128 group (:func:`epserve.kernels.fp8_quant.fp8_quant`) and multiplied with
     :func:`fp8_gemm`; both dispatch on ``x``'s device.
     """
     if x.shape[-1] != w_q.shape[-1]:

@@ -7,7 +7,7 @@ may be partial). Per group::
     x_q   = clamp(x_group / scale, -448, 448) -> float8_e4m3fn (round to nearest even)
 
 so that ``x ~= x_q.float() * scale[:, k // group_size]``. These are the activation scales that
-``kernels.fp8_gemm`` consumes (``group_size`` = 128 there) and the dispatch wire format.
+``epserve.kernels.fp8_gemm`` consumes (``group_size`` = 128 there) and the dispatch wire format.
 """
 import os
 
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import use_triton
+from epserve.kernels.backend import use_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0

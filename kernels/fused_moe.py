@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.backend import use_triton
-from kernels.moe_align import moe_align_block_size, moe_align_padded
+from epserve.kernels.backend import use_triton
+from epserve.kernels.moe_align import moe_align_block_size, moe_align_padded
 
 __all__ = [
     "dequantize_block_fp8",

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import use_triton
+from epserve.kernels.backend import use_triton
 
 
 @triton.jit

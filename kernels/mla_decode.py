@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import use_triton
+from epserve.kernels.backend import use_triton
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634

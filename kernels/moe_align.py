@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.backend import use_triton
+from epserve.kernels.backend import use_triton
 
 # One program serialises the work: on an H100 it takes 40 / 54 / 98 / 183 us of wall time at
 # 512 / 1024 / 2048 / 4096 choices (E=256) vs ~330 us of host time for the torch path, which,

@@ -1,3 +1,3 @@
-from load_tests.cli import main
+from epserve.load_tests.cli import main
 
 raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``python -m load_tests run|report|sharegpt``: the command line (see docs/load_testing.md)."""
+"""``python -m epserve.load_tests run|report|sharegpt``: the command line (see docs/load_testing.md)."""
 from __future__ import annotations
 
 import argparse
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from load_tests import fault as faults
-from load_tests.metrics import parse_slo, summarize
-from load_tests.progress import Progress
-from load_tests.report import write_report
-from load_tests.results import build_result, format_summary, format_sweep, rate_field, write_result
-from load_tests.runner import LoadConfig, run_load, warm_up
-from load_tests.targets import EpserveTarget, OpenAITarget, Sampling, Target, TargetError
-from load_tests.workloads import (
+from epserve.load_tests import fault as faults
+from epserve.load_tests.metrics import parse_slo, summarize
+from epserve.load_tests.progress import Progress
+from epserve.load_tests.report import write_report
+from epserve.load_tests.results import build_result, format_summary, format_sweep, rate_field, write_result
+from epserve.load_tests.runner import LoadConfig, run_load, warm_up
+from epserve.load_tests.targets import EpserveTarget, OpenAITarget, Sampling, Target, TargetError
+from epserve.load_tests.workloads import (
     FIRST_TOKEN_ID,
     LengthDist,
     RequestSpec,
@@ -145,7 +145,7 @@ def _workload(args: argparse.Namespace, vocab_size: int | None, n: int) -> tuple
     output_len = args.output_len or (None if args.workload == "sharegpt" else LengthDist.parse("32"))
     if args.workload == "sharegpt":
         if not args.dataset:
-            raise UsageError("--workload sharegpt needs --dataset PATH (make one with `python -m load_tests sharegpt`)")
+            raise UsageError("--workload sharegpt needs --dataset PATH (make one with `python -m epserve.load_tests sharegpt`)")
         try:
             specs = sharegpt_requests(args.dataset, n, token_counter(args.tokenizer), args.max_len, output_len, rng)
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -268,7 +268,7 @@ def add_sharegpt_parser(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m load_tests", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m epserve.load_tests", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (add_run_parser, add_report_parser, add_sharegpt_parser):
         add(commands)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from load_tests.metrics import RequestRecord, errors_by_status, token_rate_bins
+from epserve.load_tests.metrics import RequestRecord, errors_by_status, token_rate_bins
 
 _KINDS = ("expert", "attention", "router", "redis")
 
@@ -65,10 +65,10 @@ def _processes() -> list[int]:
 
 
 def find_up_process(port: int) -> int:
-    """The pid of the ``epserve up`` (or ``python -m services.cli up``) serving on ``port``."""
+    """The pid of the ``epserve up`` (or ``python -m epserve.services.cli up``) serving on ``port``."""
     for pid in _processes():
         argv = _argv(pid)
-        launcher = any(a.endswith("epserve") or a == "services.cli" for a in argv[:3])
+        launcher = any(a.endswith("epserve") or a == "epserve.services.cli" for a in argv[:3])
         if launcher and "up" in argv[1:4] and _option(argv, "--port", "50051") == str(port):
             return pid
     raise LookupError(f"no `epserve up` process serving on port {port}; pass --up-pid")

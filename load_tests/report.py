@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from load_tests.metrics import METRICS
-from load_tests.results import format_fault, load_name, run_name
-from load_tests.svg import PALETTE, Series, chart
+from epserve.load_tests.metrics import METRICS
+from epserve.load_tests.results import format_fault, load_name, run_name
+from epserve.load_tests.svg import PALETTE, Series, chart
 
 _NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;font-size:12px}

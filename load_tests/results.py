@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from load_tests.metrics import METRICS, PERCENTILES, RequestRecord
+from epserve.load_tests.metrics import METRICS, PERCENTILES, RequestRecord
 
 SCHEMA = "epserve-load-tests/1"
 _LABELS = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",

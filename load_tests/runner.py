@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from load_tests.arrivals import arrival_times
-from load_tests.metrics import RequestRecord
-from load_tests.progress import Progress
-from load_tests.targets import Reply, Target, TargetError
-from load_tests.workloads import RequestSpec
+from epserve.load_tests.arrivals import arrival_times
+from epserve.load_tests.metrics import RequestRecord
+from epserve.load_tests.progress import Progress
+from epserve.load_tests.targets import Reply, Target, TargetError
+from epserve.load_tests.workloads import RequestSpec
 
 
 @dataclass(frozen=True)

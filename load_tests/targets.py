@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from load_tests.http_sse import HttpClient, HttpStatusError
-from load_tests.workloads import RequestSpec
+from epserve.load_tests.http_sse import HttpClient, HttpStatusError
+from epserve.load_tests.workloads import RequestSpec
 
 
 class TargetError(Exception):

@@ -21,7 +21,7 @@ from grpc_tools import protoc
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "protos"
 TARGETS = {  # package dir (relative to root) -> (import package, protos)
-    "services/proto": ("services.proto", None),
+    "services/proto": ("epserve.services.proto", None),
     "sdk/epserve_client/_proto": ("epserve_client._proto", ["generation.proto"]),
 }
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.generate_cmd import add_generate_parser
-from services.serve_cmd import add_serve_parser
-from services.up_cmd import add_up_parser
+from epserve.services.generate_cmd import add_generate_parser
+from epserve.services.serve_cmd import add_serve_parser
+from epserve.services.up_cmd import add_up_parser
 
 
 class UsageError(Exception):

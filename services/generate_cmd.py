@@ -51,10 +51,10 @@ def run_generate(args: argparse.Namespace) -> int:
         return run_remote(args)
     import torch
 
-    from services.engine.engine import EngineConfig, LLMEngine
-    from services.engine.sampling import InvalidParam, SamplingParams
-    from services.cli import UsageError
-    from services.model.tiny import resolve_model
+    from epserve.services.engine.engine import EngineConfig, LLMEngine
+    from epserve.services.engine.sampling import InvalidParam, SamplingParams
+    from epserve.services.cli import UsageError
+    from epserve.services.model.tiny import resolve_model
 
     try:
         path = resolve_model(args.model)

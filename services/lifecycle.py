@@ -11,11 +11,11 @@ from pathlib import Path
 import redis
 import torch
 
-from services.cluster.keys import Keys
-from services.cluster.placement import Placement
-from services.cluster.state import choose_placement
-from services.model.config import ModelConfig
-from services.model.tiny import resolve_model
+from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.placement import Placement
+from epserve.services.cluster.state import choose_placement
+from epserve.services.model.config import ModelConfig
+from epserve.services.model.tiny import resolve_model
 
 
 def setup_logging(verbose: bool) -> None:

@@ -1,8 +1,8 @@
 """Conversions between the wire's SamplingParams / FinishReason and the engine's."""
 from __future__ import annotations
 
-from services.engine.sampling import SamplingParams
-from services.proto import generation_pb2
+from epserve.services.engine.sampling import SamplingParams
+from epserve.services.proto import generation_pb2
 
 FINISH_REASONS = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.FINISH_REASON_LENGTH,
                   "abort": generation_pb2.FINISH_REASON_ABORT}

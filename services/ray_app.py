@@ -11,7 +11,7 @@ replaces the replica) and stops it when Serve stops the replica.
                                          -> Router (ingress)  (its gRPC port is the endpoint)
 
 Resources come from the config file's ``ray_actor_options`` (``num_gpus: 1`` on ExpertShard and
-Attention); in code every replica reserves nothing, so ``serve run services.ray_app:build_app`` runs
+Attention); in code every replica reserves nothing, so ``serve run epserve.services.ray_app:build_app`` runs
 anywhere. A replica holding a GPU runs its service with ``--device cuda``, one without with ``--device cpu``.
 The embedded Redis listens on its node's loopback, so it serves single-node Ray clusters only; give
 ``redis_url`` on more nodes.
@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services.cluster.redis_server import EmbeddedRedis
+from epserve.services.cluster.redis_server import EmbeddedRedis
 
 _PR_SET_PDEATHSIG = 1
 
@@ -76,7 +76,7 @@ class _Service:
         redis_url = redis if isinstance(redis, str) else await redis.url.remote()
         node_ip = ray.util.get_node_ip_address()
         port = port or _free_port()
-        command = [sys.executable, "-m", "services.cli", "serve", kind, "--redis", redis_url,
+        command = [sys.executable, "-m", "epserve.services.cli", "serve", kind, "--redis", redis_url,
                    "--cluster", args.cluster, "--model", args.model, "--host", "0.0.0.0", "--port", str(port),
                    "--advertise-host", node_ip, *flags]
         self.address = f"{node_ip}:{port}"

@@ -5,14 +5,14 @@ import argparse
 import importlib
 
 SERVICES = {
-    "router": ("services.router.main", "the public gRPC API: validation, admission, streaming"),
-    "attention": ("services.attention.main", "an attention/prefill replica: KV cache and engine loop"),
-    "expert": ("services.expert.main", "an expert shard: routed experts of its placement slots"),
+    "router": ("epserve.services.router.main", "the public gRPC API: validation, admission, streaming"),
+    "attention": ("epserve.services.attention.main", "an attention/prefill replica: KV cache and engine loop"),
+    "expert": ("epserve.services.expert.main", "an expert shard: routed experts of its placement slots"),
 }
 
 
 def add_serve_parser(commands) -> None:
-    from services.lifecycle import add_common_flags, add_model_flags
+    from epserve.services.lifecycle import add_common_flags, add_model_flags
 
     serve = commands.add_parser("serve", help="run one service of a cluster", description=__doc__)
     kinds = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")

@@ -39,9 +39,9 @@ def add_up_parser(commands) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from services.cli import UsageError
-    from services.cluster.redis_server import EmbeddedRedis
-    from services.model.tiny import resolve_model
+    from epserve.services.cli import UsageError
+    from epserve.services.cluster.redis_server import EmbeddedRedis
+    from epserve.services.model.tiny import resolve_model
 
     try:
         resolve_model(args.model)                      # builds `tiny` once, before the children race for it
@@ -70,11 +70,11 @@ def run_up(args: argparse.Namespace) -> int:
 def _start_cluster(args, redis_url: str, cluster: str, children: list, stop: dict) -> None:
     import redis
 
-    from services.cluster.keys import Keys
-    from services.cluster.registry import Registry
+    from epserve.services.cluster.keys import Keys
+    from epserve.services.cluster.registry import Registry
 
     registry = Registry(redis.Redis.from_url(redis_url), Keys(cluster))
-    base = [sys.executable, "-m", "services.cli", "serve"]
+    base = [sys.executable, "-m", "epserve.services.cli", "serve"]
     common = ["--redis", redis_url, "--cluster", cluster, "--model", args.model] + (["--verbose"] if args.verbose else [])
     model = ["--expert-shards", str(args.expert_shards), "--redundant-experts", str(args.redundant_experts)]
     model += (["--device", args.device] if args.device else []) + (["--dtype", args.dtype] if args.dtype else [])

@@ -39,7 +39,7 @@ def private_model_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def redis_server():
     """One private redis-server (free loopback port, no persistence) for the whole session."""
-    from services.cluster.redis_server import EmbeddedRedis
+    from epserve.services.cluster.redis_server import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server
@@ -61,6 +61,6 @@ def cluster_keys():
     """Keys under a cluster name of this test's own."""
     import uuid
 
-    from services.cluster.keys import Keys
+    from epserve.services.cluster.keys import Keys
 
     return Keys(cluster=f"test-{uuid.uuid4().hex[:12]}")

@@ -17,8 +17,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from services.engine.engine import LLMEngine, RequestOutput
-from services.engine.sampling import InvalidParam, SamplingParams
+from epserve.services.engine.engine import LLMEngine, RequestOutput
+from epserve.services.engine.sampling import InvalidParam, SamplingParams
 
 log = logging.getLogger(__name__)
 

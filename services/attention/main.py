@@ -11,15 +11,15 @@ import logging
 import threading
 import time
 
-from services.attention.engine_loop import EngineLoop
-from services.attention.remote_experts import RemoteExperts
-from services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
-from services.cluster.grpc_server import start_aio_grpc_server
-from services.cluster.registry import Registry
-from services.cluster.state import RequestStore
-from services.cluster.transport import GrpcExpertTransport
-from services.engine.engine import EngineConfig, LLMEngine
-from services.lifecycle import advertised, device_and_dtype, service_placement, start_service
+from epserve.services.attention.engine_loop import EngineLoop
+from epserve.services.attention.remote_experts import RemoteExperts
+from epserve.services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
+from epserve.services.cluster.grpc_server import start_aio_grpc_server
+from epserve.services.cluster.registry import Registry
+from epserve.services.cluster.state import RequestStore
+from epserve.services.cluster.transport import GrpcExpertTransport
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.lifecycle import advertised, device_and_dtype, service_placement, start_service
 
 log = logging.getLogger("epserve.attention")
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.fp8_quant import fp8_quant
-from services.cluster.placement import Placement
-from services.cluster.tensor_codec import from_proto, to_proto
-from services.cluster.transport import ExpertTransport
-from services.model.moe import ExpertBackend
-from services.proto import expert_pb2
+from epserve.kernels.fp8_quant import fp8_quant
+from epserve.services.cluster.placement import Placement
+from epserve.services.cluster.tensor_codec import from_proto, to_proto
+from epserve.services.cluster.transport import ExpertTransport
+from epserve.services.model.moe import ExpertBackend
+from epserve.services.proto import expert_pb2
 
 WIRE_DTYPES = ("model", "fp8")
 FP8_GROUP = 128

@@ -15,11 +15,11 @@ import threading
 
 import grpc
 
-from services.attention.engine_loop import EngineLoop, StepError
-from services.engine.engine import RequestOutput
-from services.engine.sampling import InvalidParam
-from services.params import FINISH_REASONS, sampling_from_proto
-from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
+from epserve.services.attention.engine_loop import EngineLoop, StepError
+from epserve.services.engine.engine import RequestOutput
+from epserve.services.engine.sampling import InvalidParam
+from epserve.services.params import FINISH_REASONS, sampling_from_proto
+from epserve.services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 
 SERVICE_NAME = "epserve.v1.AttentionService"
 log = logging.getLogger(__name__)

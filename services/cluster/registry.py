@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from services.cluster.keys import Keys
+from epserve.services.cluster.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Sequence
 import redis
 import torch
 
-from services.cluster.keys import Keys
-from services.cluster.placement import EMPTY, Placement, build_placement
+from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.placement import EMPTY, Placement, build_placement
 
 
 def _text(value: bytes | str) -> str:

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from services.proto import tensor_pb2
+from epserve.services.proto import tensor_pb2
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

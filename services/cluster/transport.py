@@ -27,8 +27,8 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
-from services.proto import expert_pb2
+from epserve.services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
+from epserve.services.proto import expert_pb2
 
 DISPATCH_METHOD = "/{}/Dispatch".format(expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name)
 

@@ -1,7 +1,7 @@
 """Paged KV-cache blocks: allocated on demand as sequences grow, freed on finish, abort or preemption."""
 from __future__ import annotations
 
-from services.engine.sequence import Sequence
+from epserve.services.engine.sequence import Sequence
 
 
 class BlockManager:

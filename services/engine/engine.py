@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from services.engine.block_manager import BlockManager
-from services.engine.model_runner import ModelRunner
-from services.engine.sampling import InvalidParam, SamplingParams, draw_seed
-from services.engine.scheduler import Scheduler
-from services.engine.sequence import Sequence
-from services.engine.tokenizer import Tokenizer, load_tokenizer
-from services.model.deepseek_v3 import DeepseekV3ForCausalLM, load_model
-from services.model.moe import ExpertBackend
+from epserve.services.engine.block_manager import BlockManager
+from epserve.services.engine.model_runner import ModelRunner
+from epserve.services.engine.sampling import InvalidParam, SamplingParams, draw_seed
+from epserve.services.engine.scheduler import Scheduler
+from epserve.services.engine.sequence import Sequence
+from epserve.services.engine.tokenizer import Tokenizer, load_tokenizer
+from epserve.services.model.deepseek_v3 import DeepseekV3ForCausalLM, load_model
+from epserve.services.model.moe import ExpertBackend
 
 
 @dataclass

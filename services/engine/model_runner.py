@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.sampling import sample
-from services.engine.scheduler import ScheduledBatch
-from services.engine.sequence import Sequence
-from services.model.deepseek_v3 import DeepseekV3ForCausalLM
-from services.model.mla import ForwardBatch
+from epserve.services.engine.sampling import sample
+from epserve.services.engine.scheduler import ScheduledBatch
+from epserve.services.engine.sequence import Sequence
+from epserve.services.model.deepseek_v3 import DeepseekV3ForCausalLM
+from epserve.services.model.mla import ForwardBatch
 
 
 class ModelRunner:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from services.engine.block_manager import BlockManager
-from services.engine.sequence import Sequence, Status
+from epserve.services.engine.block_manager import BlockManager
+from epserve.services.engine.sequence import Sequence, Status
 
 
 @dataclass

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from services.cluster.grpc_server import start_grpc_server
-from services.cluster.registry import Registry
-from services.cluster.state import LoadStats
-from services.expert.shard import ExpertShard
-from services.lifecycle import advertised, device_and_dtype, service_placement, start_service
-from services.proto import expert_pb2_grpc
+from epserve.services.cluster.grpc_server import start_grpc_server
+from epserve.services.cluster.registry import Registry
+from epserve.services.cluster.state import LoadStats
+from epserve.services.expert.shard import ExpertShard
+from epserve.services.lifecycle import advertised, device_and_dtype, service_placement, start_service
+from epserve.services.proto import expert_pb2_grpc
 
 log = logging.getLogger("epserve.expert")
 SERVICE_NAME = "epserve.v1.ExpertService"

@@ -22,13 +22,13 @@ from typing import Callable
 import grpc
 import torch
 
-from kernels.fp8_quant import dequant_fp8
-from services.cluster.placement import EMPTY, Placement
-from services.cluster.tensor_codec import from_proto, to_proto
-from services.model.checkpoint import CheckpointReader
-from services.model.config import ModelConfig
-from services.model.moe import ExpertWeights, load_expert_weights
-from services.proto import expert_pb2, expert_pb2_grpc
+from epserve.kernels.fp8_quant import dequant_fp8
+from epserve.services.cluster.placement import EMPTY, Placement
+from epserve.services.cluster.tensor_codec import from_proto, to_proto
+from epserve.services.model.checkpoint import CheckpointReader
+from epserve.services.model.config import ModelConfig
+from epserve.services.model.moe import ExpertWeights, load_expert_weights
+from epserve.services.proto import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
 FP8_GROUP = 128

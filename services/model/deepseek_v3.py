@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.backend import use_triton
-from kernels.fused_moe import dequantize_block_fp8
-from services.model.checkpoint import SCALE_SUFFIX, CheckpointReader
-from services.model.config import ModelConfig
-from services.model.layers import MLP, Embedding, Linear, RMSNorm, RotaryEmbedding
-from services.model.mla import MLA, ForwardBatch
-from services.model.moe import ExpertBackend, LocalExperts, MoE
+from epserve.kernels.backend import use_triton
+from epserve.kernels.fused_moe import dequantize_block_fp8
+from epserve.services.model.checkpoint import SCALE_SUFFIX, CheckpointReader
+from epserve.services.model.config import ModelConfig
+from epserve.services.model.layers import MLP, Embedding, Linear, RMSNorm, RotaryEmbedding
+from epserve.services.model.mla import MLA, ForwardBatch
+from epserve.services.model.moe import ExpertBackend, LocalExperts, MoE
 
 
 class DecoderLayer(nn.Module):

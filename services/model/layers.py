@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.model.config import ModelConfig, RopeConfig, yarn_mscale
+from epserve.services.model.config import ModelConfig, RopeConfig, yarn_mscale
 
 
 class RMSNorm(nn.Module):
@@ -42,7 +42,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale_inv is None:
             return F.linear(x, self.weight)
-        from kernels.fp8_gemm import fp8_linear
+        from epserve.kernels.fp8_gemm import fp8_linear
         return fp8_linear(x, self.weight, self.weight_scale_inv)
 
 

@@ -4,7 +4,7 @@ The cache of one layer is ``[num_blocks, block_size, kv_lora_rank + qk_rope_head
 only the normalised latent ``c_kv`` and the roped shared key ``k_rope``. Two paths:
 
 - decode (one new token per sequence): weight-absorbed. ``q_nope`` is folded into the latent space
-  through W_UK, attention runs directly on the latent rows (``kernels.mla_decode``), and the result
+  through W_UK, attention runs directly on the latent rows (``epserve.kernels.mla_decode``), and the result
   goes back through W_UV. Nothing is decompressed.
 - prefill (several new tokens, possibly after a cached prefix, i.e. chunked prefill):
   decompressed. The sequence's latent rows are read back from the cache, expanded by ``kv_b_proj``
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.mla_decode import mla_decode
-from services.model.config import ModelConfig
-from services.model.layers import Linear, RMSNorm, RotaryEmbedding
+from epserve.kernels.mla_decode import mla_decode
+from epserve.services.model.config import ModelConfig
+from epserve.services.model.layers import Linear, RMSNorm, RotaryEmbedding
 
 
 @dataclass

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fused_moe import dequantize_block_fp8, fused_moe
-from kernels.gate_topk import gate_topk
-from services.model.checkpoint import SCALE_SUFFIX, CheckpointReader
-from services.model.config import ModelConfig
-from services.model.layers import MLP
+from epserve.kernels.fused_moe import dequantize_block_fp8, fused_moe
+from epserve.kernels.gate_topk import gate_topk
+from epserve.services.model.checkpoint import SCALE_SUFFIX, CheckpointReader
+from epserve.services.model.config import ModelConfig
+from epserve.services.model.layers import MLP
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from services.model.config import ModelConfig
+from epserve.services.model.config import ModelConfig
 
 TINY_VERSION = 1
 TINY_SEED = 1234

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from services.proto import attention_pb2 as epserve_dot_v1_dot_attention__pb2
-from services.proto import generation_pb2 as epserve_dot_v1_dot_generation__pb2
+from epserve.services.proto import attention_pb2 as epserve_dot_v1_dot_attention__pb2
+from epserve.services.proto import generation_pb2 as epserve_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -22,7 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from services.proto import tensor_pb2 as epserve_dot_v1_dot_tensor__pb2
+from epserve.services.proto import tensor_pb2 as epserve_dot_v1_dot_tensor__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65pserve/v1/expert.proto\x12\nepserve.v1\x1a\x17\x65pserve/v1/tensor.proto\"\xe9\x01\n\x0f\x44ispatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.epserve.v1.Tensor\x12\"\n\x06scales\x18\x04 \x01(\x0b\x32\x12.epserve.v1.Tensor\x12&\n\ntopk_slots\x18\x05 \x01(\x0b\x32\x12.epserve.v1.Tensor\x12(\n\x0ctopk_weights\x18\x06 \x01(\x0b\x32\x12.epserve.v1.Tensor\x12\x19\n\x11placement_version\x18\x07 \x01(\x03\"I\n\x0f\x43ombineResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.epserve.v1.Tensor\"&\n\x10ShardInfoRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x92\x01\n\tShardInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08shard_id\x18\x02 \x01(\x05\x12\x19\n\x11placement_version\x18\x03 \x01(\x03\x12\x17\n\x0fslots_per_layer\x18\x04 \x01(\x05\x12+\n\x0ftokens_per_slot\x18\x05 \x01(\x0b\x32\x12.epserve.v1.Tensor2\x9e\x01\n\rExpertService\x12H\n\x08\x44ispatch\x12\x1b.epserve.v1.DispatchRequest\x1a\x1b.epserve.v1.CombineResponse(\x01\x30\x01\x12\x43\n\x0cGetShardInfo\x12\x1c.epserve.v1.ShardInfoRequest\x1a\x15.epserve.v1.ShardInfob\x06proto3')

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from services.cluster.registry import Registry, ServiceInfo
+from epserve.services.cluster.registry import Registry, ServiceInfo
 
 
 class QueueFull(Exception):

@@ -7,15 +7,15 @@ import uuid
 
 import grpc
 
-from services.cluster.grpc_server import start_aio_grpc_server
-from services.cluster.registry import Registry
-from services.cluster.state import PlacementStore, RequestStore
-from services.engine.tokenizer import load_tokenizer
-from services.lifecycle import advertised, start_service
-from services.router.admission import Admission
-from services.router.auth import ApiKeyInterceptor, read_api_keys
-from services.router.service import SERVICE_NAME, GenerationServicer, add_to_server
-from services.router.validation import Limits
+from epserve.services.cluster.grpc_server import start_aio_grpc_server
+from epserve.services.cluster.registry import Registry
+from epserve.services.cluster.state import PlacementStore, RequestStore
+from epserve.services.engine.tokenizer import load_tokenizer
+from epserve.services.lifecycle import advertised, start_service
+from epserve.services.router.admission import Admission
+from epserve.services.router.auth import ApiKeyInterceptor, read_api_keys
+from epserve.services.router.service import SERVICE_NAME, GenerationServicer, add_to_server
+from epserve.services.router.validation import Limits
 
 log = logging.getLogger("epserve.router")
 

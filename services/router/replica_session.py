@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
-from services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
+from epserve.services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
+from epserve.services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
-from services.cluster.state import DuplicateRequest, PlacementStore, RequestRecord, RequestStore
-from services.engine.sampling import InvalidParam, draw_seed
-from services.engine.tokenizer import IncrementalDecoder, Tokenizer
-from services.params import FINISH_REASON_NAMES, sampling_to_proto
-from services.proto import attention_pb2, generation_pb2, generation_pb2_grpc
-from services.router.admission import Admission, NoReplicas, QueueFull, Replica
-from services.router.replica_session import ReplicaSessions, SessionBroken
-from services.router.validation import Limits, validate_request
+from epserve.services.cluster.state import DuplicateRequest, PlacementStore, RequestRecord, RequestStore
+from epserve.services.engine.sampling import InvalidParam, draw_seed
+from epserve.services.engine.tokenizer import IncrementalDecoder, Tokenizer
+from epserve.services.params import FINISH_REASON_NAMES, sampling_to_proto
+from epserve.services.proto import attention_pb2, generation_pb2, generation_pb2_grpc
+from epserve.services.router.admission import Admission, NoReplicas, QueueFull, Replica
+from epserve.services.router.replica_session import ReplicaSessions, SessionBroken
+from epserve.services.router.validation import Limits, validate_request
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "epserve.v1.GenerationService"

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.engine.sampling import InvalidParam, SamplingParams
-from services.engine.tokenizer import Tokenizer
-from services.params import sampling_from_proto
-from services.proto import generation_pb2
+from epserve.services.engine.sampling import InvalidParam, SamplingParams
+from epserve.services.engine.tokenizer import Tokenizer
+from epserve.services.params import sampling_from_proto
+from epserve.services.proto import generation_pb2
 
 MAX_REQUEST_ID_CHARS = 128
 

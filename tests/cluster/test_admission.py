@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from services.cluster.registry import Registry
-from services.router.admission import Admission, NoReplicas, QueueFull, WaitCancelled
+from epserve.services.cluster.registry import Registry
+from epserve.services.router.admission import Admission, NoReplicas, QueueFull, WaitCancelled
 
 pytestmark = pytest.mark.integration
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.attention.remote_experts import RemoteExperts
-from services.cluster.grpc_server import GrpcServer, start_grpc_server
-from services.cluster.placement import EMPTY, Placement, build_placement
-from services.cluster.tensor_codec import from_proto, to_proto
-from services.cluster.transport import ExpertShardError, GrpcExpertTransport
-from services.engine.engine import EngineConfig, LLMEngine
-from services.expert.shard import ExpertShard
-from services.model.checkpoint import CheckpointReader
-from services.model.config import ModelConfig
-from services.model.moe import LocalExperts
-from services.proto import expert_pb2, expert_pb2_grpc, tensor_pb2
+from epserve.services.attention.remote_experts import RemoteExperts
+from epserve.services.cluster.grpc_server import GrpcServer, start_grpc_server
+from epserve.services.cluster.placement import EMPTY, Placement, build_placement
+from epserve.services.cluster.tensor_codec import from_proto, to_proto
+from epserve.services.cluster.transport import ExpertShardError, GrpcExpertTransport
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.expert.shard import ExpertShard
+from epserve.services.model.checkpoint import CheckpointReader
+from epserve.services.model.config import ModelConfig
+from epserve.services.model.moe import LocalExperts
+from epserve.services.proto import expert_pb2, expert_pb2_grpc, tensor_pb2
 from tests.hf_models import PARITY_PROMPTS, greedy_with_logits
 
 pytestmark = pytest.mark.integration
@@ -317,7 +317,7 @@ def test_many_requests_in_flight_from_many_threads(uneven, config):
 
 
 def test_fp8_checkpoint_shards_keep_fp8_and_read_only_their_experts(hf_checkpoints, tmp_path):
-    from services.model.checkpoint import write_fp8_checkpoint
+    from epserve.services.model.checkpoint import write_fp8_checkpoint
 
     fp8 = tmp_path / "fp8"
     write_fp8_checkpoint(hf_checkpoints[MODEL], fp8, num_shards=3)

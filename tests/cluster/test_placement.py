@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from services.cluster.placement import EMPTY, Placement, build_placement
+from epserve.services.cluster.placement import EMPTY, Placement, build_placement
 
 pytestmark = pytest.mark.unit
 

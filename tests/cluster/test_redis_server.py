@@ -5,7 +5,7 @@ import tempfile
 import pytest
 import redis
 
-from services.cluster.redis_server import EmbeddedRedis, find_redis_server
+from epserve.services.cluster.redis_server import EmbeddedRedis, find_redis_server
 
 pytestmark = pytest.mark.integration
 

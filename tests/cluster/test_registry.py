@@ -5,8 +5,8 @@ import time
 import pytest
 import redis
 
-from services.cluster.redis_server import EmbeddedRedis
-from services.cluster.registry import Registry, ServiceInfo
+from epserve.services.cluster.redis_server import EmbeddedRedis
+from epserve.services.cluster.registry import Registry, ServiceInfo
 
 pytestmark = pytest.mark.integration
 

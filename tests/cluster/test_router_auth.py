@@ -3,9 +3,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cluster.grpc_server import start_aio_grpc_server
-from services.proto import generation_pb2, generation_pb2_grpc
-from services.router.auth import ApiKeyInterceptor, read_api_keys
+from epserve.services.cluster.grpc_server import start_aio_grpc_server
+from epserve.services.proto import generation_pb2, generation_pb2_grpc
+from epserve.services.router.auth import ApiKeyInterceptor, read_api_keys
 
 pytestmark = pytest.mark.integration
 

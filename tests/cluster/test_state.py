@@ -6,8 +6,8 @@ import pytest
 import redis
 import torch
 
-from services.cluster.placement import EMPTY, build_placement
-from services.cluster.state import (DuplicateRequest, LoadStats, PlacementStore, RequestRecord, RequestStore,
+from epserve.services.cluster.placement import EMPTY, build_placement
+from epserve.services.cluster.state import (DuplicateRequest, LoadStats, PlacementStore, RequestRecord, RequestStore,
                                     choose_placement, read_load_profile)
 
 pytestmark = pytest.mark.integration

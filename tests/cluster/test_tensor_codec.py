@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from services.cluster.tensor_codec import DTYPES, from_proto, to_proto
-from services.proto import tensor_pb2
+from epserve.services.cluster.tensor_codec import DTYPES, from_proto, to_proto
+from epserve.services.proto import tensor_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from services.cli import build_parser
-from services.cluster.state import read_load_profile
-from services.router.auth import read_api_keys
+from epserve.services.cli import build_parser
+from epserve.services.cluster.state import read_load_profile
+from epserve.services.router.auth import read_api_keys
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ from ray import serve
 from ray.serve.config import ProxyLocation
 from ray.serve.schema import ServeDeploySchema
 
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
-from services.model.tiny import tiny_model_path
-from services.ray_app import Attention, ClusterArgs, ExpertShard, Router, build_app
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
+from epserve.services.model.tiny import tiny_model_path
+from epserve.services.ray_app import Attention, ClusterArgs, ExpertShard, Router, build_app
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,7 @@ def test_config_file_is_a_serve_config_with_a_gpu_per_shard_and_attention_replic
     config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG_FILE.read_text()))
     assert config.proxy_location == ProxyLocation.Disabled
     (app,) = config.applications
-    assert app.import_path == "services.ray_app:build_app"
+    assert app.import_path == "epserve.services.ray_app:build_app"
     args = ClusterArgs.model_validate(app.args)
     assert args.expert_shards == 8 and args.redundant_experts > 0 and args.redis_url
     options = {d.name: d.ray_actor_options for d in app.deployments}
@@ -82,7 +82,7 @@ def test_serve_app_generates_the_engine_tokens_through_the_sdk_and_leaves_no_pro
     assert got == expected
 
     spawned = _descendants(os.getpid()) - local_ray
-    services = [p for p in spawned if b"services.cli\x00serve" in _cmdline(p)]
+    services = [p for p in spawned if b"epserve.services.cli\x00serve" in _cmdline(p)]
     assert len(services) == 4                        # 2 expert shards, attention, router
     serve.shutdown()
     ray.shutdown()

@@ -20,13 +20,13 @@ import redis
 import torch
 from epserve_client import Client, InvalidArgument
 
-from services.cluster.keys import Keys
-from services.cluster.registry import Registry
-from services.cluster.state import PlacementStore, RequestStore
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
-from services.cluster.tensor_codec import from_proto
-from services.proto import attention_pb2, attention_pb2_grpc, expert_pb2, expert_pb2_grpc
+from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.registry import Registry
+from epserve.services.cluster.state import PlacementStore, RequestStore
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
+from epserve.services.cluster.tensor_codec import from_proto
+from epserve.services.proto import attention_pb2, attention_pb2_grpc, expert_pb2, expert_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,7 @@ class UpCluster:
 
     def __init__(self, model_dir, attention: int, shards: int, redundant: int, micro_batch_min_tokens: int = 1):
         self.port = _free_port()
-        command = [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--dtype", "float32",
+        command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", str(model_dir), "--dtype", "float32",
                    "--attention", str(attention), "--expert-shards", str(shards),
                    "--redundant-experts", str(redundant), "--port", str(self.port),
                    "--micro-batch-min-tokens", str(micro_batch_min_tokens)]
@@ -188,7 +188,7 @@ def test_sigterm_leaves_no_child_process(model_dir):
 
 
 def test_cli_generate_through_the_endpoint(cluster, expected):
-    base = [sys.executable, "-m", "services.cli", "generate", "--endpoint", cluster.endpoint,
+    base = [sys.executable, "-m", "epserve.services.cli", "generate", "--endpoint", cluster.endpoint,
             "--prompt-ids", ",".join(map(str, PROMPTS[5])), "--max-tokens", str(MAX_TOKENS)]
     out = subprocess.run(base + ["--temperature", "0", "--ignore-eos", "--json"], capture_output=True, text=True,
                          timeout=120)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import InvalidParam, SamplingParams
-from services.engine.scheduler import ScheduledBatch
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import InvalidParam, SamplingParams
+from epserve.services.engine.scheduler import ScheduledBatch
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from services.engine.sampling import (
+from epserve.services.engine.sampling import (
     InvalidParam,
     SamplingParams,
     draw_seed,

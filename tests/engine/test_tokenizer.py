@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from services.engine.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, Tokenizer, load_tokenizer
+from epserve.services.engine.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, Tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.unit
 

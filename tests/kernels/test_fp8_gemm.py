@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from kernels import backend
-from kernels.fp8_gemm import (
+from epserve.kernels import backend
+from epserve.kernels.fp8_gemm import (
     GemmConfig, dequant_weight, fp8_block_gemm, fp8_block_gemm_reference, fp8_gemm, fp8_linear, pick_config,
 )
-from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, dequant_fp8, per_token_group_quant_fp8_reference
+from epserve.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, dequant_fp8, per_token_group_quant_fp8_reference
 
 pytestmark = pytest.mark.unit
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import backend
-from kernels.fp8_quant import (
+from epserve.kernels import backend
+from epserve.kernels.fp8_quant import (
     FP8_DTYPE, FP8_MAX, SCALE_FLOOR, dequant_fp8, fp8_quant, per_token_group_quant_fp8,
     per_token_group_quant_fp8_reference,
 )

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import backend
-from kernels.fused_moe import (
+from epserve.kernels import backend
+from epserve.kernels.fused_moe import (
     dequantize_block_fp8,
     fused_moe,
     fused_moe_batched,
@@ -12,7 +12,7 @@ from kernels.fused_moe import (
     fused_moe_triton,
     moe_align_block_size,
 )
-from kernels.moe_align import moe_align, moe_align_padded, moe_align_reference
+from epserve.kernels.moe_align import moe_align, moe_align_padded, moe_align_reference
 
 pytestmark = pytest.mark.unit
 
@@ -189,14 +189,14 @@ def test_reference_fp8_vs_naive_loop_on_dequantised():
 @pytest.mark.parametrize("T,D,I,E,K,drop", [(1, 16, 8, 4, 1, 0.0), (9, 24, 20, 6, 3, 0.3), (13, 32, 16, 8, 8, 0.0),
                                           (32, 64, 32, 17, 4, 0.5)])
 def test_batched_vs_naive_loop(T, D, I, E, K, drop, monkeypatch):
-    import kernels.fused_moe as mod
+    import epserve.kernels.fused_moe as mod
     monkeypatch.setattr(mod, "fused_moe_reference", None)     # the batched path itself, no fallback
     args, _ = make_moe(T, D, I, E, K, torch.float32, drop=drop, device="cpu")
     assert_close_rel(fused_moe_batched(*args).double(), naive_moe(*args), 1e-5)
 
 
 def test_batched_falls_back_beyond_its_copy_limit(monkeypatch):
-    import kernels.fused_moe as mod
+    import epserve.kernels.fused_moe as mod
     args, _ = make_moe(8, 32, 16, 8, 2, torch.float32, device="cpu")
     args[5][:, :] = torch.tensor([0, 1])                       # 2 of 8 experts hit: their weights are copied
     monkeypatch.setattr(mod, "COPY_LIMIT_BYTES", 0)
@@ -304,7 +304,7 @@ def test_fp8_rejects_tiles_straddling_scale_blocks():
 def test_dispatch_follows_backend(monkeypatch):
     args, _ = make_moe(6, 32, 32, 4, 2, torch.float32)
     calls = []
-    import kernels.fused_moe as mod
+    import epserve.kernels.fused_moe as mod
     monkeypatch.setattr(mod, "fused_moe_triton", lambda *a, **k: calls.append("triton") or mod.fused_moe_batched(*a, **k))
     try:
         backend.set_backend("torch")

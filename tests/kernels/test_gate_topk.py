@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import backend
-from kernels.gate_topk import gate_topk, grouped_topk, grouped_topk_reference
+from epserve.kernels import backend
+from epserve.kernels.gate_topk import gate_topk, grouped_topk, grouped_topk_reference
 
 pytestmark = pytest.mark.unit
 

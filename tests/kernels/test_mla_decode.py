@@ -3,8 +3,8 @@ reference, and the reference vs a naive per-sequence, per-head loop."""
 import pytest
 import torch
 
-from kernels import backend
-from kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton
+from epserve.kernels import backend
+from epserve.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton
 
 pytestmark = pytest.mark.unit
 

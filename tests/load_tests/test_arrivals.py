@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from load_tests.arrivals import arrival_times
-from load_tests.workloads import (
+from epserve.load_tests.arrivals import arrival_times
+from epserve.load_tests.workloads import (
     LengthDist,
     make_sharegpt,
     prefix_requests,

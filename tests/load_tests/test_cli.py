@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from load_tests.cli import main
+from epserve.load_tests.cli import main
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from load_tests.cli import main
-from load_tests.results import SCHEMA
+from epserve.load_tests.cli import main
+from epserve.load_tests.results import SCHEMA
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ class Up:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--model", "tiny", "--port", str(self.port)],
+            [sys.executable, "-m", "epserve.services.cli", "up", "--model", "tiny", "--port", str(self.port)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
         for line in self.process.stdout:

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from load_tests.fault import Fault, analyse
-from load_tests.metrics import RequestRecord, parse_slo, stats_ms, summarize
+from epserve.load_tests.fault import Fault, analyse
+from epserve.load_tests.metrics import RequestRecord, parse_slo, stats_ms, summarize
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from load_tests.cli import main
+from epserve.load_tests.cli import main
 
 pytestmark = pytest.mark.integration
 

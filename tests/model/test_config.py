@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from services.model.config import ModelConfig
+from epserve.services.model.config import ModelConfig
 
 pytestmark = pytest.mark.unit
 

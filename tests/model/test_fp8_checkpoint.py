@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kernels.fused_moe import dequantize_block_fp8
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
-from services.model.checkpoint import SCALE_SUFFIX, CheckpointReader, quantize_block_fp8, write_fp8_checkpoint
-from services.model.config import ModelConfig
-from services.model.moe import load_expert_weights
+from epserve.kernels.fused_moe import dequantize_block_fp8
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
+from epserve.services.model.checkpoint import SCALE_SUFFIX, CheckpointReader, quantize_block_fp8, write_fp8_checkpoint
+from epserve.services.model.config import ModelConfig
+from epserve.services.model.moe import load_expert_weights
 from tests.hf_models import hf_greedy
 
 pytestmark = pytest.mark.integration
@@ -71,9 +71,9 @@ def test_selective_loading_reads_only_requested_experts(fp8_dirs):
 
 
 def test_loading_without_routed_experts_reads_no_expert_tensor(fp8_dirs):
-    from services.model.deepseek_v3 import DeepseekV3ForCausalLM
-    from services.model.layers import RotaryEmbedding
-    from services.model.moe import LocalExperts
+    from epserve.services.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from epserve.services.model.layers import RotaryEmbedding
+    from epserve.services.model.moe import LocalExperts
 
     fp8, _ = fp8_dirs
     config = ModelConfig.from_hf(fp8)
@@ -87,8 +87,8 @@ def test_loading_without_routed_experts_reads_no_expert_tensor(fp8_dirs):
 
 
 def test_mtp_layer_of_the_builtin_model_loads():
-    from services.model.deepseek_v3 import load_model
-    from services.model.tiny import tiny_model_path
+    from epserve.services.model.deepseek_v3 import load_model
+    from epserve.services.model.tiny import tiny_model_path
 
     model = load_model(tiny_model_path(), dtype=torch.float32)
     n = model.config.num_hidden_layers

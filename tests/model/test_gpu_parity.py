@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
 from tests.hf_models import PARITY_PROMPTS, TINY_CONFIGS, hf_greedy
 
 pytestmark = pytest.mark.gpu

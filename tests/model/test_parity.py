@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.engine import EngineConfig, LLMEngine
 from tests.hf_models import PARITY_PROMPTS, TINY_CONFIGS, greedy_with_logits, hf_greedy
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ def test_cli_greedy_matches_transformers(hf_checkpoints):
     path = hf_checkpoints["groups_yarn"]
     prompt = PROMPTS[1]
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "generate", "--model", str(path), "--prompt-ids",
+        [sys.executable, "-m", "epserve.services.cli", "generate", "--model", str(path), "--prompt-ids",
          ",".join(map(str, prompt)), "--max-tokens", str(NEW_TOKENS), "--temperature", "0", "--ignore-eos",
          "--json", "--dtype", "float32", "--device", "cpu"],
         capture_output=True, text=True, check=True, timeout=300,

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels import backend
-from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling import SamplingParams
+from epserve.kernels import backend
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.sampling import SamplingParams
 from tests.hf_models import hf_greedy
 
 pytestmark = pytest.mark.integration

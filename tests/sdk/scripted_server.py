@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.proto import generation_pb2 as pb
-from services.proto import generation_pb2_grpc as pb_grpc
+from epserve.services.proto import generation_pb2 as pb
+from epserve.services.proto import generation_pb2_grpc as pb_grpc
 
 MODEL_INFO = pb.ModelInfo(model="tiny", vocab_size=512, max_context=256, kv_cache_bytes_per_token=2304,
                           attention_replicas=2, expert_shards=4, placement_version=3, eos_token_ids=[1, 2])

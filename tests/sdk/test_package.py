@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_imports_only_grpc_protobuf_and_stdlib():
-    """Importing the SDK adds only its own, grpc, protobuf and stdlib modules; never torch or services."""
+    """Importing the SDK adds only its own, grpc, protobuf and stdlib modules; never torch or the server (epserve)."""
     code = (
         "import sys, json, grpc, google.protobuf; before = set(sys.modules); import epserve_client; "
         "print(json.dumps({'added': sorted(set(sys.modules) - before), 'all': sorted(sys.modules)}))"
@@ -23,7 +23,7 @@ def test_imports_only_grpc_protobuf_and_stdlib():
     foreign = [m for m in out["added"] if m.split(".")[0] not in sys.stdlib_module_names
                and m.split(".")[0] not in {"epserve_client", "grpc"} and not m.startswith(("google.protobuf", "google._upb"))]
     assert foreign == [] and "epserve_client.aio" in out["added"]
-    assert not {m.split(".")[0] for m in out["all"]} & {"torch", "numpy", "services", "kernels", "load_tests"}
+    assert not {m.split(".")[0] for m in out["all"]} & {"torch", "numpy", "epserve", "services", "kernels", "load_tests"}
 
 
 @pytest.mark.parametrize("kwargs, match", [

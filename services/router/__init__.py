@@ -1,0 +1,1 @@
+"""The public API: validation, admission, replica sessions, streaming."""
