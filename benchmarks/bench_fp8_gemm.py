@@ -2,9 +2,10 @@
 
     python -m benchmarks.bench_fp8_gemm [--device cuda] [--m 1 64 512 4096] [--csv out.csv]
 
-Rows per (M, N, K): ``quant`` (per_token_group_quant_fp8 of [M, K] bf16: Triton vs torch
-reference, GB/s), ``gemm`` (fp8_block_gemm vs a torch bf16 matmul on the dequantised weight and
-vs fp8_block_gemm_reference, which the CPU model runs; TFLOP/s and GB/s) and ``linear`` (fp8_linear: quant + gemm). Peak fractions are for an H100 SXM:
+Rows per (M, N, K): ``quant`` (fp8_quant_triton of [M, K] bf16 vs fp8_quant_reference, GB/s),
+``gemm`` (fp8_gemm_triton vs a torch bf16 matmul on the dequantised weight and vs
+fp8_gemm_reference, which the CPU model runs; TFLOP/s and GB/s) and ``linear`` (fp8_linear: quant
++ gemm). Peak fractions are for an H100 SXM:
 3.35 TB/s HBM, 1979 FP8 / 989 BF16 dense TFLOP/s. On the CPU only the torch providers run unless
 ``--triton`` is given (the interpreter is far too slow to time meaningfully).
 """
@@ -12,8 +13,10 @@ import torch
 
 from benchmarks.common import H100_HBM_BYTES_PER_S, H100_PEAK_FLOPS, bench_parser, print_table, time_ms, write_csv
 from epserve.kernels.backend import use_triton
-from epserve.kernels.fp8_gemm import dequant_weight, fp8_block_gemm, fp8_block_gemm_reference, fp8_linear
-from epserve.kernels.fp8_quant import FP8_DTYPE, per_token_group_quant_fp8, per_token_group_quant_fp8_reference
+from epserve.kernels.fp8 import (
+    FP8_BLOCK, FP8_DTYPE, FP8_MAX, fp8_quant_reference, fp8_quant_triton, fp8_weight_dequant,
+)
+from epserve.kernels.fp8_gemm import fp8_gemm_reference, fp8_gemm_triton, fp8_linear
 
 V3_SHAPES = [(7168, 2048), (24576, 1536), (2112, 7168)]  # (N, K): o_proj-like, q_b_proj, fused q_a/kv_a
 COLUMNS = ["op", "M", "N", "K", "provider", "ms", "TFLOP/s", "GB/s", "%peak_flops", "%hbm"]
@@ -31,27 +34,26 @@ def report_row(op, M, N, K, provider, ms, flops, nbytes, peak_key, device) -> di
 
 def random_fp8_weight(N: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``w_q [N, K]`` e4m3 and ``w_scale [ceil(N/128), ceil(K/128)]``, as in a checkpoint."""
-    w_q = (torch.randn(N, K, device=device) * 64).clamp(-448, 448).to(FP8_DTYPE)
-    w_scale = torch.rand(-(-N // 128), -(-K // 128), device=device) * 1e-3 + 1e-4
+    w_q = (torch.randn(N, K, device=device) * 64).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    w_scale = torch.rand(-(-N // FP8_BLOCK), -(-K // FP8_BLOCK), device=device) * 1e-3 + 1e-4
     return w_q, w_scale
 
 
 def bench_shape(M: int, N: int, K: int, device: torch.device, run_triton: bool, iters: int) -> list[dict]:
     x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
     w_q, w_scale = random_fp8_weight(N, K, device)
-    w_bf16 = dequant_weight(w_q, w_scale, torch.bfloat16)
-    a_q, a_scale = per_token_group_quant_fp8_reference(x)
+    w_bf16 = fp8_weight_dequant(w_q, w_scale, torch.bfloat16)
+    a_q, a_scale = fp8_quant_reference(x)
     flops = 2 * M * N * K
     quant_bytes = M * K * 2 + M * K + a_scale.numel() * 4
     fp8_bytes = M * K + N * K + (a_scale.numel() + w_scale.numel()) * 4 + M * N * 2
     bf16_bytes = 2 * (M * K + N * K + M * N)
-    cases = [("quant", "torch", lambda: per_token_group_quant_fp8_reference(x), 0, quant_bytes, "fp8"),
+    cases = [("quant", "torch", lambda: fp8_quant_reference(x), 0, quant_bytes, "fp8"),
              ("gemm", "torch-bf16", lambda: x @ w_bf16.T, flops, bf16_bytes, "bf16"),
-             ("gemm", "torch-ref", lambda: fp8_block_gemm_reference(a_q, a_scale, w_q, w_scale), flops, fp8_bytes,
-              "fp8")]
+             ("gemm", "torch-ref", lambda: fp8_gemm_reference(a_q, a_scale, w_q, w_scale), flops, fp8_bytes, "fp8")]
     if run_triton:
-        cases += [("quant", "triton", lambda: per_token_group_quant_fp8(x), 0, quant_bytes, "fp8"),
-                  ("gemm", "triton-fp8", lambda: fp8_block_gemm(a_q, a_scale, w_q, w_scale), flops, fp8_bytes, "fp8"),
+        cases += [("quant", "triton", lambda: fp8_quant_triton(x), 0, quant_bytes, "fp8"),
+                  ("gemm", "triton-fp8", lambda: fp8_gemm_triton(a_q, a_scale, w_q, w_scale), flops, fp8_bytes, "fp8"),
                   ("linear", "triton-fp8" if use_triton(x) else "torch-ref",  # fp8_linear dispatches on x
                    lambda: fp8_linear(x, w_q, w_scale), flops, fp8_bytes + quant_bytes, "fp8")]
     rows = []

@@ -1,4 +1,4 @@
-"""Fused MoE benchmark: Triton vs the torch paths (per-expert reference, batched) on DeepSeek-V3 shapes.
+"""Fused MoE benchmark: Triton vs the torch paths (reference, batched torch) on DeepSeek-V3 shapes.
 
     python -m benchmarks.bench_fused_moe                       # CUDA if present, else small CPU run
     python -m benchmarks.bench_fused_moe --tokens 1 64 --modes fp8 --csv moe.csv
@@ -14,9 +14,8 @@ import argparse
 import torch
 
 from benchmarks.common import H100_HBM_BYTES_PER_S, H100_PEAK_FLOPS, bench_parser, print_table, time_ms, write_csv
-from epserve.kernels.fused_moe import fused_moe_batched, fused_moe_reference, fused_moe_triton
-
-FP8 = torch.float8_e4m3fn
+from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE
+from epserve.kernels.fused_moe import fused_moe_reference, fused_moe_torch, fused_moe_triton
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,8 +42,8 @@ def make_weights(E: int, D: int, I: int, mode: str, device: str) -> tuple[list, 
     shapes = ((I, D), (I, D), (D, I))
     if mode == "bf16":
         return [torch.randn(E, n, k, dtype=torch.bfloat16, device=device) / k ** 0.5 for n, k in shapes], {}
-    weights = [torch.randn(E, n, k, dtype=torch.bfloat16, device=device).to(FP8) for n, k in shapes]
-    scales = [torch.full((E, -(-n // 128), -(-k // 128)), k ** -0.5, device=device) for n, k in shapes]
+    weights = [torch.randn(E, n, k, dtype=torch.bfloat16, device=device).to(FP8_DTYPE) for n, k in shapes]
+    scales = [torch.full((E, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), k ** -0.5, device=device) for n, k in shapes]
     return weights, dict(zip(("w_gate_scale", "w_up_scale", "w_down_scale"), scales))
 
 
@@ -66,7 +65,7 @@ def bench_case(args, T: int, mode: str, weights: list, scales: dict) -> list[dic
         providers["triton"] = lambda: fused_moe_triton(*call, **scales)
     if not args.no_reference:
         providers["torch"] = lambda: fused_moe_reference(*call, **scales)
-        providers["torch-batched"] = lambda: fused_moe_batched(*call, **scales)
+        providers["torch-batched"] = lambda: fused_moe_torch(*call, **scales)
 
     hit = torch.unique(topk_ids).numel()
     weight_bytes = hit * 3 * D * I * weights[0].element_size()

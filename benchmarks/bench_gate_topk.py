@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_gate_topk [--device cuda] [--t 1 16 256 4096] [--csv out.csv]
 
-Runs grouped_topk (Triton) against grouped_topk_reference (torch) on the same router logits
+Runs gate_topk_triton against gate_topk_reference (torch) on the same router logits
 (default V3 shape: E=256, n_group=8, topk_group=4, top_k=8). The op is memory/launch bound:
 bytes = logits + bias read + weights and ids written; %hbm is against 3.35 TB/s. On the CPU only
 the torch reference runs unless ``--triton`` is given.
@@ -10,7 +10,7 @@ the torch reference runs unless ``--triton`` is given.
 import torch
 
 from benchmarks.common import H100_HBM_BYTES_PER_S, bench_parser, print_table, time_ms, write_csv
-from epserve.kernels.gate_topk import grouped_topk, grouped_topk_reference
+from epserve.kernels.gate_topk import gate_topk_reference, gate_topk_triton
 
 COLUMNS = ["T", "E", "n_group", "topk_group", "top_k", "provider", "ms", "us/token", "GB/s", "%hbm"]
 
@@ -21,7 +21,7 @@ def bench_tokens(T: int, E: int, n_group: int, topk_group: int, top_k: int, devi
     bias = torch.randn(E, device=device) * 0.1
     args = (logits, bias, n_group, topk_group, top_k, 2.5, True)
     nbytes = T * E * 4 + E * 4 + T * top_k * 8
-    providers = [("torch", grouped_topk_reference)] + ([("triton", grouped_topk)] if run_triton else [])
+    providers = [("torch", gate_topk_reference)] + ([("triton", gate_topk_triton)] if run_triton else [])
     rows = []
     for name, fn in providers:
         ms = time_ms(lambda: fn(*args), device, iters, graph_calls=1, flush_l2=True)

@@ -22,12 +22,13 @@ import time
 import torch
 
 from benchmarks.common import print_table, write_csv
+from epserve.kernels.fp8 import FP8_BLOCK
 from epserve.services.attention.remote_experts import RemoteExperts
 from epserve.services.cluster.grpc_server import start_grpc_server
 from epserve.services.cluster.placement import build_placement
 from epserve.services.cluster.transport import GrpcExpertTransport
 from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 from epserve.services.expert.shard import ExpertShard
 from epserve.services.model.config import ModelConfig
 from epserve.services.model.tiny import resolve_model
@@ -76,7 +77,7 @@ def measure(path, placement, wire: str, dtype: torch.dtype, prompts, steps: int)
         transport = GrpcExpertTransport(addresses)
         try:
             backend = RemoteExperts(placement, transport, wire_dtype=wire)
-            engine = LLMEngine.from_path(path, EngineConfig(num_kv_blocks=4096, max_num_seqs=len(prompts)),
+            engine = LLMEngine.from_path(path, EngineConfig(num_kv_blocks=4096, max_num_seqs=len(prompts), micro_batches=1),
                                          dtype=dtype, backend=backend)
             tok_s = decode_steps(engine, prompts, steps, backend)
         finally:
@@ -84,7 +85,7 @@ def measure(path, placement, wire: str, dtype: torch.dtype, prompts, steps: int)
     sent, received, _ = transport.stats.totals()
     tokens, shards_per_token = backend.stats.tokens, backend.stats.token_shards / backend.stats.tokens
     fp8 = wire == "fp8"
-    ideal_dispatch = (d + -(-d // 128) * 4 if fp8 else d * dtype.itemsize) * shards_per_token
+    ideal_dispatch = (d + -(-d // FP8_BLOCK) * 4 if fp8 else d * dtype.itemsize) * shards_per_token
     ideal_combine = d * dtype.itemsize * shards_per_token
     return {"wire": "fp8" if fp8 else str(dtype).removeprefix("torch."),
             "shards/token": round(shards_per_token, 2),

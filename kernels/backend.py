@@ -1,12 +1,14 @@
-"""The one switch between Triton kernels and their pure-torch references.
+"""The one switch between each kernel's Triton path and its torch path, and what every kernel shares.
 
 ``EPSERVE_KERNELS=auto`` (default) runs Triton on CUDA tensors and torch on CPU tensors;
 ``triton`` forces Triton (on the CPU that needs ``TRITON_INTERPRET=1``); ``torch`` forces the
-references everywhere. ``set_backend`` overrides the environment for the current process.
+torch paths everywhere. ``set_backend`` overrides the environment for the current process.
 """
 import os
 
 import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activation dtypes the kernels take
 
 _CHOICES = ("auto", "triton", "torch")
 _override: str | None = None
@@ -33,3 +35,8 @@ def use_triton(x: torch.Tensor) -> bool:
     if name == "auto":
         return x.is_cuda
     return name == "triton"
+
+
+def interpreting(x: torch.Tensor) -> bool:
+    """Whether Triton kernels on ``x`` run in the interpreter (``TRITON_INTERPRET=1`` or a CPU tensor)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" or not x.is_cuda

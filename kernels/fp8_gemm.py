@@ -1,6 +1,8 @@
 """Block-scaled FP8 GEMM (DeepSeek-V3 / DeepGEMM style) and the FP8 linear layer built on it.
 
-Operands::
+``fp8_gemm`` dispatches to ``fp8_gemm_triton`` (CUDA) or ``fp8_gemm_reference`` (torch: dequantise
+both operands, one float32 matmul); ``fp8_linear`` quantises activations and calls ``fp8_gemm``.
+Operands, in the FP8 block format of :mod:`epserve.kernels.fp8` (128 = ``FP8_BLOCK``)::
 
     a_q     [M, K]                 float8_e4m3fn   activations, 1 x 128 groups along K
     a_scale [M, ceil(K/128)]       float32         a[m, k] = a_q[m, k] * a_scale[m, k // 128]
@@ -14,22 +16,18 @@ fp8 tiles (fp32 accumulation), multiplies it by ``a_scale[:, kb] x w_scale[:, kb
 an fp32 accumulator. Small-M (decode) shapes split K across programs to fill the GPU; the fp32
 partial sums are added on the host.
 """
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from epserve.kernels.backend import use_triton
-from epserve.kernels.fp8_quant import FP8_DTYPE, dequant_fp8, fp8_quant
-
-QUANT_BLOCK = 128  # DeepSeek-V3 FP8 block: 1 x 128 for activations, 128 x 128 for weights
-_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+from epserve.kernels.backend import FLOAT_DTYPES, interpreting, use_triton
+from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_dequant, fp8_quant, fp8_weight_dequant
 
 
 @triton.jit
-def fp8_block_gemm_kernel(
+def _fp8_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr,
     M, N, K, kb_per_split,
     stride_am, stride_ak, stride_asm, stride_ask,
@@ -90,7 +88,7 @@ def fp8_block_gemm_kernel(
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Launch parameters of :func:`fp8_block_gemm_kernel` (BLOCK_K is always 128)."""
+    """Launch parameters of :func:`_fp8_gemm_kernel` (BLOCK_K is always ``FP8_BLOCK``)."""
     block_m: int
     block_n: int
     split_k: int = 1
@@ -119,14 +117,14 @@ def pick_config(M: int, N: int, K: int, num_sms: int) -> GemmConfig:
     else:
         cfg = GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=4)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    k_blocks = triton.cdiv(K, QUANT_BLOCK)
+    k_blocks = triton.cdiv(K, FP8_BLOCK)
     split = min(max(1, num_sms // tiles), max(1, k_blocks // 4), 16)
     return GemmConfig(cfg.block_m, cfg.block_n, split, cfg.group_m, cfg.num_warps, cfg.num_stages)
 
 
 def _needs_upcast(x: torch.Tensor) -> bool:
     """fp8 ``tl.dot`` needs sm_89+; the interpreter runs the dot on upcast float32 tiles instead."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not x.is_cuda:
+    if interpreting(x):
         return True
     return torch.cuda.get_device_capability(x.device) < (8, 9)
 
@@ -137,44 +135,44 @@ def _check_inputs(a_q, a_scale, w_q, w_scale, out_dtype) -> None:
             raise ValueError(f"{name} must be a 2-D float8_e4m3fn tensor, got {t.dtype} {tuple(t.shape)}")
     M, K = a_q.shape
     N = w_q.shape[0]
-    kb = -(-K // QUANT_BLOCK)
+    kb = -(-K // FP8_BLOCK)
     if w_q.shape[1] != K:
         raise ValueError(f"w_q must be [N, K={K}], got {tuple(w_q.shape)}")
-    expected = (("a_scale", a_scale, (M, kb)), ("w_scale", w_scale, (-(-N // QUANT_BLOCK), kb)))
+    expected = (("a_scale", a_scale, (M, kb)), ("w_scale", w_scale, (-(-N // FP8_BLOCK), kb)))
     for name, t, shape in expected:
         if t.dtype != torch.float32 or tuple(t.shape) != shape:
             raise ValueError(f"{name} must be float32 {shape}, got {t.dtype} {tuple(t.shape)}")
     for name, t in (("a_scale", a_scale), ("w_q", w_q), ("w_scale", w_scale)):
         if t.device != a_q.device:
             raise ValueError(f"{name} is on {t.device}, a_q on {a_q.device}")
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
 
 
 def _launch(a_q, a_scale, w_q, w_scale, out_dtype, cfg: GemmConfig) -> torch.Tensor:
     M, K = a_q.shape
     N = w_q.shape[0]
-    k_blocks = triton.cdiv(K, QUANT_BLOCK)
+    k_blocks = triton.cdiv(K, FP8_BLOCK)
     kb_per_split = triton.cdiv(k_blocks, cfg.split_k)
     split = triton.cdiv(k_blocks, kb_per_split)           # no empty splits
     c_dtype = out_dtype if split == 1 else torch.float32
     c = torch.empty((split, M, N), dtype=c_dtype, device=a_q.device)  # [split, M, N]
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-    fp8_block_gemm_kernel[grid](
+    _fp8_gemm_kernel[grid](
         a_q, a_scale, w_q, w_scale, c,
         M, N, K, kb_per_split,
         a_q.stride(0), a_q.stride(1), a_scale.stride(0), a_scale.stride(1),
         w_q.stride(0), w_q.stride(1), w_scale.stride(0), w_scale.stride(1),
         c.stride(0), c.stride(1), c.stride(2),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=QUANT_BLOCK,
-        GROUP_M=cfg.group_m, EVEN_K=K % QUANT_BLOCK == 0, UPCAST=_needs_upcast(a_q),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=FP8_BLOCK,
+        GROUP_M=cfg.group_m, EVEN_K=K % FP8_BLOCK == 0, UPCAST=_needs_upcast(a_q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c[0] if split == 1 else c.sum(dim=0).to(out_dtype)
 
 
-def fp8_block_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                   out_dtype: torch.dtype = torch.bfloat16, *, config: GemmConfig | None = None) -> torch.Tensor:
+def fp8_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                    out_dtype: torch.dtype = torch.bfloat16, *, config: GemmConfig | None = None) -> torch.Tensor:
     """Triton: ``out [M, N] = dequant(a_q, a_scale) @ dequant(w_q, w_scale).T`` in ``out_dtype``.
 
     ``config`` overrides the tile choice of :func:`pick_config` (tests, tuning).
@@ -188,47 +186,35 @@ def fp8_block_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, 
     return _launch(a_q, a_scale, w_q, w_scale, out_dtype, cfg)
 
 
-def dequant_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``w_q [N, K]`` e4m3 with ``w_scale [ceil(N/128), ceil(K/128)]`` -> real weight ``[N, K]``.
-
-    Goes through float16 (exact for every e4m3 value), which torch converts ~2.5x faster on the CPU.
-    """
-    N, K = w_q.shape
-    nb, kb = w_scale.shape
-    w = torch.nn.functional.pad(w_q.half(), (0, kb * QUANT_BLOCK - K, 0, nb * QUANT_BLOCK - N))
-    blocks = w.view(nb, QUANT_BLOCK, kb, QUANT_BLOCK) * w_scale[:, None, :, None]  # float32
-    return blocks.view(nb * QUANT_BLOCK, kb * QUANT_BLOCK)[:N, :K].to(dtype)
-
-
-def fp8_block_gemm_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
-                             w_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Torch: same contract as :func:`fp8_block_gemm`.
+def fp8_gemm_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
+                       w_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Torch: same contract as :func:`fp8_gemm_triton`.
 
     Dequantises both operands to float32 and does one matmul: the scales are constant per 128-wide K
     block, so this is the block-wise sum of the kernel up to float32 rounding order.
     """
     _check_inputs(a_q, a_scale, w_q, w_scale, out_dtype)
-    a = dequant_fp8(a_q, a_scale, QUANT_BLOCK)  # [M, K] float32
-    return (a @ dequant_weight(w_q, w_scale).T).to(out_dtype)
+    a = fp8_dequant(a_q, a_scale)  # [M, K] float32
+    return (a @ fp8_weight_dequant(w_q, w_scale).T).to(out_dtype)
 
 
 def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Dispatch: Triton when ``use_triton(a_q)`` else the torch reference."""
+    """``out [M, N] = a @ w.T`` in ``out_dtype``: Triton when ``use_triton(a_q)``, else the torch reference."""
     if use_triton(a_q):
-        return fp8_block_gemm(a_q, a_scale, w_q, w_scale, out_dtype)
-    return fp8_block_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype)
+        return fp8_gemm_triton(a_q, a_scale, w_q, w_scale, out_dtype)
+    return fp8_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``y = x @ w.T`` for an FP8 block-quantised weight: ``x [..., K]`` -> ``[..., N]`` in ``x.dtype``.
 
-    ``x`` is quantised per 1 x 128 group (:func:`epserve.kernels.fp8_quant.fp8_quant`) and multiplied with
+    ``x`` is quantised per 1 x 128 group (:func:`epserve.kernels.fp8.fp8_quant`) and multiplied with
     :func:`fp8_gemm`; both dispatch on ``x``'s device.
     """
     if x.shape[-1] != w_q.shape[-1]:
         raise ValueError(f"x has K={x.shape[-1]} but w_q is {tuple(w_q.shape)}")
     lead = x.shape[:-1]
-    a_q, a_scale = fp8_quant(x.reshape(-1, x.shape[-1]), QUANT_BLOCK)  # [T, K], [T, K/128]
+    a_q, a_scale = fp8_quant(x.reshape(-1, x.shape[-1]))               # [T, K], [T, K/128]
     y = fp8_gemm(a_q, a_scale, w_q, w_scale, out_dtype=x.dtype)        # [T, N]
     return y.view(*lead, w_q.shape[0])

@@ -8,64 +8,37 @@ expert lives elsewhere, skip)::
 
 Weights are HF's stacked ``w_gate/w_up [E, I, D]``, ``w_down [E, D, I]``: either all in x.dtype,
 or all ``float8_e4m3fn`` with float32 128x128 block scales (``w_gate_scale [E, ceil(I/128),
-ceil(D/128)]``, ``w_down_scale [E, ceil(D/128), ceil(I/128)]``; real weight = ``q * scale``).
-FP8 is W8A16: the kernels load FP8 tiles, widen them to x.dtype, and scale each tile's partial
-product by its block scale in fp32 (exact, since every tile lies inside one 128x128 block).
+ceil(D/128)]``, ``w_down_scale [E, ceil(D/128), ceil(I/128)]``; real weight = ``q * scale``, the
+block format of :mod:`epserve.kernels.fp8`). FP8 is W8A16: the kernels load FP8 tiles, widen them
+to x.dtype, and scale each tile's partial product by its block scale in fp32 (exact, since every
+tile lies inside one 128x128 block).
+
+Entry points: ``fused_moe`` dispatches to ``fused_moe_triton`` when ``use_triton(x)``, else to
+``fused_moe_torch``, the CPU path (one batched GEMM per projection over the experts hit), which
+itself falls back to ``fused_moe_reference`` (one expert at a time, the definition) when batching
+would pad or copy too much.
 
 Triton pipeline (``fused_moe_triton``), N = T * K choices:
-  1. ``moe_align_padded``: choices sorted by expert, groups padded to ``BLOCK_M`` rows.
-  2. ``fused_moe_gate_up_kernel``: per (row block, I tile) gate and up accumulators over D for the
-     same gathered rows, writes ``h = silu(g) * u`` into ``h [N, I]`` at the choice's row.
-  3. ``fused_moe_down_kernel``: per (row block, D tile) ``h @ W_down[e].T`` times the routing
+  1. ``moe_align``: choices sorted by expert, groups padded to ``BLOCK_M`` rows.
+  2. ``_fused_moe_gate_up_kernel``: per (row block, I tile) gate and up accumulators over D for
+     the same gathered rows, writes ``h = silu(g) * u`` into ``h [N, I]`` at the choice's row.
+  3. ``_fused_moe_down_kernel``: per (row block, D tile) ``h @ W_down[e].T`` times the routing
      weight, written into ``y [N, D]`` (zero for dropped choices).
   4. ``y.view(T, K, D).sum(1)`` in fp32.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from epserve.kernels.backend import use_triton
-from epserve.kernels.moe_align import moe_align_block_size, moe_align_padded
-
-__all__ = [
-    "dequantize_block_fp8",
-    "fused_moe",
-    "fused_moe_batched",
-    "fused_moe_reference",
-    "fused_moe_triton",
-    "moe_align_block_size",
-]
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_BLOCK = 128
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from epserve.kernels.backend import FLOAT_DTYPES, interpreting, use_triton
+from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_weight_dequant
+from epserve.kernels.moe_align import moe_align
 
 
 # --------------------------------------------------------------------------------------------
-# Input checks and FP8 dequantisation
+# Input checks
 # --------------------------------------------------------------------------------------------
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def dequantize_block_fp8(
-    w_fp8: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """``w_fp8 [..., N, K]`` with ``scale [..., ceil(N/block), ceil(K/block)]`` -> ``w [..., N, K]``."""
-    if w_fp8.dim() < 2:
-        raise ValueError(f"w_fp8 must be at least 2-D [..., N, K], got {tuple(w_fp8.shape)}")
-    n, k = w_fp8.shape[-2:]
-    want = (*w_fp8.shape[:-2], _cdiv(n, block), _cdiv(k, block))
-    if tuple(scale.shape) != want:
-        raise ValueError(f"scale must have shape {want} for w_fp8 {tuple(w_fp8.shape)}, got {tuple(scale.shape)}")
-    s = scale.float().repeat_interleave(block, dim=-2)[..., :n, :]
-    s = s.repeat_interleave(block, dim=-1)[..., :k]                       # [..., N, K]
-    return (w_fp8.float() * s).to(dtype)
-
-
 def _check_tensor(name: str, t, dim: int, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != dim:
         raise ValueError(f"{name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t))}")
@@ -89,9 +62,9 @@ def _check_weights(x, w_gate, w_up, w_down, scales: dict) -> bool:
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if w.dtype != want:
             raise ValueError(f"{name} must be {want} (x is {x.dtype}, w_gate is {w_gate.dtype}), got {w.dtype}")
-    shapes = {"w_gate_scale": (e, _cdiv(i, FP8_BLOCK), _cdiv(d, FP8_BLOCK)),
-              "w_up_scale": (e, _cdiv(i, FP8_BLOCK), _cdiv(d, FP8_BLOCK)),
-              "w_down_scale": (e, _cdiv(d, FP8_BLOCK), _cdiv(i, FP8_BLOCK))}
+    i_blocks, d_blocks = triton.cdiv(i, FP8_BLOCK), triton.cdiv(d, FP8_BLOCK)
+    shapes = {"w_gate_scale": (e, i_blocks, d_blocks), "w_up_scale": (e, i_blocks, d_blocks),
+              "w_down_scale": (e, d_blocks, i_blocks)}
     for name, s in scales.items():
         if not fp8:
             if s is not None:
@@ -124,7 +97,7 @@ def _check_inputs(x, w_gate, w_up, w_down, topk_weights, topk_ids, scales: dict)
     """Validates every argument (ValueError naming it); returns whether the weights are FP8."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [T, D], got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32/bfloat16/float16, got {x.dtype}")
     fp8 = _check_weights(x, w_gate, w_up, w_down, scales)
     _check_routing(x, topk_weights, topk_ids, w_gate.shape[0])
@@ -132,11 +105,11 @@ def _check_inputs(x, w_gate, w_up, w_down, topk_weights, topk_ids, scales: dict)
 
 
 # --------------------------------------------------------------------------------------------
-# Pure-torch reference (the CPU path of the model)
+# Pure-torch reference (the definition; fused_moe_torch's fallback)
 # --------------------------------------------------------------------------------------------
 def _expert_weight(w: torch.Tensor, scale, e: int, dtype: torch.dtype) -> torch.Tensor:
     """Weight of expert ``e`` in ``dtype``, dequantised if FP8."""
-    return w[e] if scale is None else dequantize_block_fp8(w[e], scale[e], dtype=dtype)
+    return w[e] if scale is None else fp8_weight_dequant(w[e], scale[e], dtype=dtype)
 
 
 def fused_moe_reference(
@@ -167,7 +140,7 @@ def fused_moe_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# Batched torch path (the CPU path of the model when the padding is small)
+# Batched torch path (the CPU path of fused_moe)
 # --------------------------------------------------------------------------------------------
 PAD_LIMIT = 4                   # batched path only while padded rows <= PAD_LIMIT x kept choices
 COPY_LIMIT_BYTES = 256 << 20    # ... and while the hit experts' weights it copies or dequantises fit this
@@ -177,7 +150,7 @@ def _hit_experts(w: torch.Tensor, scale, hit: torch.Tensor, dtype: torch.dtype) 
     """Weights of the experts in ``hit`` [H] as [H, N, K] in ``dtype`` (no copy when every expert is hit)."""
     if scale is None:
         return w if hit.numel() == w.shape[0] else w.index_select(0, hit)
-    return dequantize_block_fp8(w.index_select(0, hit), scale.index_select(0, hit), dtype=dtype)
+    return fp8_weight_dequant(w.index_select(0, hit), scale.index_select(0, hit), dtype=dtype)
 
 
 def _copy_bytes(x: torch.Tensor, w_gate: torch.Tensor, scale, hit: torch.Tensor) -> int:
@@ -188,7 +161,7 @@ def _copy_bytes(x: torch.Tensor, w_gate: torch.Tensor, scale, hit: torch.Tensor)
     return hit.numel() * per_expert * (4 if scale is not None else x.element_size())   # FP8 dequantises via fp32
 
 
-def fused_moe_batched(
+def fused_moe_torch(
     x, w_gate, w_up, w_down, topk_weights, topk_ids, *,
     w_gate_scale=None, w_up_scale=None, w_down_scale=None,
 ) -> torch.Tensor:
@@ -257,7 +230,7 @@ def _tile_dot(a, b, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def fused_moe_gate_up_kernel(
+def _fused_moe_gate_up_kernel(
     x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
     sorted_ids_ptr, expert_ids_ptr,
     num_blocks_m, num_choices, top_k, D, I,
@@ -266,7 +239,7 @@ def fused_moe_gate_up_kernel(
     stride_se, stride_sn, stride_sk,
     stride_ht, stride_hi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FP8: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """``h[row, n-tile] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T)`` for one block of sorted rows."""
     pid_m, pid_n = _block_coords(num_blocks_m, I, BLOCK_N, GROUP_M)
@@ -282,7 +255,7 @@ def fused_moe_gate_up_kernel(
 
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xd  # [BM, BK]
     w_offs = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
-    s_offs = expert * stride_se + (pid_n * BLOCK_N // 128) * stride_sn
+    s_offs = expert * stride_se + (pid_n * BLOCK_N // SCALE_BLOCK) * stride_sn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -292,7 +265,7 @@ def fused_moe_gate_up_kernel(
         wg = tl.load(wg_ptr + w_offs, mask=w_mask, other=0.0)
         wu = tl.load(wu_ptr + w_offs, mask=w_mask, other=0.0)
         if FP8:
-            s_k = (k0 // 128) * stride_sk
+            s_k = (k0 // SCALE_BLOCK) * stride_sk
             acc_g += _tile_dot(a, wg, UPCAST, DOT_PREC) * tl.load(sg_ptr + s_offs + s_k)
             acc_u += _tile_dot(a, wu, UPCAST, DOT_PREC) * tl.load(su_ptr + s_offs + s_k)
         else:
@@ -307,7 +280,7 @@ def fused_moe_gate_up_kernel(
 
 
 @triton.jit
-def fused_moe_down_kernel(
+def _fused_moe_down_kernel(
     h_ptr, w_ptr, s_ptr, y_ptr, topk_weights_ptr,
     sorted_ids_ptr, expert_ids_ptr,
     num_blocks_m, num_choices, D, I,
@@ -316,7 +289,7 @@ def fused_moe_down_kernel(
     stride_se, stride_sn, stride_sk,
     stride_yt, stride_yd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FP8: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """``y[row, n-tile] = topk_weight[row] * (h[row] @ Wd[e].T)`` for one block of sorted rows."""
     pid_m, pid_n = _block_coords(num_blocks_m, D, BLOCK_N, GROUP_M)
@@ -331,14 +304,14 @@ def fused_moe_down_kernel(
 
     h_ptrs = h_ptr + rows[:, None] * stride_ht + offs_k[None, :] * stride_hi    # [BM, BK]
     w_offs = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
-    s_offs = expert * stride_se + (pid_n * BLOCK_N // 128) * stride_sn
+    s_offs = expert * stride_se + (pid_n * BLOCK_N // SCALE_BLOCK) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k_mask = offs_k < I - k0
         a = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if FP8:
-            acc += _tile_dot(a, w, UPCAST, DOT_PREC) * tl.load(s_ptr + s_offs + (k0 // 128) * stride_sk)
+            acc += _tile_dot(a, w, UPCAST, DOT_PREC) * tl.load(s_ptr + s_offs + (k0 // SCALE_BLOCK) * stride_sk)
         else:
             acc += _tile_dot(a, w, UPCAST, DOT_PREC)
         h_ptrs += BLOCK_K * stride_hi
@@ -403,20 +376,21 @@ def fused_moe_triton(
     num_tokens, top_k = topk_ids.shape
     num_experts, inter, hidden = w_gate.shape
     n = num_tokens * top_k
-    interpret = os.environ.get("TRITON_INTERPRET") == "1" or not x.is_cuda
+    interpret = interpreting(x)
     config = config or _default_config(n, num_experts, x.dtype, fp8, interpret)
     _check_config(config, fp8)
     block_m = config["BLOCK_M"]
     if n == 0:
         return torch.zeros_like(x)
 
-    sorted_ids, expert_ids, _ = moe_align_padded(topk_ids, num_experts, block_m)
+    sorted_ids, expert_ids, _ = moe_align(topk_ids, num_experts, block_m)
     num_blocks_m = expert_ids.numel()
     h = torch.empty((n, inter), dtype=x.dtype, device=x.device)           # [T * K, I]
     y = torch.zeros((n, hidden), dtype=x.dtype, device=x.device)          # [T * K, D]
-    flags = dict(FP8=fp8, UPCAST=interpret, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
+    flags = dict(FP8=fp8, SCALE_BLOCK=FP8_BLOCK, UPCAST=interpret,
+                 DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
     grid_up = (num_blocks_m * triton.cdiv(inter, config["BLOCK_N"]),)
-    fused_moe_gate_up_kernel[grid_up](
+    _fused_moe_gate_up_kernel[grid_up](
         x, w_gate, w_up, w_gate_scale, w_up_scale, h,
         sorted_ids, expert_ids,
         num_blocks_m, n, top_k, hidden, inter,
@@ -424,7 +398,7 @@ def fused_moe_triton(
         **flags, **_launch_args(config),
     )
     grid_down = (num_blocks_m * triton.cdiv(hidden, config["BLOCK_N"]),)
-    fused_moe_down_kernel[grid_down](
+    _fused_moe_down_kernel[grid_down](
         h, w_down, w_down_scale, y, topk_weights.contiguous(),
         sorted_ids, expert_ids,
         num_blocks_m, n, hidden, inter,
@@ -438,8 +412,8 @@ def fused_moe(
     x, w_gate, w_up, w_down, topk_weights, topk_ids, *,
     w_gate_scale=None, w_up_scale=None, w_down_scale=None,
 ) -> torch.Tensor:
-    """Routed-expert MoE ``[T, D] -> [T, D]``: Triton when ``use_triton(x)``, else batched torch."""
+    """Routed-expert MoE ``[T, D] -> [T, D]``: Triton when ``use_triton(x)``, else ``fused_moe_torch``."""
     scales = dict(w_gate_scale=w_gate_scale, w_up_scale=w_up_scale, w_down_scale=w_down_scale)
-    if not use_triton(x):
-        return fused_moe_batched(x, w_gate, w_up, w_down, topk_weights, topk_ids, **scales)
-    return fused_moe_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids, **scales)
+    if use_triton(x):
+        return fused_moe_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids, **scales)
+    return fused_moe_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids, **scales)

@@ -10,7 +10,8 @@ Exactly transformers' ``DeepseekV3TopkRouter`` after its gate GEMM (``router_log
     topk_weights      = scores[topk_ids] (raw sigmoid, not biased), / their sum if norm_topk_prob,
                         * routed_scaling_factor                      # [T, top_k] float32
 
-Order within a row is unspecified. The Triton kernel runs one program per token, holding the E
+Order within a row is unspecified. ``gate_topk`` dispatches to ``gate_topk_triton`` (CUDA) or
+``gate_topk_reference`` (torch). The Triton kernel runs one program per token, holding the E
 scores as an [n_group, E / n_group] tile in registers, and picks by iterative argmax
 (ties go to the lowest index).
 """
@@ -36,7 +37,7 @@ def _argmax_2d(values, index, NONE: tl.constexpr):
 
 
 @triton.jit
-def grouped_topk_kernel(
+def _gate_topk_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     stride_lt, stride_wt, stride_it,
     routed_scaling_factor,
@@ -108,9 +109,9 @@ def _check_inputs(router_logits, correction_bias, n_group, topk_group, top_k) ->
                          f"(experts in the {topk_group} kept groups)")
 
 
-def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, n_group: int, topk_group: int,
-                 top_k: int, routed_scaling_factor: float,
-                 norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def gate_topk_triton(router_logits: torch.Tensor, correction_bias: torch.Tensor, n_group: int, topk_group: int,
+                     top_k: int, routed_scaling_factor: float,
+                     norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton: ``router_logits [T, E]`` -> ``(topk_weights [T, top_k] f32, topk_ids [T, top_k] i32)``."""
     _check_inputs(router_logits, correction_bias, n_group, topk_group, top_k)
     T, E = router_logits.shape
@@ -121,7 +122,7 @@ def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, n_g
     if router_logits.stride(1) != 1:
         router_logits = router_logits.contiguous()
     group_size = E // n_group
-    grouped_topk_kernel[(T,)](
+    _gate_topk_kernel[(T,)](
         router_logits, correction_bias.contiguous(), weights, ids,
         router_logits.stride(0), weights.stride(0), ids.stride(0),
         float(routed_scaling_factor),
@@ -133,10 +134,10 @@ def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, n_g
     return weights, ids
 
 
-def grouped_topk_reference(router_logits: torch.Tensor, correction_bias: torch.Tensor, n_group: int,
-                           topk_group: int, top_k: int, routed_scaling_factor: float,
-                           norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch: same contract as :func:`grouped_topk` (transformers' DeepseekV3TopkRouter math)."""
+def gate_topk_reference(router_logits: torch.Tensor, correction_bias: torch.Tensor, n_group: int,
+                        topk_group: int, top_k: int, routed_scaling_factor: float,
+                        norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch: same contract as :func:`gate_topk_triton` (transformers' DeepseekV3TopkRouter math)."""
     _check_inputs(router_logits, correction_bias, n_group, topk_group, top_k)
     T, E = router_logits.shape
     scores = router_logits.sigmoid()                                          # [T, E]
@@ -156,6 +157,9 @@ def grouped_topk_reference(router_logits: torch.Tensor, correction_bias: torch.T
 def gate_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, n_group: int, topk_group: int,
               top_k: int, routed_scaling_factor: float,
               norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch: Triton when ``use_triton(router_logits)`` else the torch reference."""
-    fn = grouped_topk if use_triton(router_logits) else grouped_topk_reference
-    return fn(router_logits, correction_bias, n_group, topk_group, top_k, routed_scaling_factor, norm_topk_prob)
+    """``router_logits [T, E]`` -> ``(topk_weights [T, top_k] f32, topk_ids [T, top_k] i32)``: Triton
+    when ``use_triton(router_logits)``, else the torch reference."""
+    args = (router_logits, correction_bias, n_group, topk_group, top_k, routed_scaling_factor, norm_topk_prob)
+    if use_triton(router_logits):
+        return gate_topk_triton(*args)
+    return gate_topk_reference(*args)

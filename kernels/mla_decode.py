@@ -18,18 +18,18 @@ sequence and one of ``num_splits`` contiguous slices of its keys, so each KV til
 per head block and both products are ``tl.dot`` with heads as the M dimension
 (``[BLOCK_H, L] x [L, BLOCK_N]`` and ``[BLOCK_H, BLOCK_N] x [BLOCK_N, L]``) under an online
 softmax. With one split the program writes the final output; otherwise it writes a normalised
-partial output and its log-sum-exp, and ``mla_decode_combine_kernel`` merges the splits.
+partial output and its log-sum-exp, and ``_mla_decode_combine_kernel`` merges the splits.
+
+``mla_decode`` dispatches to ``mla_decode_triton`` (CUDA) or ``mla_decode_reference`` (torch).
 """
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from epserve.kernels.backend import use_triton
+from epserve.kernels.backend import FLOAT_DTYPES, interpreting, use_triton
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_LEN = 256  # keys; shorter slices cost more in the combine than they win
 _MAX_SPLITS = 64
@@ -37,7 +37,7 @@ _MIN_BIG_BLOCKS = 16  # 64-head blocks per launch below which 16-head blocks are
 
 
 @triton.jit
-def mla_decode_kernel(
+def _mla_decode_kernel(
     q_latent_ptr, q_rope_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
     scale_log2,  # softmax_scale * log2(e): the softmax runs in base 2
     H, block_size,
@@ -123,7 +123,7 @@ def mla_decode_kernel(
 
 
 @triton.jit
-def mla_decode_combine_kernel(
+def _mla_decode_combine_kernel(
     partial_ptr, lse_ptr, out_ptr, L, num_splits,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
@@ -165,8 +165,8 @@ def _check_inputs(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_sca
                        ("block_table", 2), ("seq_lens", 1)):
         if tensors[name].dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensors[name].shape)}")
-    if q_latent.dtype not in _DTYPES:
-        raise ValueError(f"q_latent dtype must be one of {_DTYPES}, got {q_latent.dtype}")
+    if q_latent.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q_latent dtype must be one of {FLOAT_DTYPES}, got {q_latent.dtype}")
     for name in ("q_rope", "kv_cache"):
         if tensors[name].dtype != q_latent.dtype:
             raise ValueError(f"{name} dtype {tensors[name].dtype} != q_latent {q_latent.dtype}")
@@ -220,10 +220,6 @@ def mla_decode_reference(q_latent, q_rope, kv_cache, block_table, seq_lens,
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))  # [B, H, T]
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bht,btl->bhl", probs, c_kv).to(q_latent.dtype)
-
-
-def _interpreted(x: torch.Tensor) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or not x.is_cuda
 
 
 def _num_sms(device: torch.device) -> int:
@@ -287,7 +283,7 @@ def _launch(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, nu
     block_l = max(16, triton.next_power_of_2(latent))
     block_r = max(16, triton.next_power_of_2(rope))
     grid = (triton.cdiv(heads, block_h), num_splits, batch)
-    mla_decode_kernel[grid](
+    _mla_decode_kernel[grid](
         q_latent, q_rope, kv_cache, block_table, seq_lens, partial, lse,
         softmax_scale * _LOG2E, heads, kv_cache.shape[1],
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
@@ -296,10 +292,10 @@ def _launch(q_latent, q_rope, kv_cache, block_table, seq_lens, softmax_scale, nu
         L=latent, R=rope, STORE_LSE=num_splits > 1,
         PAGE_TILES=kv_cache.shape[1] % block_n == 0,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_R=block_r,
-        DOT_PRECISION=precision, UPCAST=_interpreted(q_latent),
+        DOT_PRECISION=precision, UPCAST=interpreting(q_latent),
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
-        mla_decode_combine_kernel[(heads, batch)](
+        _mla_decode_combine_kernel[(heads, batch)](
             partial, lse, out, latent, num_splits, *partial.stride()[:3], *lse.stride()[:2],
             out.stride(0), out.stride(1),
             BLOCK_S=triton.next_power_of_2(num_splits),

@@ -5,18 +5,20 @@ one expert, so a program multiplies ``block_m`` gathered rows by one expert's we
 
 For ``topk_ids [T, K]`` the choices are the flat indices ``t * K + k``. Choice ``t * K + k`` with
 id ``-1`` (the expert lives on another shard) is dropped. Padding rows hold the sentinel ``T * K``.
+``moe_align`` never synchronises with the host: it sizes its outputs by an upper bound ``P_max``
+(``max_padded_rows``) and marks the row blocks past the ``P`` used rows with expert ``-1``, which
+the kernels skip.
 
-Example, ``K = 1``, ``block_m = 4``, ids ``[2, 0, 2, -1]``::
+Example, ``K = 1``, ``block_m = 4``, ids ``[2, 0, 2, -1]`` (``P = 8``, ``P_max = 16``)::
 
-    sorted_ids  = [1, 4, 4, 4,  0, 2, 4, 4]     # expert 0: choice 1; expert 2: choices 0, 2
-    expert_ids  = [0, 2]
+    sorted_ids      = [1, 4, 4, 4,  0, 2, 4, 4,  4, 4, 4, 4,  4, 4, 4, 4]   # expert 0: choice 1;
+    expert_ids      = [0, 2, -1, -1]                                        # expert 2: choices 0, 2
     num_post_padded = [8]
 
-``moe_align_padded`` never synchronises with the host: it sizes its outputs by an upper bound and
-marks the unused tail blocks with expert ``-1``, which the kernels skip. It runs ``moe_align``, a
-one-program Triton kernel, for up to ``TRITON_MAX_CHOICES`` choices (decode: two launches in all,
-where the ~25 small torch ops of the reference cost 0.3-0.6 ms of host time on the H100 machine and
-made a T=1 MoE layer 3x slower), else the vectorised torch ``moe_align_reference``.
+``moe_align`` runs ``moe_align_triton``, a one-program Triton kernel, when ``use_triton`` and for up
+to ``TRITON_MAX_CHOICES`` choices (decode: two launches in all, where the ~25 small torch ops of the
+reference cost 0.3-0.6 ms of host time on the H100 machine and made a T=1 MoE layer 3x slower), else
+the vectorised torch ``moe_align_reference``.
 """
 import torch
 import torch.nn.functional as F
@@ -49,7 +51,7 @@ def _check_inputs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Non
 
 
 @triton.jit
-def moe_align_kernel(
+def _moe_align_kernel(
     ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
     num_choices, num_experts, num_blocks,
     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
@@ -83,8 +85,10 @@ def moe_align_kernel(
         tl.store(expert_ids_ptr + b0 + offs, expert, mask=b0 + offs < num_blocks)
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton ``moe_align_reference``: same outputs, one kernel (plus the sentinel fill)."""
+def moe_align_triton(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton: same outputs as :func:`moe_align_reference`, one kernel (plus the sentinel fill)."""
     _check_inputs(topk_ids, num_experts, block_m)
     flat = topk_ids.reshape(-1)                                           # [N]
     n = flat.numel()
@@ -94,7 +98,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     num_post_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
     e_pad = triton.next_power_of_2(num_experts)
     chunk = max(16, min(128, 8192 // e_pad))                              # [CHUNK, E_PAD] <= 8K ints
-    moe_align_kernel[(1,)](
+    _moe_align_kernel[(1,)](
         flat, sorted_ids, expert_ids, num_post_padded,
         n, num_experts, expert_ids.numel(),
         BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
@@ -102,24 +106,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_ids, expert_ids, num_post_padded
 
 
-def moe_align_padded(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like ``moe_align_block_size`` but without a host sync.
-
-    Returns ``sorted_ids [P_max]`` int32, ``expert_ids [P_max // block_m]`` int32 (``-1`` for the
-    blocks past ``P``) and ``num_post_padded [1]`` int32 (``P``), where
-    ``P_max = max_padded_rows(T * K, num_experts, block_m) >= P``.
-    """
-    if use_triton(topk_ids) and topk_ids.numel() <= TRITON_MAX_CHOICES:
-        return moe_align(topk_ids, num_experts, block_m)
-    return moe_align_reference(topk_ids, num_experts, block_m)
-
-
 def moe_align_reference(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Vectorised torch ``moe_align_padded`` (no host sync, no loop over tokens)."""
+    """Torch: same contract as :func:`moe_align`, vectorised (no host sync, no loop over tokens)."""
     _check_inputs(topk_ids, num_experts, block_m)
     device = topk_ids.device
     flat = topk_ids.reshape(-1)                                             # [N]
@@ -148,16 +138,17 @@ def moe_align_reference(
     return sorted_ids, expert_ids, num_post_padded
 
 
-def moe_align_block_size(
+def moe_align(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the flat choices ``t * K + k`` by expert, each group padded to a multiple of ``block_m``.
 
-    Returns ``sorted_ids [P]`` int32 (sentinel ``T * K`` in padding rows), ``expert_ids
-    [P // block_m]`` int32 (the expert of each block) and ``num_post_padded [1]`` int32 (``== P``).
-    Choices with id ``-1`` are dropped. Exact sizes need one host sync; the kernels use
-    ``moe_align_padded`` instead.
+    Returns ``sorted_ids [P_max]`` int32 (sentinel ``T * K`` in padding rows), ``expert_ids
+    [P_max // block_m]`` int32 (the expert of each row block, ``-1`` for the blocks past ``P``) and
+    ``num_post_padded [1]`` int32 (``P``), where ``P_max = max_padded_rows(T * K, num_experts,
+    block_m) >= P``. Triton when ``use_triton(topk_ids)`` and there are at most
+    ``TRITON_MAX_CHOICES`` choices, else the torch reference.
     """
-    sorted_ids, expert_ids, num_post_padded = moe_align_padded(topk_ids, num_experts, block_m)
-    p = int(num_post_padded.item())
-    return sorted_ids[:p], expert_ids[: p // block_m], num_post_padded
+    if use_triton(topk_ids) and topk_ids.numel() <= TRITON_MAX_CHOICES:
+        return moe_align_triton(topk_ids, num_experts, block_m)
+    return moe_align_reference(topk_ids, num_experts, block_m)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from epserve.kernels.fp8_quant import fp8_quant
+from epserve.kernels.fp8 import fp8_quant
 from epserve.services.cluster.placement import Placement
 from epserve.services.cluster.tensor_codec import from_proto, to_proto
 from epserve.services.cluster.transport import ExpertTransport
@@ -28,7 +28,6 @@ from epserve.services.model.moe import ExpertBackend
 from epserve.services.proto import expert_pb2
 
 WIRE_DTYPES = ("model", "fp8")
-FP8_GROUP = 128
 
 
 @dataclass
@@ -101,7 +100,7 @@ class RemoteExperts(ExpertBackend):
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [T, D] -> what goes on the wire, on the CPU: (x, None) or (e4m3 [T, D], scales [T, ceil(D/128)])."""
         if self.wire_dtype == "fp8":
-            q, scales = fp8_quant(x, FP8_GROUP)
+            q, scales = fp8_quant(x)                                  # 1 x FP8_BLOCK groups
             return q.cpu(), scales.cpu()
         return x.cpu(), None
 

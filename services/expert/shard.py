@@ -22,7 +22,7 @@ from typing import Callable
 import grpc
 import torch
 
-from epserve.kernels.fp8_quant import dequant_fp8
+from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_dequant
 from epserve.services.cluster.placement import EMPTY, Placement
 from epserve.services.cluster.tensor_codec import from_proto, to_proto
 from epserve.services.model.checkpoint import CheckpointReader
@@ -31,7 +31,6 @@ from epserve.services.model.moe import ExpertWeights, load_expert_weights
 from epserve.services.proto import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
-FP8_GROUP = 128
 
 
 class BadRequest(Exception):
@@ -148,14 +147,14 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             if request.HasField("scales"):
                 raise _invalid("scales", f"only allowed with float8_e4m3fn hidden, hidden is {x.dtype}")
             return x
-        if x.dtype != torch.float8_e4m3fn:
+        if x.dtype != FP8_DTYPE:
             raise _invalid("hidden", f"dtype must be {self.dtype} or float8_e4m3fn, got {x.dtype}")
         scales = _tensor(request, "scales")
-        groups = -(-self.hidden_size // FP8_GROUP)
+        groups = -(-self.hidden_size // FP8_BLOCK)
         if scales.dtype != torch.float32 or tuple(scales.shape) != (x.shape[0], groups):
             raise _invalid("scales", f"must be float32 [{x.shape[0]}, {groups}] with FP8 hidden, "
                                      f"got {scales.dtype} {list(scales.shape)}")
-        return dequant_fp8(x, scales, FP8_GROUP, dtype=self.dtype)
+        return fp8_dequant(x, scales, dtype=self.dtype)
 
     # ---- load counters -------------------------------------------------------------------------
     def _count(self, layer: int, slots: torch.Tensor) -> None:

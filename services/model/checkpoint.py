@@ -3,8 +3,9 @@
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. FP8 checkpoints (DeepSeek-V3's own) store a linear weight as
 ``X.weight`` in float8_e4m3fn plus ``X.weight_scale_inv`` (float32, one per 128x128 block); the real
-weight is ``q * scale_inv`` blockwise. Reading is selective: only the files holding the requested
-names are opened, and only the requested tensors are read from them (safetensors maps lazily).
+weight is ``q * scale_inv`` blockwise (the block format of ``epserve.kernels.fp8``). Reading is
+selective: only the files holding the requested names are opened, and only the requested tensors are
+read from them (safetensors maps lazily).
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from epserve.kernels.fp8 import FP8_BLOCK, fp8_weight_quant
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 # Linear weights that stay in high precision in DeepSeek's FP8 checkpoints.
 _UNQUANTISED = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate\.weight|norm|e_score_correction_bias)")
@@ -70,29 +71,16 @@ class CheckpointReader:
         return out
 
 
-def quantize_block_fp8(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (q [N, K] e4m3, scale_inv [ceil(N/block), ceil(K/block)] float32)."""
-    n, k = weight.shape
-    nb, kb = -(-n // block), -(-k // block)
-    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32)
-    padded[:n, :k] = weight.float()
-    tiles = padded.view(nb, block, kb, block)                       # [nb, block, kb, block]
-    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)            # [nb, kb]
-    scale_inv = amax / FP8_MAX
-    q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    q = q.view(nb * block, kb * block)[:n, :k].to(FP8_DTYPE)
-    return q.contiguous(), scale_inv.contiguous()
-
-
 def is_quantisable(name: str, tensor: torch.Tensor) -> bool:
     return name.endswith(".weight") and tensor.dim() == 2 and not _UNQUANTISED.search(name)
 
 
-def write_fp8_checkpoint(src: str | Path, dst: str | Path, num_shards: int = 3, block: int = 128) -> None:
+def write_fp8_checkpoint(src: str | Path, dst: str | Path, num_shards: int = 3) -> None:
     """Copy checkpoint ``src`` to ``dst`` as an FP8 block-quantised, sharded checkpoint.
 
-    Linear weights are quantised per ``block x block`` tile (DeepSeek-V3's format); everything else
-    is copied as is. ``config.json`` gains a ``quantization_config``; other small files are copied.
+    Linear weights are quantised per 128 x 128 block (``fp8_weight_quant``, DeepSeek-V3's format);
+    everything else is copied as is. ``config.json`` gains a ``quantization_config``; other small
+    files are copied.
     """
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -100,13 +88,13 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, num_shards: int = 3, 
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in reader.read(reader.names()).items():
         if is_quantisable(name, tensor):
-            tensors[name], tensors[name + SCALE_SUFFIX] = quantize_block_fp8(tensor, block)
+            tensors[name], tensors[name + SCALE_SUFFIX] = fp8_weight_quant(tensor)
         else:
             tensors[name] = tensor
     _write_shards(tensors, dst, num_shards)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [block, block]}
+                                     "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         if (src / extra).exists():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from epserve.kernels.backend import use_triton
-from epserve.kernels.fused_moe import dequantize_block_fp8
+from epserve.kernels.fp8 import fp8_weight_dequant
 from epserve.services.model.checkpoint import SCALE_SUFFIX, CheckpointReader
 from epserve.services.model.config import ModelConfig
 from epserve.services.model.layers import MLP, Embedding, Linear, RMSNorm, RotaryEmbedding
@@ -76,7 +76,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     """forward([(token ids, batch), ...], kv caches) -> hidden states per micro-batch;
     compute_logits(hidden) -> logits."""
 
-    def __init__(self, config: ModelConfig, backend: ExpertBackend, rope: RotaryEmbedding, with_mtp: bool = True):
+    def __init__(self, config: ModelConfig, backend: ExpertBackend, rope: RotaryEmbedding, with_mtp: bool = False):
         super().__init__()
         self.config = config
         self.with_mtp = with_mtp and config.num_nextn_predict_layers > 0
@@ -133,7 +133,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 module.weight_scale_inv = scale.float().to(device)
                 continue
             if scale is not None:
-                value = dequantize_block_fp8(value, scale, dtype=torch.float32)
+                value = fp8_weight_dequant(value, scale, dtype=torch.float32)
             keep_float32 = attr == "e_score_correction_bias" or module_name.endswith("mlp.gate")
             setattr(module, attr, value.to(device=device, dtype=torch.float32 if keep_float32 else dtype))
         if self.config.tie_word_embeddings:
@@ -148,12 +148,16 @@ class DeepseekV3ForCausalLM(nn.Module):
 def _dense_weight(linear: Linear, dtype: torch.dtype) -> torch.Tensor:
     if linear.weight_scale_inv is None:
         return linear.weight
-    return dequantize_block_fp8(linear.weight, linear.weight_scale_inv, dtype=dtype)
+    return fp8_weight_dequant(linear.weight, linear.weight_scale_inv, dtype=dtype)
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-               backend: ExpertBackend | None = None, with_mtp: bool = True) -> DeepseekV3ForCausalLM:
-    """Load a checkpoint directory. Without ``backend``, every routed expert loads in-process."""
+               backend: ExpertBackend | None = None, with_mtp: bool = False) -> DeepseekV3ForCausalLM:
+    """Load a checkpoint directory. Without ``backend``, every routed expert loads in-process.
+
+    The multi-token-prediction layer (a whole MoE layer) loads only ``with_mtp`` and when the
+    checkpoint has it: nothing runs it yet (speculative decoding will).
+    """
     config = ModelConfig.from_hf(path)
     reader = CheckpointReader(path)
     with_mtp = with_mtp and all(f"model.layers.{i}.eh_proj.weight" in reader for i in config.mtp_layers)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from epserve.kernels.fp8_gemm import fp8_linear
 from epserve.services.model.config import ModelConfig, RopeConfig, yarn_mscale
 
 
@@ -29,8 +30,8 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """y = x @ W.T, W in the model dtype or FP8 with 128x128 block scales (``weight_scale_inv``).
 
-    FP8 weights run through the block-scaled FP8 GEMM when kernels run on Triton; otherwise the
-    loader dequantises them once (``fp8_dequantised``), since the CPU has no FP8 matmul.
+    FP8 weights run through the block-scaled FP8 GEMM (``fp8_linear``) when kernels run on Triton;
+    otherwise the loader dequantises them once (``fp8_weight_dequant``), since the CPU has no FP8 matmul.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -42,7 +43,6 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale_inv is None:
             return F.linear(x, self.weight)
-        from epserve.kernels.fp8_gemm import fp8_linear
         return fp8_linear(x, self.weight, self.weight_scale_inv)
 
 

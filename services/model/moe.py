@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epserve.kernels.fused_moe import dequantize_block_fp8, fused_moe
+from epserve.kernels.fp8 import fp8_weight_dequant
+from epserve.kernels.fused_moe import fused_moe
 from epserve.kernels.gate_topk import gate_topk
 from epserve.services.model.checkpoint import SCALE_SUFFIX, CheckpointReader
 from epserve.services.model.config import ModelConfig
@@ -83,7 +84,7 @@ def load_expert_weights(reader: CheckpointReader, layer: int, experts: Sequence[
             stacked[proj] = torch.stack(weights).to(device)
             stacked[proj + "_scale"] = torch.stack([tensors[n + SCALE_SUFFIX] for n in names]).float().to(device)
         elif fp8:
-            stacked[proj] = torch.stack([dequantize_block_fp8(w, tensors[n + SCALE_SUFFIX], dtype=dtype)
+            stacked[proj] = torch.stack([fp8_weight_dequant(w, tensors[n + SCALE_SUFFIX], dtype=dtype)
                                          for w, n in zip(weights, names)]).to(device)
         else:
             stacked[proj] = torch.stack(weights).to(device=device, dtype=dtype)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from epserve.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from epserve.services.cluster.tensor_codec import DTYPES, from_proto, to_proto
 from epserve.services.proto import tensor_pb2
 
@@ -31,7 +32,7 @@ def test_round_trip_is_exact(name, shape):
 def test_non_contiguous_input_and_fp8_special_values():
     t = _sample(torch.float32, (8, 6)).t()                          # a transposed view
     assert torch.equal(from_proto(to_proto(t)), t)
-    special = torch.tensor([0.0, -0.0, 448.0, -448.0, 2 ** -9, float("nan")]).to(torch.float8_e4m3fn)
+    special = torch.tensor([0.0, -0.0, FP8_MAX, -FP8_MAX, 2 ** -9, float("nan")]).to(FP8_DTYPE)
     back = from_proto(to_proto(special))
     assert torch.equal(back.view(torch.uint8), special.view(torch.uint8))
 

@@ -3,10 +3,8 @@ import pytest
 import torch
 
 from epserve.kernels import backend
-from epserve.kernels.fp8_gemm import (
-    GemmConfig, dequant_weight, fp8_block_gemm, fp8_block_gemm_reference, fp8_gemm, fp8_linear, pick_config,
-)
-from epserve.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, dequant_fp8, per_token_group_quant_fp8_reference
+from epserve.kernels.fp8 import FP8_BLOCK, fp8_dequant, fp8_quant_reference, fp8_weight_dequant, fp8_weight_quant
+from epserve.kernels.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_reference, fp8_gemm_triton, fp8_linear, pick_config
 
 pytestmark = pytest.mark.unit
 
@@ -16,23 +14,13 @@ TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rt
               torch.float16: dict(rtol=1e-3, atol=1e-3)}
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [N, K]`` float -> (``w_q [N, K]`` e4m3, ``w_scale [ceil(N/128), ceil(K/128)]``), 128x128 blocks."""
-    N, K = w.shape
-    nb, kb = -(-N // 128), -(-K // 128)
-    blocks = torch.nn.functional.pad(w.float(), (0, kb * 128 - K, 0, nb * 128 - N)).view(nb, 128, kb, 128)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-10) / FP8_MAX       # [nb, kb]
-    w_q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return w_q.view(nb * 128, kb * 128)[:N, :K].contiguous(), scale
-
-
 def make_operands(M: int, N: int, K: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g) * 0.05
-    w[: min(N, 128), : min(K, 128)] *= 8  # blocks with different scales
-    a_q, a_scale = per_token_group_quant_fp8_reference(x, 128)
-    w_q, w_scale = quantize_weight(w)
+    w[: min(N, FP8_BLOCK), : min(K, FP8_BLOCK)] *= 8  # blocks with different scales
+    a_q, a_scale = fp8_quant_reference(x)
+    w_q, w_scale = fp8_weight_quant(w)
     return x, w, a_q, a_scale, w_q, w_scale
 
 
@@ -41,10 +29,10 @@ def naive_block_gemm(a_q, a_scale, w_q, w_scale) -> torch.Tensor:
     M, K = a_q.shape
     N = w_q.shape[0]
     out = torch.zeros(M, N, dtype=torch.float64)
-    for kb in range(-(-K // 128)):
-        ks = slice(kb * 128, (kb + 1) * 128)
+    for kb in range(-(-K // FP8_BLOCK)):
+        ks = slice(kb * FP8_BLOCK, (kb + 1) * FP8_BLOCK)
         dot = a_q[:, ks].double() @ w_q[:, ks].double().T                    # [M, N]
-        w_s = w_scale[torch.arange(N) // 128, kb].double()                    # [N]
+        w_s = w_scale[torch.arange(N) // FP8_BLOCK, kb].double()              # [N]
         out += dot * a_scale[:, kb].double()[:, None] * w_s[None, :]
     return out
 
@@ -52,7 +40,7 @@ def naive_block_gemm(a_q, a_scale, w_q, w_scale) -> torch.Tensor:
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_reference_matches_naive(M, N, K):
     _, _, a_q, a_scale, w_q, w_scale = make_operands(M, N, K)
-    out = fp8_block_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
+    out = fp8_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
     expected = naive_block_gemm(a_q, a_scale, w_q, w_scale).float()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -61,8 +49,8 @@ def test_reference_matches_naive(M, N, K):
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_triton_matches_reference(M, N, K, out_dtype):
     _, _, a_q, a_scale, w_q, w_scale = make_operands(M, N, K, seed=1)
-    out = fp8_block_gemm(a_q, a_scale, w_q, w_scale, out_dtype=out_dtype)
-    ref = fp8_block_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype=out_dtype)
+    out = fp8_gemm_triton(a_q, a_scale, w_q, w_scale, out_dtype=out_dtype)
+    ref = fp8_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype=out_dtype)
     assert out.dtype == out_dtype and out.shape == (M, N)
     torch.testing.assert_close(out, ref, **TOLERANCES[out_dtype])
 
@@ -72,12 +60,12 @@ def test_triton_matches_reference(M, N, K, out_dtype):
 def test_triton_tile_configs(config):
     """Split-K partial sums, grouped tile order and tiles narrower than a scale block."""
     _, _, a_q, a_scale, w_q, w_scale = make_operands(37, 200, 400, seed=2)
-    out = fp8_block_gemm(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32, config=config)
-    ref = fp8_block_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
+    out = fp8_gemm_triton(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32, config=config)
+    ref = fp8_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
     torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("impl", [fp8_block_gemm, fp8_block_gemm_reference])
+@pytest.mark.parametrize("impl", [fp8_gemm_triton, fp8_gemm_reference])
 @pytest.mark.parametrize("M,N,K", [(1, 72, 200), (37, 130, 384)])
 def test_close_to_float_matmul(impl, M, N, K):
     """Against the unquantised product: only e4m3 rounding (~2**-4 relative per element) remains."""
@@ -85,7 +73,7 @@ def test_close_to_float_matmul(impl, M, N, K):
     out = impl(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
     exact = x @ w.T
     assert (out - exact).norm() / exact.norm() < 0.05
-    dequantised = dequant_fp8(a_q, a_scale) @ dequant_weight(w_q, w_scale).T
+    dequantised = fp8_dequant(a_q, a_scale) @ fp8_weight_dequant(w_q, w_scale).T
     torch.testing.assert_close(out, dequantised, rtol=1e-5, atol=1e-4)
 
 
@@ -102,14 +90,14 @@ def test_fp8_linear(name, dtype):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 200, generator=g).to(dtype)  # [..., K]
     w = torch.randn(72, 200, generator=g) * 0.05
-    w_q, w_scale = quantize_weight(w)
+    w_q, w_scale = fp8_weight_quant(w)
     try:
         backend.set_backend(name)
         y = fp8_linear(x, w_q, w_scale)
     finally:
         backend.set_backend(None)
     assert y.shape == (2, 3, 72) and y.dtype == dtype
-    exact = x.float() @ dequant_weight(w_q, w_scale).T
+    exact = x.float() @ fp8_weight_dequant(w_q, w_scale).T
     assert (y.float() - exact).norm() / exact.norm() < 0.05
 
 
@@ -124,7 +112,7 @@ def test_dispatch_and_empty(name):
     assert out.shape == (0, 72) and out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("impl", [fp8_block_gemm, fp8_block_gemm_reference])
+@pytest.mark.parametrize("impl", [fp8_gemm_triton, fp8_gemm_reference])
 def test_rejects_bad_inputs(impl):
     _, _, a_q, a_scale, w_q, w_scale = make_operands(4, 72, 200)
     with pytest.raises(ValueError, match="a_q"):
@@ -149,10 +137,10 @@ def test_triton_cuda_realistic(M, N, K):
     the fp32 promotion happens per block), so compare against the output's scale, not elementwise."""
     x = torch.randn(M, K, device="cuda").bfloat16()
     w = torch.randn(N, K, device="cuda") * 0.05
-    a_q, a_scale = per_token_group_quant_fp8_reference(x, 128)
-    w_q, w_scale = quantize_weight(w)
-    out = fp8_block_gemm(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
-    ref = fp8_block_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
+    a_q, a_scale = fp8_quant_reference(x)
+    w_q, w_scale = fp8_weight_quant(w)
+    out = fp8_gemm_triton(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
+    ref = fp8_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype=torch.float32)
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
     y = fp8_linear(x, w_q, w_scale)
     assert y.dtype == torch.bfloat16

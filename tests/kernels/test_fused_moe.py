@@ -4,15 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from epserve.kernels import backend
-from epserve.kernels.fused_moe import (
-    dequantize_block_fp8,
-    fused_moe,
-    fused_moe_batched,
-    fused_moe_reference,
-    fused_moe_triton,
-    moe_align_block_size,
-)
-from epserve.kernels.moe_align import moe_align, moe_align_padded, moe_align_reference
+from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_weight_dequant
+from epserve.kernels.fused_moe import fused_moe, fused_moe_reference, fused_moe_torch, fused_moe_triton
+from epserve.kernels.moe_align import moe_align, moe_align_reference, moe_align_triton
 
 pytestmark = pytest.mark.unit
 
@@ -41,9 +35,9 @@ def make_moe(T, D, I, E, K, dtype, ids=None, drop=0.0, fp8=False, seed=0, device
     weights = torch.rand(ids.shape, generator=gen, device=device)
     shapes = ((I, D), (I, D), (D, I))                                      # gate, up, down
     if fp8:
-        ws = [torch.randn(E, n, k, generator=gen, device=device).to(torch.float8_e4m3fn) for n, k in shapes]
-        scales = [(0.5 + torch.rand(E, -(-n // 128), -(-k // 128), generator=gen, device=device)) / k ** 0.5
-                  for n, k in shapes]
+        ws = [torch.randn(E, n, k, generator=gen, device=device).to(FP8_DTYPE) for n, k in shapes]
+        scales = [(0.5 + torch.rand(E, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK), generator=gen, device=device))
+                  / k ** 0.5 for n, k in shapes]
         kw = dict(w_gate_scale=scales[0], w_up_scale=scales[1], w_down_scale=scales[2])
     else:
         ws = [(torch.randn(E, n, k, generator=gen, device=device) / k ** 0.5).to(dtype) for n, k in shapes]
@@ -74,10 +68,18 @@ def assert_close_rel(actual, expected, tol):
 
 
 # ---------------------------------------------------------------------------------------------
-# moe_align_block_size
+# moe_align
 # ---------------------------------------------------------------------------------------------
+def align_exact(topk_ids, num_experts, block_m):
+    """``moe_align`` cut to its ``P`` used rows (one host sync): ``sorted_ids [P]``, ``expert_ids
+    [P // block_m]``, ``num_post_padded [1]``."""
+    sorted_ids, expert_ids, num_post_padded = moe_align(topk_ids, num_experts, block_m)
+    p = int(num_post_padded.item())
+    return sorted_ids[:p], expert_ids[: p // block_m], num_post_padded
+
+
 def check_align(topk_ids, num_experts, block_m):
-    sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, num_experts, block_m)
+    sorted_ids, expert_ids, num_post_padded = align_exact(topk_ids, num_experts, block_m)
     T, K = topk_ids.shape
     sentinel = T * K
     P = sorted_ids.numel()
@@ -118,13 +120,13 @@ def test_align_properties(T, K, E, block_m, drop):
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_align_triton_matches_reference(T, K, E, block_m, drop, dtype):
     ids = random_ids(T, E, K, drop, torch.Generator(DEVICE).manual_seed(T)).to(dtype)
-    for got, want in zip(moe_align(ids, E, block_m), moe_align_reference(ids, E, block_m)):
+    for got, want in zip(moe_align_triton(ids, E, block_m), moe_align_reference(ids, E, block_m)):
         assert torch.equal(got, want)
 
 
 def test_align_worked_example():
     ids = torch.tensor([[2], [0], [2], [-1]], device=DEVICE)
-    sorted_ids, expert_ids, num = moe_align_block_size(ids, 3, 4)
+    sorted_ids, expert_ids, num = align_exact(ids, 3, 4)
     assert sorted_ids.tolist() == [1, 4, 4, 4, 0, 2, 4, 4]
     assert expert_ids.tolist() == [0, 2] and num.tolist() == [8]
 
@@ -133,14 +135,14 @@ def test_align_all_to_one_expert_and_all_dropped():
     ids = torch.full((20, 1), 3, dtype=torch.int32, device=DEVICE)
     sorted_ids, expert_ids = check_align(ids, 5, 16)
     assert expert_ids.tolist() == [3, 3] and sorted_ids[:20].tolist() == list(range(20))
-    sorted_ids, expert_ids, num = moe_align_block_size(torch.full((4, 2), -1, device=DEVICE), 5, 16)
+    sorted_ids, expert_ids, num = align_exact(torch.full((4, 2), -1, device=DEVICE), 5, 16)
     assert sorted_ids.numel() == 0 and expert_ids.numel() == 0 and num.tolist() == [0]
 
 
 def test_align_padded_is_exact_plus_empty_tail():
     ids = random_ids(50, 32, 4, 0.2, torch.Generator(DEVICE).manual_seed(1))
-    exact = moe_align_block_size(ids, 32, 16)
-    padded = moe_align_padded(ids, 32, 16)
+    exact = align_exact(ids, 32, 16)
+    padded = moe_align(ids, 32, 16)
     P = exact[0].numel()
     assert torch.equal(padded[0][:P], exact[0]) and (padded[0][P:] == ids.numel()).all()
     assert torch.equal(padded[1][: P // 16], exact[1]) and (padded[1][P // 16:] == -1).all()
@@ -149,29 +151,14 @@ def test_align_padded_is_exact_plus_empty_tail():
 
 def test_align_rejects_bad_arguments():
     with pytest.raises(ValueError, match="topk_ids"):
-        moe_align_block_size(torch.zeros(4, dtype=torch.int64), 4, 16)
+        align_exact(torch.zeros(4, dtype=torch.int64), 4, 16)
     with pytest.raises(ValueError, match="block_m"):
-        moe_align_block_size(torch.zeros(4, 2, dtype=torch.int64), 4, 0)
+        align_exact(torch.zeros(4, 2, dtype=torch.int64), 4, 0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reference
 # ---------------------------------------------------------------------------------------------
-def test_dequantize_block_fp8_matches_loop():
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(2, 200, 136, generator=gen).to(torch.float8_e4m3fn)
-    s = torch.rand(2, 2, 2, generator=gen)
-    out = dequantize_block_fp8(w, s)
-    expected = torch.empty(2, 200, 136)
-    for e in range(2):
-        for r in range(200):
-            for c in range(0, 136, 8):
-                expected[e, r, c:c + 8] = w[e, r, c:c + 8].float() * s[e, r // 128, c // 128]
-    assert torch.equal(out, expected)
-    with pytest.raises(ValueError, match="scale"):
-        dequantize_block_fp8(w, s[:, :1])
-
-
 @pytest.mark.parametrize("T,D,I,E,K,drop", [(1, 16, 8, 4, 1, 0.0), (9, 24, 20, 6, 3, 0.3), (13, 32, 16, 8, 8, 0.0)])
 def test_reference_vs_naive_loop(T, D, I, E, K, drop):
     args, _ = make_moe(T, D, I, E, K, torch.float32, drop=drop, device="cpu")
@@ -182,7 +169,7 @@ def test_reference_vs_naive_loop(T, D, I, E, K, drop):
 def test_reference_fp8_vs_naive_loop_on_dequantised():
     args, kw = make_moe(5, 136, 200, 3, 2, torch.float32, fp8=True, device="cpu")
     x, wg, wu, wd, w, ids = args
-    deq = [dequantize_block_fp8(t, s) for t, s in zip((wg, wu, wd), kw.values())]
+    deq = [fp8_weight_dequant(t, s) for t, s in zip((wg, wu, wd), kw.values())]
     assert_close_rel(fused_moe_reference(*args, **kw).double(), naive_moe(x, *deq, w, ids), 1e-5)
 
 
@@ -192,7 +179,7 @@ def test_batched_vs_naive_loop(T, D, I, E, K, drop, monkeypatch):
     import epserve.kernels.fused_moe as mod
     monkeypatch.setattr(mod, "fused_moe_reference", None)     # the batched path itself, no fallback
     args, _ = make_moe(T, D, I, E, K, torch.float32, drop=drop, device="cpu")
-    assert_close_rel(fused_moe_batched(*args).double(), naive_moe(*args), 1e-5)
+    assert_close_rel(fused_moe_torch(*args).double(), naive_moe(*args), 1e-5)
 
 
 def test_batched_falls_back_beyond_its_copy_limit(monkeypatch):
@@ -200,27 +187,27 @@ def test_batched_falls_back_beyond_its_copy_limit(monkeypatch):
     args, _ = make_moe(8, 32, 16, 8, 2, torch.float32, device="cpu")
     args[5][:, :] = torch.tensor([0, 1])                       # 2 of 8 experts hit: their weights are copied
     monkeypatch.setattr(mod, "COPY_LIMIT_BYTES", 0)
-    assert torch.equal(fused_moe_batched(*args), fused_moe_reference(*args))
+    assert torch.equal(fused_moe_torch(*args), fused_moe_reference(*args))
 
 
 def test_batched_fp8_vs_naive_loop_on_dequantised():
     args, kw = make_moe(5, 136, 200, 3, 2, torch.float32, fp8=True, device="cpu")
     x, wg, wu, wd, w, ids = args
-    deq = [dequantize_block_fp8(t, s) for t, s in zip((wg, wu, wd), kw.values())]
-    assert_close_rel(fused_moe_batched(*args, **kw).double(), naive_moe(x, *deq, w, ids), 1e-5)
+    deq = [fp8_weight_dequant(t, s) for t, s in zip((wg, wu, wd), kw.values())]
+    assert_close_rel(fused_moe_torch(*args, **kw).double(), naive_moe(x, *deq, w, ids), 1e-5)
 
 
 def test_batched_bf16_matches_reference():
     args, _ = make_moe(24, 64, 32, 8, 4, torch.bfloat16, drop=0.2, device="cpu")
-    assert_close_rel(fused_moe_batched(*args).float(), fused_moe_reference(*args).float(), 1e-2)
+    assert_close_rel(fused_moe_torch(*args).float(), fused_moe_reference(*args).float(), 1e-2)
 
 
 def test_batched_skewed_or_empty_routing():
     ids = torch.cat([torch.arange(7), torch.full((30,), 7)])[:, None]    # 8 experts x 30 padded rows, 37 kept
     args, _ = make_moe(37, 32, 32, 8, 1, torch.float32, ids=ids, device="cpu")
-    assert torch.equal(fused_moe_batched(*args), fused_moe_reference(*args))     # beyond PAD_LIMIT: the reference
+    assert torch.equal(fused_moe_torch(*args), fused_moe_reference(*args))     # beyond PAD_LIMIT: the reference
     args, _ = make_moe(3, 32, 32, 4, 2, torch.float32, ids=torch.full((3, 2), -1), device="cpu")
-    assert torch.equal(fused_moe_batched(*args), torch.zeros(3, 32))
+    assert torch.equal(fused_moe_torch(*args), torch.zeros(3, 32))
 
 
 def test_reference_bf16_close_to_fp32():
@@ -288,7 +275,7 @@ def test_triton_fp8_block_scaled(shape, dtype):
     out = fused_moe_triton(*args, **kw, config=SMALL)
     assert_close_rel(out, fused_moe_reference(*args, **kw), TOL[dtype])
     x, wg, wu, wd, w, ids = args
-    deq = [dequantize_block_fp8(t, s, dtype=dtype) for t, s in zip((wg, wu, wd), kw.values())]
+    deq = [fp8_weight_dequant(t, s, dtype=dtype) for t, s in zip((wg, wu, wd), kw.values())]
     assert_close_rel(out, fused_moe_triton(x, *deq, w, ids, config=SMALL), TOL[dtype])
 
 
@@ -305,7 +292,7 @@ def test_dispatch_follows_backend(monkeypatch):
     args, _ = make_moe(6, 32, 32, 4, 2, torch.float32)
     calls = []
     import epserve.kernels.fused_moe as mod
-    monkeypatch.setattr(mod, "fused_moe_triton", lambda *a, **k: calls.append("triton") or mod.fused_moe_batched(*a, **k))
+    monkeypatch.setattr(mod, "fused_moe_triton", lambda *a, **k: calls.append("triton") or mod.fused_moe_torch(*a, **k))
     try:
         backend.set_backend("torch")
         ref = fused_moe(*args)
@@ -331,7 +318,7 @@ def test_validation_names_argument(mutate, name):
     args, kw = make_moe(4, 32, 32, 3, 2, torch.float32)
     args = list(args)
     mutate(args, kw)
-    for fn in (fused_moe, fused_moe_batched, fused_moe_reference, fused_moe_triton):
+    for fn in (fused_moe, fused_moe_torch, fused_moe_reference, fused_moe_triton):
         with pytest.raises(ValueError, match=name):
             fn(*args, **kw)
 

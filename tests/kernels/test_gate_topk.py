@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from epserve.kernels import backend
-from epserve.kernels.gate_topk import gate_topk, grouped_topk, grouped_topk_reference
+from epserve.kernels.gate_topk import gate_topk, gate_topk_reference, gate_topk_triton
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +24,7 @@ def _inputs(T: int, E: int, seed: int = 0, bias_scale: float = 0.1):
     return torch.randn(T, E, generator=g) * 2, torch.randn(E, generator=g) * bias_scale
 
 
-def naive_grouped_topk(logits, bias, n_group, topk_group, top_k, scaling, norm=True):
+def naive_gate_topk(logits, bias, n_group, topk_group, top_k, scaling, norm=True):
     """The routing rule, one token at a time in plain Python."""
     T, E = logits.shape
     size = E // n_group
@@ -58,8 +58,8 @@ def assert_same_routing(weights, ids, ref_weights, ref_ids, atol=1e-6):
 def test_reference_matches_naive(case, norm):
     T, E, n_group, topk_group, top_k = CASES[case]
     logits, bias = _inputs(T, E)
-    expected = naive_grouped_topk(logits, bias, n_group, topk_group, top_k, 2.5, norm)
-    got = grouped_topk_reference(logits, bias, n_group, topk_group, top_k, 2.5, norm)
+    expected = naive_gate_topk(logits, bias, n_group, topk_group, top_k, 2.5, norm)
+    got = gate_topk_reference(logits, bias, n_group, topk_group, top_k, 2.5, norm)
     assert_same_routing(*got, *expected)
 
 
@@ -68,12 +68,12 @@ def test_reference_matches_naive(case, norm):
 def test_triton_matches_reference(case, norm):
     T, E, n_group, topk_group, top_k = CASES[case]
     logits, bias = _inputs(T, E, seed=1)
-    got = grouped_topk(logits, bias, n_group, topk_group, top_k, 2.5, norm)
-    expected = grouped_topk_reference(logits, bias, n_group, topk_group, top_k, 2.5, norm)
+    got = gate_topk_triton(logits, bias, n_group, topk_group, top_k, 2.5, norm)
+    expected = gate_topk_reference(logits, bias, n_group, topk_group, top_k, 2.5, norm)
     assert_same_routing(*got, *expected)
 
 
-@pytest.mark.parametrize("impl", [grouped_topk, grouped_topk_reference])
+@pytest.mark.parametrize("impl", [gate_topk_triton, gate_topk_reference])
 def test_bias_changes_selection_not_weights(impl):
     """A large bias on low-scoring experts pulls them in; their weights stay raw sigmoid scores."""
     logits, _ = _inputs(4, 64, seed=2)
@@ -90,7 +90,7 @@ def test_bias_changes_selection_not_weights(impl):
     torch.testing.assert_close(w2, raw / raw.sum(dim=1, keepdim=True) * 2.5)
 
 
-@pytest.mark.parametrize("impl", [grouped_topk, grouped_topk_reference])
+@pytest.mark.parametrize("impl", [gate_topk_triton, gate_topk_reference])
 def test_group_limit_is_enforced(impl):
     """The best single experts sit in groups whose top-2 sum loses: they must not be chosen."""
     logits = torch.full((1, 16), -4.0)
@@ -104,7 +104,7 @@ def test_group_limit_is_enforced(impl):
 
 def test_ties_pick_lowest_index_in_triton():
     logits = torch.zeros(2, 16)
-    weights, ids = grouped_topk(logits, torch.zeros(16), 4, 2, 3, 1.0)
+    weights, ids = gate_topk_triton(logits, torch.zeros(16), 4, 2, 3, 1.0)
     assert ids.tolist() == [[0, 1, 2], [0, 1, 2]]
     torch.testing.assert_close(weights, torch.full((2, 3), 1 / 3))
 
@@ -123,7 +123,7 @@ def test_matches_transformers_router():
         router.e_score_correction_bias.copy_(torch.randn(E, generator=g) * 0.1)
         logits, hf_weights, hf_ids = router(torch.randn(T, hidden, generator=g))
     bias = router.e_score_correction_bias
-    for impl in (grouped_topk_reference, grouped_topk):
+    for impl in (gate_topk_reference, gate_topk_triton):
         weights, ids = impl(logits, bias, n_group, topk_group, top_k, 2.5, True)
         assert_same_routing(weights, ids, hf_weights.float(), hf_ids.int())
 
@@ -139,7 +139,7 @@ def test_dispatch_and_empty(name):
     assert weights.shape == (0, 4) and ids.shape == (0, 4) and ids.dtype == torch.int32
 
 
-@pytest.mark.parametrize("impl", [grouped_topk, grouped_topk_reference])
+@pytest.mark.parametrize("impl", [gate_topk_triton, gate_topk_reference])
 def test_rejects_bad_inputs(impl):
     logits, bias = _inputs(2, 16)
     with pytest.raises(ValueError, match="router_logits"):
@@ -159,8 +159,8 @@ def test_rejects_bad_inputs(impl):
 def test_triton_cuda_realistic(T):
     logits, bias = _inputs(T, 256, seed=4)
     logits, bias = logits.cuda(), bias.cuda()
-    weights, ids = grouped_topk(logits, bias, 8, 4, 8, 2.5, True)
-    ref_weights, ref_ids = grouped_topk_reference(logits, bias, 8, 4, 8, 2.5, True)
+    weights, ids = gate_topk_triton(logits, bias, 8, 4, 8, 2.5, True)
+    ref_weights, ref_ids = gate_topk_reference(logits, bias, 8, 4, 8, 2.5, True)
     # Float ulps in sigmoid may swap near-tied experts: tolerate that on at most 0.1% of tokens.
     same = (ids.long().sort(dim=1)[0] == ref_ids.long().sort(dim=1)[0]).all(dim=1)
     assert same.float().mean() >= 0.999

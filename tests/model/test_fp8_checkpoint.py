@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from epserve.kernels.fused_moe import dequantize_block_fp8
+from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_weight_dequant
 from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
-from epserve.services.model.checkpoint import SCALE_SUFFIX, CheckpointReader, quantize_block_fp8, write_fp8_checkpoint
+from epserve.services.engine.params import SamplingParams
+from epserve.services.model.checkpoint import SCALE_SUFFIX, CheckpointReader, write_fp8_checkpoint
 from epserve.services.model.config import ModelConfig
 from epserve.services.model.moe import load_expert_weights
 from tests.hf_models import hf_greedy
@@ -24,7 +24,7 @@ def fp8_dirs(hf_checkpoints, tmp_path_factory):
     write_fp8_checkpoint(hf_checkpoints["v3_shape"], fp8, num_shards=3)
     reader = CheckpointReader(fp8)
     tensors = reader.read(reader.names())
-    plain = {n: dequantize_block_fp8(t, tensors[n + SCALE_SUFFIX]) if n + SCALE_SUFFIX in tensors else t.float()
+    plain = {n: fp8_weight_dequant(t, tensors[n + SCALE_SUFFIX]) if n + SCALE_SUFFIX in tensors else t.float()
              for n, t in tensors.items() if not n.endswith(SCALE_SUFFIX)}
     dequantised.mkdir()
     save_file(plain, str(dequantised / "model.safetensors"), metadata={"format": "pt"})
@@ -34,24 +34,14 @@ def fp8_dirs(hf_checkpoints, tmp_path_factory):
     return fp8, dequantised
 
 
-def test_block_quantisation_round_trip():
-    weight = torch.randn(200, 300) * torch.linspace(0.01, 3, 300)
-    q, scale_inv = quantize_block_fp8(weight)
-    assert q.dtype == torch.float8_e4m3fn and scale_inv.shape == (2, 3)
-    restored = dequantize_block_fp8(q, scale_inv)
-    # e4m3: 3 mantissa bits (relative error <= 2**-4), subnormal step 2**-9 in units of the block scale
-    step = scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)[:200, :300] * 2**-9
-    assert ((restored - weight).abs() <= weight.abs() * 2**-4 + step).all()
-
-
 def test_fp8_sharded_checkpoint_greedy_matches_transformers_on_dequantised_weights(fp8_dirs):
     fp8, dequantised = fp8_dirs
     config = ModelConfig.from_hf(fp8)
-    assert config.fp8_block == (128, 128)
+    assert config.fp8_block == (FP8_BLOCK, FP8_BLOCK)
     assert len(set(json.loads((fp8 / "model.safetensors.index.json").read_text())["weight_map"].values())) == 3
     engine = LLMEngine.from_path(fp8, EngineConfig(block_size=8, num_kv_blocks=32), dtype=torch.float32)
     experts = engine.model.model.layers[1].mlp.backend.layers[1]
-    assert experts.w_gate.dtype == torch.float8_e4m3fn and experts.w_gate_scale is not None
+    assert experts.w_gate.dtype == FP8_DTYPE and experts.w_gate_scale is not None
     prompt = [3, 14, 15, 92, 65, 35]
     seq = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
     assert seq.output_ids == hf_greedy(dequantised, prompt, 24)[0]
@@ -86,11 +76,23 @@ def test_loading_without_routed_experts_reads_no_expert_tensor(fp8_dirs):
     assert reader.names_read | {n for n in reader.names() if ".mlp.experts." in n} == set(reader.names())
 
 
-def test_mtp_layer_of_the_builtin_model_loads():
+def test_mtp_layer_loads_only_when_asked():
     from epserve.services.model.deepseek_v3 import load_model
     from epserve.services.model.tiny import tiny_model_path
 
     model = load_model(tiny_model_path(), dtype=torch.float32)
+    n = model.config.num_hidden_layers
+    assert model.config.num_nextn_predict_layers == 1                   # the checkpoint has one
+    assert not model.with_mtp and len(model.model.layers) == n
+    assert n not in model.model.layers[-1].mlp.backend.layers           # nor its routed experts
+    assert not any(name.startswith(f"model.layers.{n}.") for name, _ in model.named_parameters())
+
+
+def test_mtp_layer_of_the_builtin_model_loads():
+    from epserve.services.model.deepseek_v3 import load_model
+    from epserve.services.model.tiny import tiny_model_path
+
+    model = load_model(tiny_model_path(), dtype=torch.float32, with_mtp=True)
     n = model.config.num_hidden_layers
     assert model.with_mtp and len(model.model.layers) == n + 1
     mtp = model.model.layers[n]

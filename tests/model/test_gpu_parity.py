@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 from tests.hf_models import PARITY_PROMPTS, TINY_CONFIGS, hf_greedy
 
 pytestmark = pytest.mark.gpu

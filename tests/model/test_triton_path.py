@@ -4,7 +4,7 @@ import torch
 
 from epserve.kernels import backend
 from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 from tests.hf_models import hf_greedy
 
 pytestmark = pytest.mark.integration
