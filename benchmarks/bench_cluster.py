@@ -9,7 +9,7 @@ requests through an in-process ``LLMEngine`` (all added at once) while every clu
 stopped (SIGSTOP), alternating the two ``--repeats`` times. Prints the medians, their ranges and
 the ratio,
 and where the cluster's CPU time went: CPU ms per generated token for each process (the load
-client, router, attention replicas, expert shards, redis-server), read from /proc.
+client, router, attention replicas, expert shards, redis), read from /proc (pids from the state file).
 """
 from __future__ import annotations
 
@@ -21,19 +21,21 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 from epserve.services.model.tiny import resolve_model
+from epserve.services.up_state import wait_ready
 
 RESUME_S = 2.0      # after a pause: heartbeats re-register what expired in Redis (TTL 3 s) meanwhile
 
 
 def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: int,
-                         up: subprocess.Popen) -> tuple[float, dict[str, float]]:
+                         roles: dict[int, str]) -> tuple[float, dict[str, float]]:
     """-> (tokens/s, CPU ms per generated token by process role). The load is one asyncio client
     (``AsyncClient``, as the load-test harness uses) so that it takes little of the machine."""
     from epserve_client import AsyncClient
@@ -41,10 +43,10 @@ def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: in
     async def run() -> tuple[float, dict[str, float]]:
         async with AsyncClient(endpoint, timeout=600) as client:
             await client.generate(prompts[0], max_tokens=4, temperature=0)            # warm-up
-            cpu_before, start = cpu_seconds(up.pid), time.perf_counter()
+            cpu_before, start = cpu_seconds(roles), time.perf_counter()
             results = await asyncio.gather(*[
                 client.generate(p, max_tokens=new_tokens, temperature=0, ignore_eos=True) for p in prompts])
-            elapsed, cpu_after = time.perf_counter() - start, cpu_seconds(up.pid)
+            elapsed, cpu_after = time.perf_counter() - start, cpu_seconds(roles)
         tokens = sum(len(r.token_ids) for r in results)
         cpu_ms = {role: 1e3 * (cpu_after[role] - cpu_before.get(role, 0.0)) / tokens for role in cpu_after}
         return tokens / elapsed, cpu_ms
@@ -52,25 +54,15 @@ def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: in
     return asyncio.run(run())
 
 
-def cpu_seconds(up_pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) so far of this process and of each child of ``epserve up``, by role."""
+def cpu_seconds(roles: dict[int, str]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and of each cluster process, by role."""
     tick = os.sysconf("SC_CLK_TCK")
-    pids = {pid: _role(pid) for pid in _descendants(up_pid)}
-    pids[os.getpid()] = "load client"
     totals: dict[str, float] = {}
-    for pid, role in pids.items():
+    for pid, role in {**roles, os.getpid(): "load client"}.items():
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return totals
-
-
-def _role(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        args = f.read().decode().split("\x00")
-    if "serve" in args:
-        return args[args.index("serve") + 1]
-    return os.path.basename(args[0].split()[0])
 
 
 def engine_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> float:
@@ -81,16 +73,15 @@ def engine_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], new_tokens:
     return sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - start)
 
 
-def start_cluster(args) -> subprocess.Popen:
+def start_cluster(args, state_file: str) -> tuple[subprocess.Popen, dict[int, str]]:
+    """``epserve up`` started and ready; -> (its process, pid -> role of every process of the cluster)."""
     command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", args.model, "--port", str(args.port),
                "--attention", str(args.attention), "--expert-shards", str(args.expert_shards),
                "--redundant-experts", str(args.redundant_experts), "--micro-batches", str(args.micro_batches),
-               "--micro-batch-min-tokens", str(args.micro_batch_min_tokens)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if "serving at" in line:
-            return process
-    raise RuntimeError("epserve up did not start")
+               "--micro-batch-min-tokens", str(args.micro_batch_min_tokens), "--state-file", state_file]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    state = wait_ready(state_file, process, timeout_s=600)
+    return process, {s["pid"]: s["kind"] for s in state["services"]}
 
 
 def main() -> None:
@@ -102,25 +93,26 @@ def main() -> None:
     parser.add_argument("--attention", type=int, default=1)
     parser.add_argument("--expert-shards", type=int, default=2)
     parser.add_argument("--redundant-experts", type=int, default=2)
-    parser.add_argument("--micro-batches", type=int, default=2)
-    parser.add_argument("--micro-batch-min-tokens", type=int, default=128)
+    parser.add_argument("--micro-batches", type=int, default=EngineConfig.micro_batches)
+    parser.add_argument("--micro-batch-min-tokens", type=int, default=EngineConfig.micro_batch_min_tokens)
     parser.add_argument("--port", type=int, default=50599)
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
     args = parser.parse_args()
     path = resolve_model(args.model)
-    engine = LLMEngine.from_path(path, EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048))
+    # in-process experts: nothing to hide behind micro-batches, so one batch per step
+    engine = LLMEngine.from_path(path, EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, micro_batches=1))
     generator = torch.Generator().manual_seed(0)
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = {c: torch.randint(3, engine.model_config.vocab_size, (c, args.prompt_len), generator=generator).tolist()
                for c in levels}
     single, cluster = {c: [] for c in levels}, {c: [] for c in levels}
-    process = start_cluster(args)
+    process, roles = start_cluster(args, os.path.join(tempfile.mkdtemp(prefix="bench-cluster-"), "up.json"))
     try:
         for _ in range(args.repeats):           # alternate, so a drift of the machine hits both alike
             for c in levels:
-                with paused(process):
+                with paused([process.pid, *roles]):
                     single[c].append(engine_tokens_per_s(engine, prompts[c], args.new_tokens))
-                cluster[c].append(cluster_tokens_per_s(f"127.0.0.1:{args.port}", prompts[c], args.new_tokens, process))
+                cluster[c].append(cluster_tokens_per_s(f"127.0.0.1:{args.port}", prompts[c], args.new_tokens, roles))
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -128,10 +120,9 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def paused(up: subprocess.Popen):
+def paused(pids: list[int]):
     """Every process of the cluster stopped (SIGSTOP) while the single process runs, so it runs
     alone (even an idle cluster's threads slow its two OpenMP threads); resumed after (SIGCONT)."""
-    pids = [up.pid, *_descendants(up.pid)]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -140,12 +131,6 @@ def paused(up: subprocess.Popen):
         for pid in reversed(pids):
             os.kill(pid, signal.SIGCONT)
         time.sleep(RESUME_S)
-
-
-def _descendants(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = [int(child) for child in f.read().split()]
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
 
 
 def report(args, levels: list[int], single: dict[int, list[float]], cluster: dict[int, list]) -> None:

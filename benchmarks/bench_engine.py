@@ -14,7 +14,7 @@ import time
 import torch
 
 from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 from epserve.services.model.tiny import resolve_model
 
 
@@ -71,7 +71,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     path = resolve_model(args.model)
     engine = LLMEngine.from_path(path, EngineConfig(block_size=16, num_kv_blocks=1024, max_num_seqs=256,
-                                                    max_num_batched_tokens=4096), dtype=dtype, device=args.device)
+                                                    max_num_batched_tokens=4096, micro_batches=1),  # experts in-process
+                                 dtype=dtype, device=args.device)
     vocab = engine.model_config.vocab_size
     print(f"model={args.model} device={args.device} dtype={dtype} prompt_len={args.prompt_len} "
           f"new_tokens={args.new_tokens} kv_bytes_per_token={engine.runner.kv_bytes_per_token}")

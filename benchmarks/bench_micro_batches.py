@@ -28,7 +28,7 @@ from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.state import PlacementStore
 from epserve.services.cluster.transport import GrpcExpertTransport
 from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 from epserve.services.model.tiny import resolve_model
 
 CLUSTER = "bench-micro-batches"

@@ -1,4 +1,4 @@
-"""``python -m epserve.load_tests run|report|sharegpt``: the command line (see docs/load_testing.md)."""
+"""``epserve loadtest run|report|sharegpt`` (or ``python -m epserve.load_tests ...``): the command line (see docs/load_testing.md)."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,7 @@ from epserve.load_tests.workloads import (
     sharegpt_requests,
     token_counter,
 )
+from epserve.services.up_state import read_up_state
 
 
 class UsageError(Exception):
@@ -101,7 +102,8 @@ def add_run_parser(commands) -> None:
     f.add_argument("--fault", type=_arg(faults.Fault.parse),
                    help="SERVICE@SECONDS, e.g. expert:1@10, attention:0@5, router@5")
     f.add_argument("--fault-signal", choices=("SIGKILL", "SIGTERM"), default="SIGKILL")
-    f.add_argument("--up-pid", type=int, help="pid of `epserve up` (default: the one serving the endpoint's port)")
+    f.add_argument("--up-state", type=Path, help="the state file of the `epserve up` serving the endpoint "
+                                                 "(`epserve up --state-file PATH`): where --fault finds its process")
     f.add_argument("--recovery-threshold", type=float, default=0.8, help="fraction of the pre-fault throughput")
     f.add_argument("--recovery-bin", type=float, default=1.0, help="seconds per throughput bin")
     o = p.add_argument_group("output")
@@ -117,6 +119,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError("--fault: one run at a time (one rate and one concurrency)")
     if args.fault and args.target != "epserve":
         raise UsageError("--fault needs --target epserve (a local `epserve up` cluster)")
+    if args.fault and not args.up_state:
+        raise UsageError("--fault needs --up-state PATH (start the cluster with `epserve up --state-file PATH`)")
     if args.num_prompts < 1 or args.num_warmups < 0:
         raise UsageError("--num-prompts must be >= 1 and --num-warmups >= 0")
     for name in ("burstiness", "request_timeout", "duration", "recovery_bin", "recovery_threshold"):
@@ -172,9 +176,8 @@ def _fault_pid(args: argparse.Namespace) -> int | None:
     if not args.fault:
         return None
     try:
-        up_pid = args.up_pid or faults.find_up_process(int(args.endpoint.rsplit(":", 1)[1]))
-        return faults.service_pid(up_pid, args.fault.service)
-    except (LookupError, ValueError, IndexError) as err:
+        return faults.service_pid(read_up_state(args.up_state), args.fault.service)
+    except (OSError, LookupError, ValueError) as err:
         raise UsageError(f"--fault: {err}") from None
 
 
@@ -267,8 +270,8 @@ def add_sharegpt_parser(commands) -> None:
     p.set_defaults(handler=write)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epserve.load_tests", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m epserve.load_tests") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (add_run_parser, add_report_parser, add_sharegpt_parser):
         add(commands)

@@ -1,8 +1,7 @@
 """The fault scenario: kill one service of a local ``epserve up`` cluster at time t, then measure.
 
-Services are the children of the ``epserve up`` process, found by their command lines:
-``expert:K`` (``serve expert --shard-id K``), ``attention:K`` (``--replica-id attention-K``),
-``router`` / ``router:K`` (``--router-id router-K``) and ``redis`` (``redis-server``).
+Services are found in the state file ``epserve up --state-file PATH`` keeps: ``expert:K`` (shard K),
+``attention:K`` (replica ``attention-K``), ``router`` / ``router:K`` (``router-K``) and ``redis``.
 
 **Recovery**: output tokens per second of the requests that succeeded, in bins of ``bin_s`` seconds
 aligned on the kill. The *baseline* is the mean rate over the pre-fault bins within the second half
@@ -20,11 +19,11 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from epserve.load_tests.metrics import RequestRecord, errors_by_status, token_rate_bins
+from epserve.services.up_state import find_service
 
 _KINDS = ("expert", "attention", "router", "redis")
 
@@ -49,60 +48,13 @@ class Fault:
         return cls(service, at_s)
 
 
-def _argv(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return []
-
-
-def _option(argv: list[str], name: str, default: str | None = None) -> str | None:
-    return argv[argv.index(name) + 1] if name in argv[:-1] else default
-
-
-def _processes() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def find_up_process(port: int) -> int:
-    """The pid of the ``epserve up`` (or ``python -m epserve.services.cli up``) serving on ``port``."""
-    for pid in _processes():
-        argv = _argv(pid)
-        launcher = any(a.endswith("epserve") or a == "epserve.services.cli" for a in argv[:3])
-        if launcher and "up" in argv[1:4] and _option(argv, "--port", "50051") == str(port):
-            return pid
-    raise LookupError(f"no `epserve up` process serving on port {port}; pass --up-pid")
-
-
-def _descendants(root: int) -> list[int]:
-    """Every process under ``root``, nearest first (wrappers such as ``timeout`` are looked through)."""
-    parent = {}
-    for pid in _processes():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        parent[pid] = int(stat.rsplit(")", 1)[1].split()[1])     # field 4, after "pid (comm) state"
-    found, frontier = [], [root]
-    while frontier:
-        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
-        found += frontier
-    return found
-
-
-def service_pid(up_pid: int, service: str) -> int:
-    """The pid of the named service among the processes under ``up_pid``."""
+def service_pid(state: dict, service: str) -> int:
+    """The pid of ``service`` (``expert:1``, ``attention:0``, ``router``, ``redis``) in an ``epserve up``
+    state file's contents (``epserve up --state-file PATH``; ``epserve.services.up_state``)."""
     kind, _, index = service.partition(":")
     index = index or "0"
-    wanted = {"expert": ("--shard-id", index), "attention": ("--replica-id", f"attention-{index}"),
-              "router": ("--router-id", f"router-{index}")}
-    for pid in _descendants(up_pid):
-        argv = _argv(pid)
-        if kind == "redis" and argv and Path(argv[0]).name == "redis-server":
-            return pid
-        if kind in wanted and _option(argv, "serve") == kind and _option(argv, wanted[kind][0]) == wanted[kind][1]:
-            return pid
-    raise LookupError(f"no service {service!r} under process {up_pid}")
+    service_id = {"expert": index, "attention": f"attention-{index}", "router": f"router-{index}", "redis": "0"}[kind]
+    return find_service(state, kind, service_id)["pid"]
 
 
 async def inject(fault: Fault, pid: int, t0: float, log: dict) -> None:

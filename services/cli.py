@@ -7,10 +7,7 @@ import sys
 from epserve.services.generate_cmd import add_generate_parser
 from epserve.services.serve_cmd import add_serve_parser
 from epserve.services.up_cmd import add_up_parser
-
-
-class UsageError(Exception):
-    """A bad argument: printed as ``epserve COMMAND: error: MESSAGE``, exit status 2, no traceback."""
+from epserve.services.usage import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +16,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     add_up_parser(commands)
     add_serve_parser(commands)
+    add_loadtest_parser(commands)
     return parser
+
+
+def add_loadtest_parser(commands) -> None:
+    p = commands.add_parser("loadtest", help="the load-test harness (as python -m epserve.load_tests)",
+                            add_help=False, prefix_chars="\0")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="run | report | sharegpt, and their flags (--help)")
+    p.set_defaults(handler=_loadtest)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from epserve.load_tests.cli import main as loadtest_main   # numpy and the harness only when asked for
+
+    return loadtest_main(args.argv, prog="epserve loadtest")
 
 
 def main(argv: list[str] | None = None) -> int:

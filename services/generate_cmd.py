@@ -6,6 +6,8 @@ import json
 import os
 import time
 
+from epserve.services.usage import UsageError
+
 FLAG_OF_FIELD = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
                  "top_k": "--top-k", "seed": "--seed", "prompt": "--prompt", "prompt_ids": "--prompt-ids",
                  "stop_token_ids": "--stop-token-ids"}
@@ -52,8 +54,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from epserve.services.engine.engine import EngineConfig, LLMEngine
-    from epserve.services.engine.sampling import InvalidParam, SamplingParams
-    from epserve.services.cli import UsageError
+    from epserve.services.engine.params import InvalidParam, SamplingParams
     from epserve.services.model.tiny import resolve_model
 
     try:
@@ -61,7 +62,8 @@ def run_generate(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = LLMEngine.from_path(path, EngineConfig(), device=device,
+    # in-process experts: nothing to hide behind micro-batches, so one batch per step
+    engine = LLMEngine.from_path(path, EngineConfig(micro_batches=1), device=device,
                                  dtype=getattr(torch, args.dtype) if args.dtype else None)
     prompt_ids = args.prompt_ids if args.prompt_ids is not None else engine.tokenizer.encode(args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -1,7 +1,7 @@
 """Conversions between the wire's SamplingParams / FinishReason and the engine's."""
 from __future__ import annotations
 
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 from epserve.services.proto import generation_pb2
 
 FINISH_REASONS = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.FINISH_REASON_LENGTH,

@@ -22,36 +22,61 @@ import ctypes
 import signal
 import socket
 import subprocess
-import sys
 import time
+from typing import Any
 
 import grpc
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from epserve.services.cluster.redis_server import EmbeddedRedis
+from epserve.services.config import SERVICE_CONFIGS, ModelServiceConfig, ServiceConfig, serve_command
+from epserve.services.flags import from_dict
 
 _PR_SET_PDEATHSIG = 1
 
 
 class ClusterArgs(BaseModel):
-    """The application's arguments (``args:`` of the config file)."""
+    """The application's arguments (``args:`` of the config file).
 
-    model: str = "tiny"                      # 'tiny' or a checkpoint directory present on every node
+    ``expert``, ``attention`` and ``router`` set any other setting of that service by its config
+    field name (``ExpertConfig``, ``AttentionConfig``, ``RouterConfig`` in ``epserve.services.config``),
+    e.g. ``attention: {micro_batches: 3, wire_dtype: fp8}``; an unknown name is refused at build time.
+    """
+
+    model: str = ServiceConfig.model         # 'tiny' or a checkpoint directory present on every node
     cluster: str = "ray"                     # the prefix of every Redis key
     redis_url: str | None = None             # None: an embedded redis-server (single-node clusters)
     expert_shards: int = Field(2, ge=1)
-    redundant_experts: int = Field(0, ge=0)
+    redundant_experts: int = Field(ModelServiceConfig.redundant_experts, ge=0)
     attention_replicas: int = Field(1, ge=1)
     router_port: int = 50051
-    dtype: str | None = None                 # float32|bfloat16|float16 (default: bfloat16 on GPUs)
+    dtype: str | None = ModelServiceConfig.dtype   # float32|bfloat16|float16 (default: bfloat16 on GPUs)
     startup_timeout_s: float = 900.0         # loading a real checkpoint takes minutes
-    expert_args: list[str] = []              # more `epserve serve expert` flags
-    attention_args: list[str] = []           # e.g. ["--micro-batches", "3", "--wire-dtype", "fp8"]
-    router_args: list[str] = []              # e.g. ["--api-keys-file", "/etc/epserve/api-keys"]
+    expert: dict[str, Any] = {}
+    attention: dict[str, Any] = {}
+    router: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> "ClusterArgs":
+        for kind in SERVICE_CONFIGS:          # builds every config once, so a bad name fails `serve run`
+            self.config(kind, redis="redis://check", service_id="0")
+        return self
+
+    def config(self, kind: str, *, redis: str, service_id: str, port: int = 0,
+               advertise_host: str | None = None) -> ServiceConfig:
+        """The config of one ``kind`` service of this application (what its Serve replica runs)."""
+        fixed = dict(redis=redis, cluster=self.cluster, model=self.model, host="0.0.0.0", port=port,
+                     advertise_host=advertise_host)
+        if kind != "router":
+            fixed.update(expert_shards=self.expert_shards, redundant_experts=self.redundant_experts, dtype=self.dtype,
+                         device="cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu")
+        id_field = {"expert": "shard_id", "attention": "replica_id", "router": "router_id"}[kind]
+        fixed[id_field] = int(service_id) if kind == "expert" else service_id
+        return from_dict(SERVICE_CONFIGS[kind], getattr(self, kind), **fixed)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -71,21 +96,19 @@ class Redis:
 class _Service:
     """Supervises one ``epserve serve KIND`` child process of this replica."""
 
-    async def _start(self, kind: str, redis: str | DeploymentHandle, args: ClusterArgs, flags: list[str],
+    async def _start(self, kind: str, service_id: str, redis: str | DeploymentHandle, args: ClusterArgs,
                      port: int = 0) -> None:
         redis_url = redis if isinstance(redis, str) else await redis.url.remote()
         node_ip = ray.util.get_node_ip_address()
         port = port or _free_port()
-        command = [sys.executable, "-m", "epserve.services.cli", "serve", kind, "--redis", redis_url,
-                   "--cluster", args.cluster, "--model", args.model, "--host", "0.0.0.0", "--port", str(port),
-                   "--advertise-host", node_ip, *flags]
-        self.address = f"{node_ip}:{port}"
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        await asyncio.to_thread(_wait_healthy, self.process, f"127.0.0.1:{port}", args.startup_timeout_s)
+        config = args.config(kind, redis=redis_url, service_id=service_id, port=port, advertise_host=node_ip)
+        self.kind, self.address = kind, f"{node_ip}:{port}"
+        self.process = subprocess.Popen(serve_command(config), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        await asyncio.to_thread(_wait_healthy, self.process, kind, f"127.0.0.1:{port}", args.startup_timeout_s)
 
     def check_health(self) -> None:
         if self.process.poll() is not None:
-            raise RuntimeError(f"epserve serve {self.process.args[4]} exited with status {self.process.returncode}")
+            raise RuntimeError(f"epserve serve {self.kind} exited with status {self.process.returncode}")
 
     async def __del__(self):
         process = getattr(self, "process", None)
@@ -98,29 +121,20 @@ class _Service:
                 process.wait()
 
 
-def _model_flags(args: ClusterArgs) -> list[str]:
-    device = "cuda" if ray.get_gpu_ids() else "cpu"
-    flags = ["--expert-shards", str(args.expert_shards), "--redundant-experts", str(args.redundant_experts),
-             "--device", device]
-    return flags + (["--dtype", args.dtype] if args.dtype else [])
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ExpertShard(_Service):
     async def __init__(self, redis: str | DeploymentHandle, args: ClusterArgs):
         context = serve.get_replica_context()
         if context.world_size != args.expert_shards:
             raise ValueError(f"ExpertShard has {context.world_size} replicas; expert_shards is {args.expert_shards}")
-        await self._start("expert", redis, args,
-                          _model_flags(args) + ["--shard-id", str(context.rank.rank), *args.expert_args])
+        await self._start("expert", str(context.rank.rank), redis, args)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Attention(_Service):
     async def __init__(self, redis: str | DeploymentHandle, args: ClusterArgs):
         replica_id = serve.get_replica_context().replica_id.unique_id
-        await self._start("attention", redis, args,
-                          _model_flags(args) + ["--replica-id", f"attention-{replica_id}", *args.attention_args])
+        await self._start("attention", f"attention-{replica_id}", redis, args)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -129,8 +143,7 @@ class Router(_Service):
 
     async def __init__(self, redis: str | DeploymentHandle, args: ClusterArgs, *components: DeploymentHandle):
         replica_id = serve.get_replica_context().replica_id.unique_id
-        await self._start("router", redis, args, ["--router-id", f"router-{replica_id}", *args.router_args],
-                          port=args.router_port)
+        await self._start("router", f"router-{replica_id}", redis, args, port=args.router_port)
 
     def endpoint(self) -> str:
         """``host:port`` of the public gRPC API."""
@@ -155,7 +168,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _wait_healthy(process: subprocess.Popen, address: str, timeout_s: float) -> None:
+def _wait_healthy(process: subprocess.Popen, kind: str, address: str, timeout_s: float) -> None:
     """Return once ``address`` answers SERVING; raise if the process exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
     request = health_pb2.HealthCheckRequest(service="")
@@ -164,10 +177,10 @@ def _wait_healthy(process: subprocess.Popen, address: str, timeout_s: float) -> 
         while process.poll() is None:
             if time.monotonic() > deadline:
                 process.kill()
-                raise TimeoutError(f"{process.args[4]} not healthy at {address} after {timeout_s} s")
+                raise TimeoutError(f"{kind} not healthy at {address} after {timeout_s} s")
             try:
                 if stub.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 time.sleep(0.2)
-    raise RuntimeError(f"{process.args[4]} exited during start-up with status {process.returncode}")
+    raise RuntimeError(f"{kind} exited during start-up with status {process.returncode}")

@@ -58,7 +58,7 @@ PARITY_PROMPTS = [[7], [5, 17, 42, 99, 3, 250, 7], [(11 * i + 3) % 250 + 2 for i
 
 def greedy_with_logits(engine, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
     """Our greedy generation of all prompts in one batch: (token ids, per-step logits [steps, vocab]) each."""
-    from epserve.services.engine.sampling import SamplingParams
+    from epserve.services.engine.params import SamplingParams
 
     logits_seen: dict[str, list[torch.Tensor]] = {}
     sample = engine.runner.sample

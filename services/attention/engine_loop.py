@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from epserve.services.engine.engine import LLMEngine, RequestOutput
-from epserve.services.engine.sampling import InvalidParam, SamplingParams
+from epserve.services.engine.params import InvalidParam, SamplingParams
 
 log = logging.getLogger(__name__)
 

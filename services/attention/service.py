@@ -17,7 +17,7 @@ import grpc
 
 from epserve.services.attention.engine_loop import EngineLoop, StepError
 from epserve.services.engine.engine import RequestOutput
-from epserve.services.engine.sampling import InvalidParam
+from epserve.services.engine.params import InvalidParam
 from epserve.services.params import FINISH_REASONS, sampling_from_proto
 from epserve.services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 

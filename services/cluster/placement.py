@@ -74,7 +74,10 @@ class Placement:
 
     @classmethod
     def from_json(cls, text: str) -> "Placement":
-        raw = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Placement":
         return cls(raw["version"], raw["num_experts"], raw["num_shards"], raw["slots_per_shard"],
                    tuple(raw["moe_layers"]), torch.tensor(raw["physical_to_logical"], dtype=torch.int64))
 

@@ -1,6 +1,6 @@
 """Discovery and liveness: services register in Redis with a TTL and keep it alive by heartbeats.
 
-A service's hash ``keys.service(kind, id)`` holds its ``address`` and ``info`` (JSON: capacity,
+A service's hash ``keys.service(kind, id)`` holds its ``address``, ``pid`` and ``info`` (JSON: capacity,
 placement version, ...) and expires ``ttl_s`` after the last heartbeat; ``keys.services(kind)``
 lists the ids that registered. A service that stops heartbeating (crashed, hung, partitioned)
 drops out of ``live()`` once its hash expires; readers prune such ids from the set.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class ServiceInfo:
     service_id: str
     address: str              # host:port of its gRPC server
     info: dict                # what it advertises (capacity, placement version, ...)
+    pid: int | None = None    # its process id on its host (``epserve up`` matches restarts by it)
 
 
 def _text(value: bytes | str) -> str:
@@ -78,7 +80,7 @@ class Heartbeat:
         key = self._keys.service(self.kind, self.service_id)
         with self._lock:
             pipe = self._client.pipeline()       # MULTI: the id joins the set together with its hash
-            pipe.hset(key, mapping={"address": self.address, "info": json.dumps(self._info)})
+            pipe.hset(key, mapping={"address": self.address, "info": json.dumps(self._info), "pid": os.getpid()})
             pipe.pexpire(key, self._ttl_ms)
             pipe.sadd(self._keys.services(self.kind), self.service_id)
             pipe.execute()
@@ -122,7 +124,8 @@ class Registry:
             if "address" not in fields:
                 dead.append(service_id)
                 continue
-            found.append(ServiceInfo(kind, service_id, fields["address"], json.loads(fields.get("info", "{}"))))
+            pid = int(fields["pid"]) if "pid" in fields else None
+            found.append(ServiceInfo(kind, service_id, fields["address"], json.loads(fields.get("info", "{}")), pid))
         if dead:
             self.client.srem(self.keys.services(kind), *dead)
         return found

@@ -14,24 +14,14 @@ from pathlib import Path
 import torch
 
 from epserve.services.engine.block_manager import BlockManager
+from epserve.services.engine.config import EngineConfig
 from epserve.services.engine.model_runner import ModelRunner
-from epserve.services.engine.sampling import InvalidParam, SamplingParams, draw_seed
+from epserve.services.engine.params import InvalidParam, SamplingParams, draw_seed
 from epserve.services.engine.scheduler import Scheduler
 from epserve.services.engine.sequence import Sequence
 from epserve.services.engine.tokenizer import Tokenizer, load_tokenizer
 from epserve.services.model.deepseek_v3 import DeepseekV3ForCausalLM, load_model
 from epserve.services.model.moe import ExpertBackend
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    num_kv_blocks: int = 1024
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024     # token budget of one step (decodes + prefill chunks)
-    max_model_len: int | None = None       # default: the model's max_position_embeddings
-    micro_batches: int = 1                 # >= 2 overlaps remote experts of one with compute of another
-    micro_batch_min_tokens: int = 1        # split a step only into micro-batches of at least this many tokens
 
 
 @dataclass
@@ -60,11 +50,12 @@ class LLMEngine:
     @classmethod
     def from_path(cls, path: str | Path, config: EngineConfig | None = None, *, dtype: torch.dtype | None = None,
                   device: str = "cpu", backend: ExpertBackend | None = None) -> "LLMEngine":
+        config = config or EngineConfig()
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        model = load_model(path, dtype=dtype, device=device, backend=backend)
+        model = load_model(path, dtype=dtype, device=device, backend=backend, with_mtp=config.load_mtp)
         c = model.config
         tokenizer = load_tokenizer(path, vocab_size=c.vocab_size, bos_token_id=c.bos_token_id, eos_token_ids=c.eos_token_ids)
-        return cls(model, tokenizer, config or EngineConfig(), dtype, device)
+        return cls(model, tokenizer, config, dtype, device)
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

@@ -1,4 +1,4 @@
-"""Sampling parameters and the batched, seeded, batch-invariant token sampler.
+"""The batched, seeded, batch-invariant token sampler.
 
 ``sample`` turns one row of logits per sequence into one token id per sequence. Greedy rows take
 the argmax; the others are scaled by their temperature, filtered by top-k then top-p (nucleus) and
@@ -14,71 +14,18 @@ replica and replayed with the same seed therefore produces the same tokens.
 from __future__ import annotations
 
 import math
-import secrets
-from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-SEED_LIMIT = 2**63  # seeds live in [0, 2**63) so they fit a signed int64 everywhere
+from epserve.services.engine.params import SEED_LIMIT, SamplingParams
 
 _MASK64 = 2**64 - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64 increment (odd)
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 _NOISE_CHUNK_ELEMENTS = 1 << 22  # rows x vocab per noise chunk: bounds the int64 temporaries
-
-
-class InvalidParam(ValueError):
-    """A sampling parameter is out of range; ``field`` names it and ``str()`` starts with it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # in (0, 1]; 1 = disabled
-    top_k: int = 0  # 0 = disabled
-    seed: int | None = None  # None: the engine draws one at admission (see draw_seed)
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        # Accept any iterable (e.g. a list from JSON) but keep the dataclass hashable.
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def validate(self, *, vocab_size: int, max_new_tokens_allowed: int) -> None:
-        """Raise ``InvalidParam(field, message)`` for the first out-of-range field."""
-        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= max_new_tokens_allowed:
-            raise InvalidParam(
-                "max_tokens", f"must be an integer in [1, {max_new_tokens_allowed}], got {self.max_tokens!r}"
-            )
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidParam("temperature", f"must be finite and >= 0, got {self.temperature!r}")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise InvalidParam("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidParam("top_k", f"must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
-            raise InvalidParam("seed", f"must be null or an integer in [0, 2**63), got {self.seed!r}")
-        for token in self.stop_token_ids:
-            if not _is_int(token) or not 0 <= token < vocab_size:
-                raise InvalidParam("stop_token_ids", f"every id must be in [0, {vocab_size}), got {token!r}")
-
-
-def draw_seed() -> int:
-    """A fresh random seed in [0, 2**63) for a request that did not give one."""
-    return secrets.randbits(63)
 
 
 def sample(
@@ -182,14 +129,6 @@ def _to_int64(value: int) -> int:
     """Reinterpret an unsigned 64-bit value as the signed int64 with the same bits."""
     value &= _MASK64
     return value - 2**64 if value >= 2**63 else value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _check_sample_args(logits: Tensor, params, seeds, steps) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 
 
 class Status(Enum):

@@ -16,11 +16,12 @@ import logging
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import grpc
 
-from epserve.services.cluster.state import DuplicateRequest, PlacementStore, RequestRecord, RequestStore
-from epserve.services.engine.sampling import InvalidParam, draw_seed
+from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore
+from epserve.services.engine.params import InvalidParam, draw_seed
 from epserve.services.engine.tokenizer import IncrementalDecoder, Tokenizer
 from epserve.services.params import FINISH_REASON_NAMES, sampling_to_proto
 from epserve.services.proto import attention_pb2, generation_pb2, generation_pb2_grpc
@@ -36,10 +37,10 @@ _ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, *, model_name: str, tokenizer: Tokenizer, limits: Limits, admission: Admission,
-                 requests: RequestStore, placements: PlacementStore, model_info: dict):
+                 requests: RequestStore, placement_summary: Callable[[], dict | None], model_info: dict):
         self.model_name, self.tokenizer, self.limits = model_name, tokenizer, limits
         self.admission, self.requests, self.model_info = admission, requests, model_info
-        self.placements = placements
+        self.placement_summary = placement_summary      # -> {"placement_version", "expert_shards"} or None
         self.sessions = ReplicaSessions()
         # requests waiting in the admission queue each hold a thread; Redis calls need a few more
         self._pool = ThreadPoolExecutor(admission.max_queue + 16, thread_name_prefix="router-blocking")
@@ -145,9 +146,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         info["attention_replicas"] = len(replicas)
         if replicas:
             info["kv_cache_bytes_per_token"] = replicas[0].info.get("kv_bytes_per_token", info["kv_cache_bytes_per_token"])
-        placement = await self._blocking(self.placements.current)
-        if placement is not None:
-            info["expert_shards"], info["placement_version"] = placement.num_shards, placement.version
+        info.update(await self._blocking(self.placement_summary) or {})
         return generation_pb2.ModelInfo(request_id=request.request_id, **info)
 
     async def Abort(self, request, context):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from epserve.services.engine.sampling import InvalidParam, SamplingParams
+from epserve.services.engine.params import InvalidParam, SamplingParams
 from epserve.services.engine.tokenizer import Tokenizer
 from epserve.services.params import sampling_from_proto
 from epserve.services.proto import generation_pb2

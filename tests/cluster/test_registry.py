@@ -1,25 +1,17 @@
 """Discovery and liveness: register, find, update, deregister, and drop out after missed heartbeats."""
+import os
 import threading
-import time
 
 import pytest
 import redis
 
 from epserve.services.cluster.redis_server import EmbeddedRedis
 from epserve.services.cluster.registry import Registry, ServiceInfo
+from tests.waiting import join, wait_until
 
 pytestmark = pytest.mark.integration
 
-GENEROUS_S = 20.0     # bound for "eventually"; the tests poll and never assert on exact timing
-
-
-def eventually(condition, timeout_s: float = GENEROUS_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+GENEROUS_S = 20.0     # bound for waits; the tests poll and never assert on exact timing
 
 
 @pytest.fixture
@@ -41,8 +33,8 @@ def registry(redis_client, cluster_keys):
 def test_register_live_update_and_deregister(registry, redis_client, cluster_keys):
     b = registry.register("expert", "shard-1", "127.0.0.1:5002", {"slots": 4}, ttl_s=5.0, interval_s=0.5)
     a = registry.register("expert", "shard-0", "127.0.0.1:5001", {"slots": 4}, ttl_s=5.0, interval_s=0.5)
-    assert registry.live("expert") == [ServiceInfo("expert", "shard-0", "127.0.0.1:5001", {"slots": 4}),
-                                       ServiceInfo("expert", "shard-1", "127.0.0.1:5002", {"slots": 4})]
+    assert registry.live("expert") == [ServiceInfo("expert", "shard-0", "127.0.0.1:5001", {"slots": 4}, os.getpid()),
+                                       ServiceInfo("expert", "shard-1", "127.0.0.1:5002", {"slots": 4}, os.getpid())]
     assert registry.live("attention") == []
     assert 0 < redis_client.pttl(cluster_keys.service("expert", "shard-0")) <= 5000
 
@@ -60,16 +52,19 @@ def test_heartbeats_refresh_the_ttl_and_restore_the_hash(registry, redis_client,
     registry.register("router", "r0", "127.0.0.1:6000", {}, ttl_s=30.0, interval_s=0.05)
     key = cluster_keys.service("router", "r0")
     redis_client.pexpire(key, 10_000)
-    assert eventually(lambda: redis_client.pttl(key) > 20_000)
+    wait_until(lambda: redis_client.pttl(key) > 20_000, GENEROUS_S, "a heartbeat to restore the 30 s TTL",
+               state=lambda: f"pttl {redis_client.pttl(key)} ms")
     redis_client.delete(key)
-    assert eventually(lambda: [s.service_id for s in registry.live("router")] == ["r0"])
+    wait_until(lambda: [s.service_id for s in registry.live("router")] == ["r0"], GENEROUS_S,
+               "a heartbeat to restore the deleted hash", state=lambda: registry.live("router"))
 
 
 def test_a_service_that_stops_heartbeating_drops_out_and_is_pruned(registry, redis_client, cluster_keys):
     registry.register("attention", "a0", "127.0.0.1:7000", {}, ttl_s=5.0, interval_s=0.1)
     dead = registry.register("attention", "a1", "127.0.0.1:7001", {}, ttl_s=0.3, interval_s=0.1)
     dead.stop(deregister=False)                       # as if it crashed: no more beats, nothing removed
-    assert eventually(lambda: [s.service_id for s in registry.live("attention")] == ["a0"])
+    wait_until(lambda: [s.service_id for s in registry.live("attention")] == ["a0"], GENEROUS_S,
+               "a1 to drop out after its TTL", state=lambda: registry.live("attention"))
     assert redis_client.smembers(cluster_keys.services("attention")) == {b"a0"}
 
 
@@ -78,7 +73,7 @@ def test_wait_for_returns_once_enough_are_live(registry):
     late = threading.Timer(0.2, registry.register, ("expert", "e1", "127.0.0.1:8001", {}, 5.0, 0.5))
     late.start()
     services = registry.wait_for("expert", 2, timeout_s=GENEROUS_S)
-    late.join()
+    join(late, GENEROUS_S, "the late registration")
     assert [s.service_id for s in services] == ["e0", "e1"]
     with pytest.raises(TimeoutError, match="2 of 3 expert services"):
         registry.wait_for("expert", 3, timeout_s=0.2)

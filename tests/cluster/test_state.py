@@ -7,8 +7,9 @@ import redis
 import torch
 
 from epserve.services.cluster.placement import EMPTY, build_placement
-from epserve.services.cluster.state import (DuplicateRequest, LoadStats, PlacementStore, RequestRecord, RequestStore,
-                                    choose_placement, read_load_profile)
+from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore
+from epserve.services.cluster.state import LoadStats, PlacementStore, choose_placement, read_load_profile
+from tests.waiting import join
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +87,7 @@ def test_reuses_the_current_placement_while_it_fits(redis_client, cluster_keys):
 
 
 def test_services_starting_together_publish_one_placement(redis_server, redis_client, cluster_keys):
-    threads, barrier, versions = 4, threading.Barrier(4), []
+    threads, barrier, versions = 4, threading.Barrier(4, timeout=30), []
 
     def start_service():
         client = redis.Redis.from_url(redis_server.url)
@@ -98,7 +99,7 @@ def test_services_starting_together_publish_one_placement(redis_server, redis_cl
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join()
+        join(worker, 30, "a service to publish its placement")
     assert versions == [1] * threads
     assert int(redis_client.get(cluster_keys.placement_counter)) == 1
     assert not redis_client.exists(cluster_keys.placement_lock)

@@ -8,6 +8,7 @@ expands ``$(VAR)`` (env from the rendered ConfigMap and Secret, the downward API
 and parsed by the real ``epserve`` command line, so the wiring is checked against flags that exist.
 """
 import base64
+import importlib.util
 import json
 import re
 from argparse import Namespace
@@ -21,6 +22,8 @@ import yaml
 from kubernetes.client import ApiClient
 
 from epserve.services.cli import build_parser
+from epserve.services.config import SERVICE_CONFIGS
+from epserve.services.flags import flag_name, from_args, scalar_type, settings
 from epserve.services.cluster.state import read_load_profile
 from epserve.services.router.auth import read_api_keys
 
@@ -101,6 +104,11 @@ class Release:
         assert container.command is None                      # the image's ENTRYPOINT ["epserve"] runs
         env = self.env(component)
         return build_parser().parse_args([_expand(arg, env) for arg in container.args])
+
+
+    def service_config(self, component: str):
+        """The service's config dataclass, built from its parsed command line."""
+        return from_args(SERVICE_CONFIGS[component], self.cli(component))
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
@@ -425,3 +433,57 @@ def test_the_image_runs_epserve_as_the_charts_user_with_home_on_the_cache_volume
     for source in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
         for path in source.split():
             assert (ROOT / path).exists() and path not in ignored, path
+
+
+# ---- settings: values that become flags are config fields ------------------------------------------
+def _gen_helm_schema():
+    spec = importlib.util.spec_from_file_location("gen_helm_schema", ROOT / "scripts" / "gen_helm_schema.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_settings_schema_is_generated_from_the_service_configs():
+    assert (CHART / "values.schema.json").read_text() == _gen_helm_schema().generate(), \
+        "run `python scripts/gen_helm_schema.py` and commit helm/epserve/values.schema.json"
+
+
+def _other_value(cls, f):
+    """A value of setting ``f`` that is not its default and is within its choices and bounds."""
+    kind, meta = scalar_type(cls, f.name), f.metadata
+    if kind is bool:
+        return not f.default
+    if meta["choices"]:
+        return next(c for c in meta["choices"] if c != f.default)
+    if kind is str:
+        return f"{f.name}-value"
+    value = (meta["low"] if meta["low"] is not None else 0) + (1 if kind is int else 0.5)
+    return value + 1 if value == f.default else value
+
+
+@pytest.mark.parametrize("component", SERVICES)
+def test_every_setting_value_becomes_its_flag_and_parses_into_the_config(chart, component):
+    gen = _gen_helm_schema()
+    cls = SERVICE_CONFIGS[component]
+    wanted = {f.name: _other_value(cls, f) for f in settings(cls) if f.name not in gen.CHART_SET}
+    assert wanted, f"{component} has no settings"
+    release = render(chart, {component: {"settings": {gen.camel(name): v for name, v in wanted.items()}}})
+    config = release.service_config(component)
+    assert {name: getattr(config, name) for name in wanted} == wanted
+    flags = {arg.split("=")[0] for arg in release.container(component).args if arg.startswith("--")}
+    known = {flag_name(f.name) for f in settings(cls)} | {"--no-" + flag_name(f.name)[2:] for f in settings(cls)}
+    assert flags <= known, f"flags that are no {cls.__name__} setting: {flags - known}"
+
+
+def test_every_rendered_command_line_builds_its_service_config(release):
+    for component in SERVICES:
+        assert isinstance(release.service_config(component), SERVICE_CONFIGS[component])
+    grace = release.workload("attention").spec.template.spec.termination_grace_period_seconds
+    assert grace > release.service_config("attention").drain_timeout       # running requests can finish
+
+
+def test_a_misspelt_or_out_of_range_setting_is_refused(chart):
+    with pytest.raises(helm.HelmValuesError, match="microBatchs"):
+        chart.render({"attention": {"settings": {"microBatchs": 2}}}, name="demo", namespace="ml")
+    with pytest.raises(helm.HelmValuesError, match="microBatches"):
+        chart.render({"attention": {"settings": {"microBatches": 9}}}, name="demo", namespace="ml")

@@ -20,7 +20,7 @@ from ray.serve.config import ProxyLocation
 from ray.serve.schema import ServeDeploySchema
 
 from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.engine.params import SamplingParams
 from epserve.services.model.tiny import tiny_model_path
 from epserve.services.ray_app import Attention, ClusterArgs, ExpertShard, Router, build_app
 
@@ -38,6 +38,8 @@ def test_config_file_is_a_serve_config_with_a_gpu_per_shard_and_attention_replic
     assert app.import_path == "epserve.services.ray_app:build_app"
     args = ClusterArgs.model_validate(app.args)
     assert args.expert_shards == 8 and args.redundant_experts > 0 and args.redis_url
+    attention = args.config("attention", redis=args.redis_url, service_id="attention-0")
+    assert attention.wire_dtype == "fp8" and attention.expert_shards == 8 and attention.model == args.model
     options = {d.name: d.ray_actor_options for d in app.deployments}
     assert options["ExpertShard"].num_gpus == 1 and options["Attention"].num_gpus == 1
     assert options["Router"].num_gpus == 0
@@ -70,7 +72,8 @@ def test_serve_app_generates_the_engine_tokens_through_the_sdk_and_leaves_no_pro
     model = tiny_model_path()
     serve.start(proxy_location="Disabled")
     args = ClusterArgs(model=str(model), cluster="ray-test", expert_shards=2, redundant_experts=2,
-                       router_port=_free_port(), dtype="float32", startup_timeout_s=120)
+                       router_port=_free_port(), dtype="float32", startup_timeout_s=120,
+                       attention={"micro_batch_min_tokens": 1})
     endpoint = serve.run(build_app(args), name="epserve", route_prefix=None).endpoint.remote().result()
     assert endpoint == f"127.0.0.1:{args.router_port}"
 
@@ -84,6 +87,7 @@ def test_serve_app_generates_the_engine_tokens_through_the_sdk_and_leaves_no_pro
     spawned = _descendants(os.getpid()) - local_ray
     services = [p for p in spawned if b"epserve.services.cli\x00serve" in _cmdline(p)]
     assert len(services) == 4                        # 2 expert shards, attention, router
+    assert sum(b"\x00--micro-batch-min-tokens=1" in _cmdline(p) for p in services) == 1   # `attention:` reached it
     serve.shutdown()
     ray.shutdown()
     deadline = time.monotonic() + 30

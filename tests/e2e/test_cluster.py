@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,11 +23,14 @@ from epserve_client import Client, InvalidArgument
 
 from epserve.services.cluster.keys import Keys
 from epserve.services.cluster.registry import Registry
-from epserve.services.cluster.state import PlacementStore, RequestStore
-from epserve.services.engine.engine import EngineConfig, LLMEngine
-from epserve.services.engine.sampling import SamplingParams
+from epserve.services.cluster.requests import RequestStore
+from epserve.services.cluster.state import PlacementStore
 from epserve.services.cluster.tensor_codec import from_proto
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.params import SamplingParams
 from epserve.services.proto import attention_pb2, attention_pb2_grpc, expert_pb2, expert_pb2_grpc
+from epserve.services.up_state import find_service, read_up_state, wait_ready
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -39,24 +43,19 @@ class UpCluster:
 
     def __init__(self, model_dir, attention: int, shards: int, redundant: int, micro_batch_min_tokens: int = 1):
         self.port = _free_port()
+        self.state_file = os.path.join(tempfile.mkdtemp(prefix="epserve-up-"), "state.json")
         command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", str(model_dir), "--dtype", "float32",
                    "--attention", str(attention), "--expert-shards", str(shards),
                    "--redundant-experts", str(redundant), "--port", str(self.port),
-                   "--micro-batch-min-tokens", str(micro_batch_min_tokens)]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        banner = self._read_banner()
-        url, cluster = banner.split("state in ")[1].split(" cluster ")
-        self.redis = redis.Redis.from_url(url)
-        self.registry = Registry(self.redis, Keys(cluster.split(")")[0]))
-        self.endpoint = f"127.0.0.1:{self.port}"
+                   "--micro-batch-min-tokens", str(micro_batch_min_tokens), "--state-file", self.state_file]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        state = wait_ready(self.state_file, self.process, timeout_s=240)
+        self.redis = redis.Redis.from_url(state["redis_url"])
+        self.registry = Registry(self.redis, Keys(state["cluster"]))
+        self.endpoint = state["endpoint"]
 
-    def _read_banner(self) -> str:
-        lines = []
-        for line in self.process.stdout:
-            lines.append(line)
-            if "serving at" in line:
-                return line
-        raise RuntimeError("epserve up exited:\n" + "".join(lines[-40:]))
+    def service_pid(self, kind: str, service_id: str) -> int:
+        return find_service(read_up_state(self.state_file), kind, service_id)["pid"]
 
     def children(self) -> list[int]:
         with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
@@ -168,10 +167,8 @@ def test_cancelled_stream_frees_its_kv_blocks(cluster):
         assert cluster.replica_load(replica).kv_blocks_used > 0
         stream.cancel()
         request_id = stream.request_id
-    deadline = time.monotonic() + 30
-    while cluster.replica_load(replica).kv_blocks_used and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert cluster.replica_load(replica).kv_blocks_used == 0
+    wait_until(lambda: cluster.replica_load(replica).kv_blocks_used == 0, 30, "the KV blocks to be freed",
+               state=lambda: cluster.replica_load(replica).kv_blocks_used)
     store = RequestStore(cluster.redis, cluster.registry.keys)
     assert store.get(request_id).state == "aborted"
     assert len(store.tokens(request_id)) < 400          # freed by the abort, not by finishing
@@ -180,11 +177,16 @@ def test_cancelled_stream_frees_its_kv_blocks(cluster):
 def test_sigterm_leaves_no_child_process(model_dir):
     up = UpCluster(model_dir, attention=1, shards=2, redundant=0)
     children = up.children()
-    assert len(children) >= 4                        # redis + 2 shards + attention + router
+    state = read_up_state(up.state_file)
+    assert sorted(children) == sorted(s["pid"] for s in state["services"])    # redis, 2 shards, attention, router
+    assert [(s["kind"], s["id"]) for s in state["services"]] == [
+        ("redis", "0"), ("expert", "0"), ("expert", "1"), ("attention", "attention-0"), ("router", "router-0")]
+    assert all(s["address"] for s in state["services"]) and state["endpoint"] == up.endpoint
     assert up.stop() == 0
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert not os.path.exists(up.state_file)
 
 
 def test_cli_generate_through_the_endpoint(cluster, expected):
@@ -207,13 +209,11 @@ def test_deadline_aborts_the_request_and_frees_its_kv(cluster):
     with Client(cluster.endpoint, timeout=1.0) as client:
         with pytest.raises(DeadlineExceeded):
             client.generate(PROMPTS[2], max_tokens=450, temperature=0, ignore_eos=True, request_id="deadline-1")
-    deadline = time.monotonic() + 30
-    while cluster.replica_load(replica).kv_blocks_used and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert cluster.replica_load(replica).kv_blocks_used == 0
+    wait_until(lambda: cluster.replica_load(replica).kv_blocks_used == 0, 30, "the KV blocks to be freed",
+               state=lambda: cluster.replica_load(replica).kv_blocks_used)
     store = RequestStore(cluster.redis, cluster.registry.keys)
-    while store.get("deadline-1").state == "running" and time.monotonic() < deadline:
-        time.sleep(0.1)                 # the router records the end after the client has seen it
+    wait_until(lambda: store.get("deadline-1").state != "running", 30,      # the router records the end
+               "the request's record to end", state=lambda: store.get("deadline-1"))  # after the client saw it
     assert store.get("deadline-1").state in ("aborted", "failed")
     assert len(store.tokens("deadline-1")) < 450        # freed by the abort, not by finishing
 
@@ -221,18 +221,13 @@ def test_deadline_aborts_the_request_and_frees_its_kv(cluster):
 def test_killed_expert_shard_is_restarted_and_the_cluster_serves_again(model_dir, expected):
     up = UpCluster(model_dir, attention=1, shards=2, redundant=0)
     try:
-        pid = _child_with(up, "--shard-id", "1")
+        pid = up.service_pid("expert", "1")
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        served = None
-        while served is None and time.monotonic() < deadline:
-            try:
-                with Client(up.endpoint, timeout=60) as client:
-                    served = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-            except Exception:                       # noqa: BLE001 - failures until the shard is back
-                time.sleep(0.5)
-        assert served is not None and served.token_ids == expected[0]
+        served = _served_again(up, "the restarted shard")
+        assert served.token_ids == expected[0]
         assert pid not in up.children() and up.process.poll() is None
+        shard = find_service(read_up_state(up.state_file), "expert", "1")        # the state file follows it
+        assert shard["restarts"] == 1 and shard["pid"] in up.children() and shard["address"]
     finally:
         up.stop()
 
@@ -247,27 +242,29 @@ def test_killed_attention_replica_fails_its_requests_and_the_cluster_serves_agai
         with Client(up.endpoint, timeout=60) as client:
             chunks = iter(client.stream(PROMPTS[0], max_tokens=450, temperature=0, ignore_eos=True))
             next(chunks)                                    # running on the replica
-            os.kill(_child_with(up, "--replica-id", "attention-0"), signal.SIGKILL)
+            os.kill(up.service_pid("attention", "attention-0"), signal.SIGKILL)
             with pytest.raises(EpserveError, match="attention replica attention-0"):
                 for _ in chunks:
                     pass
-        deadline, served = time.monotonic() + 120, None
-        while served is None and time.monotonic() < deadline:
-            try:
-                with Client(up.endpoint, timeout=60) as client:
-                    served = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-            except EpserveError:                            # until the replica is back and registered
-                time.sleep(0.5)
-        assert served is not None and served.token_ids == expected[0]
+        served = _served_again(up, "the restarted replica")
+        assert served.token_ids == expected[0]
     finally:
         up.stop()
 
 
-def _child_with(up: UpCluster, flag: str, value: str) -> int:
-    """The pid of the `epserve up` child whose command line has ``flag value``."""
-    for pid in up.children():
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().decode().split("\x00")
-        if flag in args and args[args.index(flag) + 1] == value:
-            return pid
-    raise LookupError(f"no child with {flag} {value}")
+def _served_again(up: UpCluster, what: str):
+    """The first generation that succeeds after a kill (failures until the service is back), within 120 s."""
+    from epserve_client import EpserveError
+
+    errors = []
+
+    def attempt():
+        try:
+            with Client(up.endpoint, timeout=30) as client:
+                return client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        except EpserveError as err:
+            errors.append(err)
+            time.sleep(0.5)
+            return None
+
+    return wait_until(attempt, 120, f"a generation served by {what}", state=lambda: errors[-1:])

@@ -3,10 +3,8 @@ import math
 import pytest
 import torch
 
+from epserve.services.engine.params import InvalidParam, SamplingParams, draw_seed
 from epserve.services.engine.sampling import (
-    InvalidParam,
-    SamplingParams,
-    draw_seed,
     filter_logits,
     gumbel_noise,
     sample,

@@ -7,11 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from epserve.load_tests.cli import main
 from epserve.load_tests.results import SCHEMA
+from epserve.services.up_state import wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -26,34 +28,27 @@ VLLM_FIELDS = (
 
 
 class Up:
-    """`epserve up --model tiny` in a subprocess on a free port."""
+    """`epserve up --model tiny` in a subprocess on a free port, with a state file."""
 
-    def __init__(self):
+    def __init__(self, state_file: Path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
+        self.state_file = state_file
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "epserve.services.cli", "up", "--model", "tiny", "--port", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in self.process.stdout:
-            lines.append(line)
-            if "serving at" in line:
-                break
-        else:
-            raise RuntimeError("epserve up exited:\n" + "".join(lines[-30:]))
-        self.endpoint = f"127.0.0.1:{self.port}"
+            [sys.executable, "-m", "epserve.services.cli", "up", "--model", "tiny", "--port", str(self.port),
+             "--state-file", str(state_file)], stdin=subprocess.DEVNULL)
+        self.endpoint = wait_ready(state_file, self.process, timeout_s=240)["endpoint"]
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
-        self.process.stdout.close()
 
 
 @pytest.fixture
-def up():
-    cluster = Up()
+def up(tmp_path_factory):
+    cluster = Up(tmp_path_factory.mktemp("up") / "state.json")
     yield cluster
     cluster.stop()
 
@@ -84,7 +79,7 @@ def test_open_loop_run_against_a_cluster_writes_the_result_file(up, tmp_path):
 def test_killing_an_expert_shard_is_reported(up, tmp_path):
     pids_before = set(int(p) for p in os.listdir("/proc") if p.isdigit())
     run("--endpoint", up.endpoint, "--request-rate", "8", "--num-prompts", "24", "--fault", "expert:1@1.5",
-        "--recovery-bin", "0.5", "--up-pid", str(up.process.pid), "--request-timeout", "60", "--out-dir", str(tmp_path))
+        "--recovery-bin", "0.5", "--up-state", str(up.state_file), "--request-timeout", "60", "--out-dir", str(tmp_path))
     (path,) = tmp_path.glob("*-fault-*.json")
     result = json.loads(path.read_text())
     fault = result["fault"]

@@ -108,6 +108,20 @@ checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha25
 - --advertise-host=$(POD_IP)
 {{- end }}
 
+{{/* A service's `settings` as its flags: camelCase name -> --kebab-case=value; booleans --name / --no-name;
+     whole numbers without an exponent (YAML numbers reach templates as float64). */}}
+{{- define "epserve.settingsArgs" -}}
+{{- range $name, $value := . }}
+{{- if kindIs "bool" $value }}
+- --{{ if not $value }}no-{{ end }}{{ kebabcase $name }}
+{{- else if and (kindIs "float64" $value) (eq $value (floor $value)) }}
+- --{{ kebabcase $name }}={{ int64 $value }}
+{{- else }}
+- --{{ kebabcase $name }}={{ $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Flags of the services that load weights: (dict "root" $ "gpus" N) */}}
 {{- define "epserve.modelArgs" -}}
 - --expert-shards=$(EPSERVE_EXPERT_SHARDS)

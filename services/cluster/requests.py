@@ -1,0 +1,145 @@
+"""Request records and token logs in Redis (no torch: the router keeps them).
+
+Each request's record holds enough to continue it elsewhere; its token log holds every token
+emitted so far. Both expire a while after the request ends.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import redis
+
+from epserve.services.cluster.keys import Keys
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+REQUEST_STATES = ("queued", "running", "finished", "aborted", "failed")
+TERMINAL_STATES = ("finished", "aborted", "failed")
+
+_SET_STATE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state == 'finished' or state == 'aborted' or state == 'failed' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if tonumber(ARGV[1]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return 1
+"""  # KEYS: record, token log; ARGV: TTL seconds (0: none), field, value, ... -> -1 none, 0 terminal, 1 set
+
+_APPEND = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'finished' or state == 'aborted' or state == 'failed' then return 0 end
+redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'emitted', ARGV[2])
+return 1
+"""  # KEYS: record, token log; ARGV: comma-joined ids, how many -> 0 when the request is gone or over
+
+
+class DuplicateRequest(ValueError):
+    """A record with this request id already exists."""
+
+
+@dataclass
+class RequestRecord:
+    """What a request needs to run, or to be continued on another replica."""
+
+    request_id: str
+    state: str                       # one of REQUEST_STATES
+    owner: str | None                # id of the attention replica running it (None while unassigned)
+    prompt_ids: list[int]
+    sampling: dict                   # sampling parameters as given (temperature, top_p, max_tokens, ...)
+    seed: int                        # with the step index, makes sampling reproducible elsewhere
+    emitted: int = 0                 # tokens appended to the token log so far
+    finish_reason: str | None = None
+
+    def to_fields(self) -> dict[str, str]:
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        fields.update(prompt_ids=json.dumps(self.prompt_ids), sampling=json.dumps(self.sampling))
+        return {k: str(v) for k, v in fields.items()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "RequestRecord":
+        return cls(fields["request_id"], fields["state"], fields.get("owner"), json.loads(fields["prompt_ids"]),
+                   json.loads(fields["sampling"]), int(fields["seed"]), int(fields.get("emitted", 0)),
+                   fields.get("finish_reason"))
+
+
+def _check_state(state: str) -> None:
+    if state not in REQUEST_STATES:
+        raise ValueError(f"request state must be one of {REQUEST_STATES}, got {state!r}")
+
+
+class RequestStore:
+    """Request records (hashes) and token logs (streams); both expire ``ttl_s`` after the request ends."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int = 3600):
+        self.client, self.keys, self.ttl_s = client, keys, ttl_s
+        self._set_state = client.register_script(_SET_STATE)
+        self._append = client.register_script(_APPEND)
+
+    def create(self, record: RequestRecord) -> None:
+        """Store a new record; DuplicateRequest if its id exists (checked atomically with WATCH)."""
+        _check_state(record.state)
+        key = self.keys.request(record.request_id)
+        with self.client.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.exists(key):
+                    raise DuplicateRequest(f"request {record.request_id!r} already exists")
+                pipe.multi()
+                pipe.hset(key, mapping=record.to_fields())
+                if record.state in TERMINAL_STATES:
+                    pipe.expire(key, self.ttl_s)
+                pipe.execute()
+            except redis.WatchError:
+                raise DuplicateRequest(f"request {record.request_id!r} already exists") from None
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        fields = self.client.hgetall(self.keys.request(request_id))
+        return RequestRecord.from_fields({_text(k): _text(v) for k, v in fields.items()}) if fields else None
+
+    def set_state(self, request_id: str, state: str, owner: str | None = None,
+                  finish_reason: str | None = None) -> bool:
+        """Move the request to ``state`` (and set owner / finish reason when given).
+
+        False, changing nothing, when the request already ended (finished/aborted/failed);
+        KeyError when there is no such record. Ending it starts the record's and log's TTL.
+        """
+        _check_state(state)
+        fields = ["state", state]
+        fields += ["owner", owner] if owner is not None else []
+        fields += ["finish_reason", finish_reason] if finish_reason is not None else []
+        ttl = self.ttl_s if state in TERMINAL_STATES else 0
+        done = self._set_state(keys=[self.keys.request(request_id), self.keys.tokens(request_id)],
+                               args=[ttl, *fields])
+        if done < 0:
+            raise KeyError(f"no request record {request_id!r}")
+        return bool(done)
+
+    def append_tokens(self, batch: dict[str, list[int]]) -> list[str]:
+        """Append one engine step's new token ids per request, in one pipeline.
+
+        Each request's ids become one stream entry and add to its ``emitted``. Returns the ids
+        not appended because their request ended or has no record (the engine can drop them).
+        """
+        batch = {rid: ids for rid, ids in batch.items() if ids}
+        pipe = self.client.pipeline(transaction=False)
+        for rid, ids in batch.items():
+            self._append(keys=[self.keys.request(rid), self.keys.tokens(rid)],
+                         args=[",".join(str(int(t)) for t in ids), len(ids)], client=pipe)
+        results = pipe.execute() if batch else []
+        return [rid for rid, appended in zip(batch, results) if not appended]
+
+    def tokens(self, request_id: str) -> list[int]:
+        """Every token id emitted so far, in order (from the token log)."""
+        ids = []
+        for _, entry in self.client.xrange(self.keys.tokens(request_id)):
+            fields = {_text(k): _text(v) for k, v in entry.items()}
+            ids += [int(t) for t in fields["ids"].split(",")]
+        return ids

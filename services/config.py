@@ -1,0 +1,132 @@
+"""Every service's settings: one dataclass per service, the only place its defaults are written.
+
+    ServiceConfig            what every ``epserve serve`` service takes (Redis, cluster, model, address)
+    ├── RouterConfig         ``epserve serve router``
+    └── ModelServiceConfig   services that load weights and serve the cluster's placement
+        ├── AttentionConfig  ``epserve serve attention`` (and every EngineConfig setting)
+        └── ExpertConfig     ``epserve serve expert``
+    UpConfig                 ``epserve up``: the cluster's shape; its services take their defaults here
+
+Flags come from the fields (``epserve.services.flags``); ``epserve up`` and the Ray Serve app build
+these objects and start ``epserve serve KIND`` with ``to_argv(config)``; the Helm chart renders
+the same flags (tests/deploy/test_chart.py parses them back into these classes). No torch here:
+the router and the command line import it.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+
+from epserve.services.engine.config import EngineConfig
+from epserve.services.flags import same_as, setting, to_argv
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class ServiceConfig:
+    redis: str = setting(help="Redis URL, e.g. redis://:password@redis:6379/0")
+    cluster: str = setting("default", help="cluster name: the prefix of every Redis key")
+    model: str = setting("tiny", help="'tiny' (built in, made locally) or a local checkpoint directory")
+    host: str = setting("127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    port: int = setting(0, low=0, high=65535, help="port to bind (0: any free port)")
+    advertise_host: str | None = setting(
+        None, help="host other services use to reach this one (default: --host; the pod IP on Kubernetes)")
+    verbose: bool = setting(False, help="libraries log at INFO too")
+
+    def advertised(self, port: int) -> str:
+        return f"{self.advertise_host or self.host}:{port}"
+
+
+@dataclass(kw_only=True)
+class ModelServiceConfig(ServiceConfig):
+    device: str | None = setting(None, help="cpu or cuda[:N] (default: cuda if available)")
+    dtype: str | None = setting(None, choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
+    expert_shards: int = setting(1, low=1, help="S: expert shard services in the cluster")
+    redundant_experts: int = setting(0, low=0, help="R: extra slots for copies of hot experts")
+    load_profile: str | None = setting(None, help="JSON expert-load profile used when Redis has no statistics")
+
+
+@dataclass(kw_only=True)
+class RouterConfig(ServiceConfig):
+    router_id: str | None = setting(None, help="unique id (default: random)")
+    max_queue: int = setting(256, low=0, help="requests that may wait when every replica is full")
+    max_request_bytes: int = setting(4 << 20, low=1, help="largest GenerateRequest accepted")
+    max_concurrent_rpcs: int = setting(
+        1024, low=1, help="calls served at once; beyond it a call is refused with RESOURCE_EXHAUSTED")
+    api_keys_file: str | None = setting(
+        None, help="file of API keys, one per line: clients must send 'authorization: Bearer KEY'")
+    tls_cert: str | None = setting(None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    tls_key: str | None = setting(None, help="PEM private key of --tls-cert")
+
+
+@dataclass(kw_only=True)
+class AttentionConfig(EngineConfig, ModelServiceConfig):
+    replica_id: str = setting(help="unique id of this replica in the cluster")
+    wire_dtype: str = setting("model", choices=("model", "fp8"),
+                              help="activations to expert shards in the model dtype, or FP8 with 1x128 scales")
+    shard_wait: float = setting(300.0, low=0, help="seconds to wait for the expert shards")
+    drain_timeout: float = setting(30.0, low=0, help="on SIGTERM: seconds running requests get to finish")
+
+    def engine(self) -> EngineConfig:
+        """The engine settings among these."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
+
+
+@dataclass(kw_only=True)
+class ExpertConfig(ModelServiceConfig):
+    shard_id: int = setting(low=0, help="this shard's index in [0, --expert-shards)")
+    flush_interval: float = setting(1.0, low=0.001, help="seconds between load-counter flushes")
+
+
+SERVICE_CONFIGS: dict[str, type[ServiceConfig]] = {
+    "router": RouterConfig, "attention": AttentionConfig, "expert": ExpertConfig}
+
+
+@dataclass(kw_only=True)
+class UpConfig:
+    """``epserve up``: the shape of a cluster on this machine; every other setting is its services'."""
+
+    model: str = same_as(ServiceConfig, "model")
+    attention: int = setting(1, low=1, help="attention replicas")
+    expert_shards: int = setting(2, low=1, help="expert shard services")
+    redundant_experts: int = setting(2, low=0, help="extra slots for copies of hot experts")
+    port: int = setting(50051, low=0, high=65535, help="the router's port (the public endpoint)")
+    micro_batches: int = same_as(EngineConfig, "micro_batches")
+    micro_batch_min_tokens: int = same_as(EngineConfig, "micro_batch_min_tokens")
+    device: str | None = same_as(ModelServiceConfig, "device")
+    dtype: str | None = same_as(ModelServiceConfig, "dtype")
+    startup_timeout: float = setting(300.0, low=0, help="seconds for every service to come up")
+    state_file: str | None = setting(
+        None, help="write every service's kind, id, pid, address and restarts here as JSON (rewritten on each change)")
+    verbose: bool = setting(False, help="services log at INFO")
+
+    def services(self, redis: str, cluster: str) -> list[ServiceConfig]:
+        """The configs of every service, in start order: expert shards, attention replicas, the router."""
+        common = dict(redis=redis, cluster=cluster, model=self.model, verbose=self.verbose)
+        model = dict(common, device=self.device, dtype=self.dtype, expert_shards=self.expert_shards,
+                     redundant_experts=self.redundant_experts)
+        return ([ExpertConfig(**model, shard_id=shard) for shard in range(self.expert_shards)]
+                + [AttentionConfig(**model, replica_id=f"attention-{replica}", micro_batches=self.micro_batches,
+                                   micro_batch_min_tokens=self.micro_batch_min_tokens)
+                   for replica in range(self.attention)]
+                + [RouterConfig(**common, port=self.port, router_id="router-0")])
+
+
+def serve_command(config: ServiceConfig) -> list[str]:
+    """The command line that runs ``config``'s service: ``python -m epserve.services.cli serve KIND --flag=value ...``."""
+    return [sys.executable, "-m", "epserve.services.cli", "serve", kind_of(config), *to_argv(config)]
+
+
+def kind_of(config: ServiceConfig) -> str:
+    """``"router"``, ``"attention"`` or ``"expert"``."""
+    return next(kind for kind, cls in SERVICE_CONFIGS.items() if isinstance(config, cls))
+
+
+def service_id(config: ServiceConfig) -> str:
+    """The id the service registers under in Redis."""
+    if isinstance(config, ExpertConfig):
+        return str(config.shard_id)
+    if isinstance(config, AttentionConfig):
+        return config.replica_id
+    return config.router_id or ""
