@@ -1,12 +1,12 @@
 """Admission over replicas found in a real Redis registry: least loaded first, bounded queue."""
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from epserve.services.cluster.registry import Registry
 from epserve.services.router.admission import Admission, NoReplicas, QueueFull, WaitCancelled
+from tests.waiting import join, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,12 +45,11 @@ def test_full_replicas_queue_up_to_the_bound_then_refuse(registry):
     got = []
     waiter = threading.Thread(target=lambda: got.append(admission.acquire(10)))
     waiter.start()
-    while admission._waiting == 0:                   # the second request is now queued
-        threading.Event().wait(0.01)
+    wait_until(lambda: admission._waiting, 10, "the second request to queue")
     with pytest.raises(QueueFull):
         admission.acquire(1)
     admission.release(first)
-    waiter.join(timeout=10)
+    join(waiter, 10, "the queued request to be admitted")
     assert got and got[0].service_id == "a"
 
 
@@ -69,12 +68,14 @@ def test_a_cancelled_wait_leaves_the_queue(registry):
     admission = Admission(reg, max_queue=1, refresh_s=0.05)
     admission.acquire(1)
     cancelled = threading.Event()
-    waiter = ThreadPoolExecutor(1).submit(admission.acquire, None, cancelled)
-    while admission._waiting == 0:
-        time.sleep(0.01)
-    with pytest.raises(QueueFull):
-        admission.acquire(0.1)                  # the one queue place is taken
-    cancelled.set()
-    with pytest.raises(WaitCancelled):
-        waiter.result(timeout=5)
+    with ThreadPoolExecutor(1) as pool:         # waits for no timeout: cancelled even when the test fails
+        waiter = pool.submit(admission.acquire, None, cancelled)
+        try:
+            wait_until(lambda: admission._waiting, 10, "the request to queue")
+            with pytest.raises(QueueFull):
+                admission.acquire(0.1)          # the one queue place is taken
+        finally:
+            cancelled.set()
+        with pytest.raises(WaitCancelled):
+            waiter.result(timeout=5)
     assert admission._waiting == 0

@@ -27,7 +27,7 @@ def test_kv_bytes_per_token_per_layer_is_latent_plus_rope(dtype):
 
 def test_cli_reports_kv_bytes_per_token():
     out = subprocess.run([sys.executable, "-m", "epserve.services.cli", "generate", "--prompt", "hi", "--max-tokens", "3",
-                          "--json", "--dtype", "bfloat16"], capture_output=True, text=True, check=True, timeout=300)
+                          "--json", "--dtype", "bfloat16"], capture_output=True, text=True, check=True, timeout=240)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with open(tiny_model_path() / "config.json") as f:
         config = json.load(f)

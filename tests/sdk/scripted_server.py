@@ -142,4 +142,4 @@ class ScriptedServer:
         return self.servicer.script
 
     def stop(self) -> None:
-        self._server.stop(grace=None).wait()
+        assert self._server.stop(grace=None).wait(timeout=30), "the scripted server did not stop in 30 s"
