@@ -75,3 +75,8 @@ class Keys:
 def _check_kind(kind: str) -> None:
     if kind not in SERVICE_KINDS:
         raise ValueError(f"service kind must be one of {SERVICE_KINDS}, got {kind!r}")
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as ``str`` (clients made without ``decode_responses`` return bytes)."""
+    return value.decode() if isinstance(value, bytes) else value

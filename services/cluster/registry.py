@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import redis
 
-from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.keys import Keys, text
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ class ServiceInfo:
     address: str              # host:port of its gRPC server
     info: dict                # what it advertises (capacity, placement version, ...)
     pid: int | None = None    # its process id on its host (``epserve up`` matches restarts by it)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class Heartbeat:
@@ -114,13 +110,13 @@ class Registry:
 
         An id pruned just as its service re-registers is added back by that service's next beat.
         """
-        ids = sorted(_text(i) for i in self.client.smembers(self.keys.services(kind)))
+        ids = sorted(text(i) for i in self.client.smembers(self.keys.services(kind)))
         pipe = self.client.pipeline(transaction=False)
         for service_id in ids:
             pipe.hgetall(self.keys.service(kind, service_id))
         found, dead = [], []
         for service_id, fields in zip(ids, pipe.execute()):
-            fields = {_text(k): _text(v) for k, v in fields.items()}
+            fields = {text(k): text(v) for k, v in fields.items()}
             if "address" not in fields:
                 dead.append(service_id)
                 continue

@@ -10,11 +10,7 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from epserve.services.cluster.keys import Keys
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+from epserve.services.cluster.keys import Keys, text
 
 
 REQUEST_STATES = ("queued", "running", "finished", "aborted", "failed")
@@ -102,7 +98,7 @@ class RequestStore:
 
     def get(self, request_id: str) -> RequestRecord | None:
         fields = self.client.hgetall(self.keys.request(request_id))
-        return RequestRecord.from_fields({_text(k): _text(v) for k, v in fields.items()}) if fields else None
+        return RequestRecord.from_fields({text(k): text(v) for k, v in fields.items()}) if fields else None
 
     def set_state(self, request_id: str, state: str, owner: str | None = None,
                   finish_reason: str | None = None) -> bool:
@@ -140,6 +136,6 @@ class RequestStore:
         """Every token id emitted so far, in order (from the token log)."""
         ids = []
         for _, entry in self.client.xrange(self.keys.tokens(request_id)):
-            fields = {_text(k): _text(v) for k, v in entry.items()}
+            fields = {text(k): text(v) for k, v in entry.items()}
             ids += [int(t) for t in fields["ids"].split(",")]
         return ids

@@ -17,13 +17,9 @@ from typing import Sequence
 import redis
 import torch
 
-from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.keys import Keys, text
 from epserve.services.cluster.placement import EMPTY, Placement, build_placement
 from epserve.services.cluster.placement_versions import current_version, placement_json
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # ---- placement ---------------------------------------------------------------------------------
@@ -177,6 +173,6 @@ class LoadStats:
         fields = self.client.hgetall(self.keys.slot_load(shard))
         load = {}
         for field, tokens in fields.items():
-            layer, slot = _text(field).split(":")
+            layer, slot = text(field).split(":")
             load[int(layer), int(slot)] = int(tokens)
         return load
