@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_cluster [--model tiny] [--concurrency 1,8,32] [--new-tokens 64]
                                        [--attention 1] [--expert-shards 2] [--redundant-experts 2]
+                                       [--transport auto|grpc|local]
 
 Starts ``epserve up`` (separate processes on loopback), sends ``concurrency`` greedy requests at
 once through the SDK and counts generated tokens per second of wall time; then runs the same
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+from epserve.services.config import TRANSPORTS, AttentionConfig
 from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.engine.params import SamplingParams
 from epserve.services.model.tiny import resolve_model
@@ -78,7 +80,8 @@ def start_cluster(args, state_file: str) -> tuple[subprocess.Popen, dict[int, st
     command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", args.model, "--port", str(args.port),
                "--attention", str(args.attention), "--expert-shards", str(args.expert_shards),
                "--redundant-experts", str(args.redundant_experts), "--micro-batches", str(args.micro_batches),
-               "--micro-batch-min-tokens", str(args.micro_batch_min_tokens), "--state-file", state_file]
+               "--micro-batch-min-tokens", str(args.micro_batch_min_tokens), "--transport", args.transport,
+               "--state-file", state_file]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     state = wait_ready(state_file, process, timeout_s=600)
     return process, {s["pid"]: s["kind"] for s in state["services"]}
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--redundant-experts", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=EngineConfig.micro_batches)
     parser.add_argument("--micro-batch-min-tokens", type=int, default=EngineConfig.micro_batch_min_tokens)
+    parser.add_argument("--transport", default=AttentionConfig.transport, choices=TRANSPORTS,
+                        help="attention -> expert data path (auto: local on one machine)")
     parser.add_argument("--port", type=int, default=50599)
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
     args = parser.parse_args()
@@ -136,7 +141,7 @@ def paused(pids: list[int]):
 def report(args, levels: list[int], single: dict[int, list[float]], cluster: dict[int, list]) -> None:
     """Medians over the repeats, with ranges; the ratio is of the medians."""
     print(f"model={args.model} attention={args.attention} shards={args.expert_shards} "
-          f"redundant={args.redundant_experts} micro_batches={args.micro_batches} (min {args.micro_batch_min_tokens} tokens) new_tokens={args.new_tokens} "
+          f"redundant={args.redundant_experts} transport={args.transport} micro_batches={args.micro_batches} (min {args.micro_batch_min_tokens} tokens) new_tokens={args.new_tokens} "
           f"repeats={args.repeats} (medians)")
     print(f"{'concurrency':>11} {'single-process tok/s':>21} {'(range)':>15} {'cluster tok/s':>14} {'(range)':>15} "
           f"{'ratio':>6}")

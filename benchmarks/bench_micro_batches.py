@@ -26,7 +26,8 @@ from epserve.services.cluster.keys import Keys
 from epserve.services.cluster.redis_server import EmbeddedRedis
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.state import PlacementStore
-from epserve.services.cluster.transport import GrpcExpertTransport
+from epserve.services.cluster.transport import ExpertTransport, ShardEndpoint
+from epserve.services.config import TRANSPORTS, AttentionConfig
 from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.engine.params import SamplingParams
 from epserve.services.model.tiny import resolve_model
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--expert-shards", type=int, default=2)
     parser.add_argument("--redundant-experts", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--transport", default=AttentionConfig.transport, choices=TRANSPORTS)
     args = parser.parse_args()
     torch.set_num_threads(1)                             # as the attention service runs under `epserve up`
     path = resolve_model(args.model)
@@ -76,7 +78,8 @@ def main() -> None:
         try:
             client, keys = redis.Redis.from_url(server.url), Keys(CLUSTER)
             found = Registry(client, keys).wait_for("expert", args.expert_shards, timeout_s=300)
-            transport = GrpcExpertTransport({int(s.service_id): s.address for s in found})
+            transport = ExpertTransport({int(s.service_id): ShardEndpoint.from_service(s) for s in found},
+                                        mode=args.transport)
             backend = RemoteExperts(PlacementStore(client, keys).current(), transport)
             rows = [{"seqs": n, "micro_batches": m, "ms_per_step": round(step_ms(path, backend, n, m, args.steps), 2)}
                     for n in map(int, args.seqs.split(",")) for m in map(int, args.micro_batches.split(","))]
@@ -86,7 +89,7 @@ def main() -> None:
                 shard.terminate()
                 shard.wait(timeout=60)
     print(f"model={args.model} shards={args.expert_shards} redundant={args.redundant_experts} "
-          f"steps={args.steps} (decode, wall ms per engine step, attention on one thread)")
+          f"transport={args.transport} steps={args.steps} (decode, wall ms per engine step, attention on one thread)")
     print_table(rows)
 
 

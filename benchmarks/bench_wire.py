@@ -2,11 +2,13 @@
 
     python -m benchmarks.bench_wire [--model tiny|DIR] [--shards 2] [--redundant 2] [--batch 32] [--steps 16]
 
-Runs the model through ``RemoteExperts`` with ``--shards`` ExpertShard gRPC servers on loopback
-(this process), for each wire dtype: ``model`` (activations in the model dtype, bfloat16 by
-default) and ``fp8`` (e4m3 + 1x128 float32 scales). Prefill runs first; only ``--steps`` decode
-steps of ``--batch`` sequences are counted. Bytes are serialised message sizes (tensors + routing
-+ protobuf framing; HTTP/2 framing excluded), per token per MoE layer:
+Runs the model through ``RemoteExperts`` with ``--shards`` ExpertShards in this process, each
+behind a gRPC server on loopback and a local-transport server, for each transport (``grpc``,
+``local``) and wire dtype: ``model`` (activations in the model dtype, bfloat16 by default) and
+``fp8`` (e4m3 + 1x128 float32 scales). Prefill runs first; only ``--steps`` decode steps of
+``--batch`` sequences are counted. Bytes are what the transport moved (gRPC: serialised messages,
+tensors + routing + protobuf framing, HTTP/2 framing excluded; local: tensors + a fixed header),
+per token per MoE layer:
 
 - dispatch ideal per (token, shard) touched: hidden x 1 B + ceil(hidden/128) x 4 B scales (FP8),
   hidden x 2 B (BF16); combine ideal: hidden x 2 B per (token, shard) touched. The per-token
@@ -26,7 +28,8 @@ from epserve.kernels.fp8 import FP8_BLOCK
 from epserve.services.attention.remote_experts import RemoteExperts
 from epserve.services.cluster.grpc_server import start_grpc_server
 from epserve.services.cluster.placement import build_placement
-from epserve.services.cluster.transport import GrpcExpertTransport
+from epserve.services.cluster.local_transport import LocalExpertServer, slot_bytes_for
+from epserve.services.cluster.transport import ExpertTransport, ShardEndpoint, host_id
 from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.engine.params import SamplingParams
 from epserve.services.expert.shard import ExpertShard
@@ -39,15 +42,19 @@ SERVICE = "epserve.v1.ExpertService"
 
 @contextlib.contextmanager
 def local_shards(path, placement, dtype: torch.dtype):
-    """One ExpertShard gRPC server per shard on loopback; yields shard id -> address."""
-    shards, servers = [], []
+    """One ExpertShard per shard with a gRPC and a local-transport server; yields shard id -> endpoint."""
+    shards, servers, locals_ = [], [], []
     try:
         for shard_id in range(placement.num_shards):
             shards.append(ExpertShard(path, shard_id, placement, dtype=dtype))
             servers.append(start_grpc_server(
                 lambda server, s=shards[-1]: expert_pb2_grpc.add_ExpertServiceServicer_to_server(s, server), [SERVICE]))
-        yield {i: server.address for i, server in enumerate(servers)}
+            locals_.append(LocalExpertServer(shards[-1].serve, f"expert shard {shard_id}"))
+        yield {i: ShardEndpoint(server.address, local.name, host_id())
+               for i, (server, local) in enumerate(zip(servers, locals_))}
     finally:
+        for local in locals_:
+            local.close()
         for server in servers:
             server.stop(None)
         for shard in shards:
@@ -70,11 +77,11 @@ def decode_steps(engine: LLMEngine, prompts: list[list[int]], steps: int, backen
     return emitted / (time.perf_counter() - start)
 
 
-def measure(path, placement, wire: str, dtype: torch.dtype, prompts, steps: int) -> dict:
+def measure(path, placement, mode: str, wire: str, dtype: torch.dtype, prompts, steps: int) -> dict:
     config = ModelConfig.from_hf(path)
     d = config.hidden_size
-    with local_shards(path, placement, dtype) as addresses:
-        transport = GrpcExpertTransport(addresses)
+    with local_shards(path, placement, dtype) as endpoints:
+        transport = ExpertTransport(endpoints, mode=mode, local_slot_bytes=slot_bytes_for(4096, d, config.num_experts_per_tok))
         try:
             backend = RemoteExperts(placement, transport, wire_dtype=wire)
             engine = LLMEngine.from_path(path, EngineConfig(num_kv_blocks=4096, max_num_seqs=len(prompts), micro_batches=1),
@@ -87,7 +94,7 @@ def measure(path, placement, wire: str, dtype: torch.dtype, prompts, steps: int)
     fp8 = wire == "fp8"
     ideal_dispatch = (d + -(-d // FP8_BLOCK) * 4 if fp8 else d * dtype.itemsize) * shards_per_token
     ideal_combine = d * dtype.itemsize * shards_per_token
-    return {"wire": "fp8" if fp8 else str(dtype).removeprefix("torch."),
+    return {"transport": mode, "wire": "fp8" if fp8 else str(dtype).removeprefix("torch."),
             "shards/token": round(shards_per_token, 2),
             "dispatch B": round(sent / tokens), "dispatch ideal": round(ideal_dispatch),
             "dispatch ratio": round(sent / tokens / ideal_dispatch, 3),
@@ -105,6 +112,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--transports", default="grpc,local", help="expert transports to measure")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows to this CSV file")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -116,7 +124,8 @@ def main() -> None:
     print(f"model={args.model} hidden={config.hidden_size} top-k={config.num_experts_per_tok} "
           f"shards={args.shards} redundant={args.redundant} batch={args.batch} decode steps={args.steps}; "
           f"bytes per token per MoE layer")
-    rows = [measure(path, placement, wire, dtype, prompts, args.steps) for wire in ("model", "fp8")]
+    rows = [measure(path, placement, mode, wire, dtype, prompts, args.steps)
+            for mode in args.transports.split(",") for wire in ("model", "fp8")]
     print_table(rows)
     if args.csv:
         write_csv(args.csv, rows)

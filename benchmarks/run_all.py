@@ -44,7 +44,7 @@ class Bench:
 
 
 # Run order: kernels first (what a GPU run is for), then the engine and the multi-process ones. On a
-# GPU machine wire runs on its CPU; micro_batches' shards and cluster's services take the GPU.
+# GPU machine wire and transport run on its CPU; micro_batches' shards and cluster's services take the GPU.
 BENCHES = {
     "gate_topk": Bench("--t 1 16 256 4096 --iters 20",
                        "--device cuda --t 1 4 16 64 256 1024 4096 --iters 100", 120, 60),
@@ -56,6 +56,7 @@ BENCHES = {
                        300, 150),
     "engine": Bench("--batches 1,8,32 --new-tokens 64", "--device cuda --batches 1,8,32 --new-tokens 64", 600, 150),
     "wire": Bench("--batch 32 --steps 16", "--batch 32 --steps 16", 300, 90),
+    "transport": Bench("--iters 20", "--iters 20", 300, 90),
     "micro_batches": Bench("--seqs 32,64,128,256 --steps 20", "--seqs 32,64,128 --steps 20", 600, 120),
     "cluster": Bench("--concurrency 1,8,32 --repeats 3", "--concurrency 1,8,32 --repeats 2", 900, 180),
 }

@@ -21,6 +21,7 @@ from epserve.services.engine.config import EngineConfig
 from epserve.services.flags import same_as, setting, to_argv
 
 DTYPES = ("float32", "bfloat16", "float16")
+TRANSPORTS = ("auto", "grpc", "local")      # the attention -> expert data path (cluster.transport)
 
 
 @dataclass(kw_only=True)
@@ -63,6 +64,9 @@ class RouterConfig(ServiceConfig):
 @dataclass(kw_only=True)
 class AttentionConfig(EngineConfig, ModelServiceConfig):
     replica_id: str = setting(help="unique id of this replica in the cluster")
+    transport: str = setting("auto", choices=TRANSPORTS,
+                             help="the data path to each expert shard: local (shared memory, one host), grpc "
+                                  "(any network), auto (local where the shard is on this host, else grpc)")
     wire_dtype: str = setting("model", choices=("model", "fp8"),
                               help="activations to expert shards in the model dtype, or FP8 with 1x128 scales")
     shard_wait: float = setting(300.0, low=0, help="seconds to wait for the expert shards")
@@ -94,6 +98,7 @@ class UpConfig:
     port: int = setting(50051, low=0, high=65535, help="the router's port (the public endpoint)")
     micro_batches: int = same_as(EngineConfig, "micro_batches")
     micro_batch_min_tokens: int = same_as(EngineConfig, "micro_batch_min_tokens")
+    transport: str = same_as(AttentionConfig, "transport")
     device: str | None = same_as(ModelServiceConfig, "device")
     dtype: str | None = same_as(ModelServiceConfig, "dtype")
     startup_timeout: float = setting(300.0, low=0, help="seconds for every service to come up")
@@ -108,7 +113,7 @@ class UpConfig:
                      redundant_experts=self.redundant_experts)
         return ([ExpertConfig(**model, shard_id=shard) for shard in range(self.expert_shards)]
                 + [AttentionConfig(**model, replica_id=f"attention-{replica}", micro_batches=self.micro_batches,
-                                   micro_batch_min_tokens=self.micro_batch_min_tokens)
+                                   micro_batch_min_tokens=self.micro_batch_min_tokens, transport=self.transport)
                    for replica in range(self.attention)]
                 + [RouterConfig(**common, port=self.port, router_id="router-0")])
 

@@ -16,7 +16,8 @@ from epserve.services.attention.service import SERVICE_NAME, AttentionServicer, 
 from epserve.services.cluster.grpc_server import start_aio_grpc_server
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.requests import RequestStore
-from epserve.services.cluster.transport import GrpcExpertTransport
+from epserve.services.cluster.local_transport import slot_bytes_for
+from epserve.services.cluster.transport import ExpertTransport, ShardEndpoint
 from epserve.services.config import AttentionConfig
 from epserve.services.engine.engine import LLMEngine
 from epserve.services.lifecycle import start_service
@@ -31,20 +32,25 @@ def run(config: AttentionConfig) -> int:
     client, keys, stop = service.client, service.keys, service.stop
     placement = service_placement(config, service)
     registry = Registry(client, keys)
-    transport = GrpcExpertTransport(_shard_addresses(registry, config, placement.version),
-                                    resolve=lambda shard: _live_shard_address(registry, shard, placement.version))
+    model = service.model
+    transport = ExpertTransport(
+        _shard_endpoints(registry, config, placement.version), mode=config.transport,
+        local_slot_bytes=slot_bytes_for(config.max_num_batched_tokens, model.hidden_size, model.num_experts_per_tok),
+        resolve=lambda shard: _live_shard_endpoint(registry, shard, placement.version))
     device, dtype = device_and_dtype(config)
     engine = LLMEngine.from_path(resolve_model(config.model), config.engine(), dtype=dtype, device=device,
                                  backend=RemoteExperts(placement, transport, wire_dtype=config.wire_dtype))
     loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens).start()
     servicer = AttentionServicer(loop, config.replica_id, placement.version)
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}")
+    kinds = "+".join(sorted({transport.kind(shard) for shard in transport.endpoints}))
     static = {"max_num_seqs": config.max_num_seqs, "placement_version": placement.version,
-              "kv_bytes_per_token": engine.runner.kv_bytes_per_token}
+              "kv_bytes_per_token": engine.runner.kv_bytes_per_token, "expert_transport": kinds}
     info = lambda: {**loop.load(), **static}  # noqa: E731
     heartbeat = registry.register("attention", config.replica_id, config.advertised(server.port), info())
     threading.Thread(target=_report_load, args=(heartbeat, info, stop), daemon=True).start()
-    log.info("attention replica %s serving on %s (placement v%d)", config.replica_id, server.address, placement.version)
+    log.info("attention replica %s serving on %s (placement v%d, expert transport %s)", config.replica_id,
+             server.address, placement.version, kinds)
     stop.wait()
     _drain(loop, server, config.drain_timeout)
     heartbeat.stop()
@@ -54,22 +60,22 @@ def run(config: AttentionConfig) -> int:
     return 0
 
 
-def _shard_addresses(registry: Registry, config: AttentionConfig, version: int) -> dict[int, str]:
-    """Wait until every shard of the placement is registered; shard id -> address."""
+def _shard_endpoints(registry: Registry, config: AttentionConfig, version: int) -> dict[int, ShardEndpoint]:
+    """Wait until every shard of the placement is registered; shard id -> its endpoint."""
     deadline = time.monotonic() + config.shard_wait
     while True:
         shards = [s for s in registry.wait_for("expert", config.expert_shards, config.shard_wait)
                   if s.info.get("placement_version") == version]
         if len(shards) >= config.expert_shards:
-            return {int(s.service_id): s.address for s in shards}
+            return {int(s.service_id): ShardEndpoint.from_service(s) for s in shards}
         if time.monotonic() > deadline:
             raise TimeoutError(f"expert shards serving placement v{version}: {len(shards)} of {config.expert_shards}")
         time.sleep(0.2)
 
 
-def _live_shard_address(registry: Registry, shard: int, version: int) -> str | None:
+def _live_shard_endpoint(registry: Registry, shard: int, version: int) -> ShardEndpoint | None:
     """Where shard ``shard`` serving placement ``version`` is registered now (after a restart, say)."""
-    return next((s.address for s in registry.live("expert")
+    return next((ShardEndpoint.from_service(s) for s in registry.live("expert")
                  if s.service_id == str(shard) and s.info.get("placement_version") == version), None)
 
 

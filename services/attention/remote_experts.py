@@ -5,7 +5,7 @@
     topk_ids [T, K] logical --placement.to_physical--> slots [T, K] --> (shard, local slot)
     per shard touched: rows [R] with >= 1 choice there, local slots [R, K] (-1: elsewhere),
                        weights [R, K], hidden [R, D] (model dtype, or e4m3 + [R, ceil(D/128)] scales)
-    -> transport.send(shard, request) for all of them at once -> handle
+    -> transport.send(shard, ExpertBatch) for all of them at once -> handle
 
 ``combine`` waits for every shard's ``[R, D]`` weighted sum and index-adds it into ``[T, D]``
 (float32 accumulation, cast to x's dtype). The model's MoE runs the shared expert between the two,
@@ -13,7 +13,6 @@ while the shards work.
 """
 from __future__ import annotations
 
-import itertools
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -21,11 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from epserve.kernels.fp8 import fp8_quant
+from epserve.services.cluster.expert_batch import ExpertBatch
 from epserve.services.cluster.placement import Placement
-from epserve.services.cluster.tensor_codec import from_proto, to_proto
 from epserve.services.cluster.transport import ExpertTransport
 from epserve.services.model.moe import ExpertBackend
-from epserve.services.proto import expert_pb2
 
 WIRE_DTYPES = ("model", "fp8")
 
@@ -70,7 +68,6 @@ class RemoteExperts(ExpertBackend):
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
         self.stats = DispatchStats()
-        self._ids = itertools.count()
 
     def dispatch(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> _Handle:
         """x [T, D], topk_weights [T, K] float32, topk_ids [T, K] logical -> handle for combine."""
@@ -87,13 +84,9 @@ class RemoteExperts(ExpertBackend):
         parts = []
         for i, shard in enumerate(shards.tolist()):
             rows = touched[i].nonzero().squeeze(1)                        # [R]
-            request = expert_pb2.DispatchRequest(
-                request_id=f"{layer}:{next(self._ids)}", layer=layer, placement_version=p.version,
-                hidden=to_proto(hidden[rows]), topk_slots=to_proto(local_by_shard[i, rows]),
-                topk_weights=to_proto(weights_by_shard[i, rows]))
-            if scales is not None:
-                request.scales.CopyFrom(to_proto(scales[rows]))
-            parts.append((shard, rows, self.transport.send(shard, request)))
+            batch = ExpertBatch(layer, p.version, hidden[rows], None if scales is None else scales[rows],
+                                local_by_shard[i, rows], weights_by_shard[i, rows])
+            parts.append((shard, rows, self.transport.send(shard, batch)))
         self.stats.add(x.shape[0], sum(len(rows) for _, rows, _ in parts))
         return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts)
 
@@ -108,14 +101,14 @@ class RemoteExperts(ExpertBackend):
         """Wait for every shard's rows; their sum per token, [T, D] in x's dtype on x's device."""
         out = torch.zeros(handle.shape, dtype=torch.float32)
         for shard, rows, future in handle.parts:
-            output = from_proto(self._wait(shard, future).output)             # [R, D]
+            output = self._wait(shard, future)                                # [R, D]
             if tuple(output.shape) != (len(rows), handle.shape[1]):
                 raise RuntimeError(f"expert shard {shard} returned output of shape {list(output.shape)}, "
                                    f"expected {[len(rows), handle.shape[1]]}")
             out.index_add_(0, rows, output.float())
         return out.to(device=handle.device, dtype=handle.dtype)
 
-    def _wait(self, shard: int, future: Future) -> expert_pb2.CombineResponse:
+    def _wait(self, shard: int, future: Future) -> torch.Tensor:
         try:
             return future.result(timeout=self.timeout_s)
         except TimeoutError:

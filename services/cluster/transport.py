@@ -1,99 +1,99 @@
-"""The attention -> expert-shard data path, behind an interface.
+"""The attention -> expert-shard data path: one channel per shard, chosen per (replica, shard) pair.
 
-``ExpertTransport.send(shard, DispatchRequest)`` returns a future of that shard's
-``CombineResponse``. Production AFD systems move these activations over RDMA/NCCL; this module
-ships the gRPC implementation (any network, CPU included): one long-lived bidi ``Dispatch`` stream
-per shard, many requests in flight on it, responses matched to requests by order.
+``ExpertTransport.send(shard, ExpertBatch)`` returns a future of that shard's output ``[R, D]``.
+Each shard gets a channel of one of two kinds (``--transport auto|grpc|local``):
 
-Per stream::
+- ``grpc`` (``GrpcChannel``, here): one long-lived bidi ``Dispatch`` stream, the batch as a
+  protobuf message; works across any network.
+- ``local`` (``local_transport.LocalChannel``): the batch's tensors written into shared-memory
+  slots the shard maps, a small header over a Unix socket; both ends on one host.
+
+``auto`` takes ``local`` when the shard registered a local endpoint on this host (``host_id``),
+else ``grpc``. A shard advertises both in its registry entry (``ShardEndpoint.from_service``); a
+restarted shard registers new ones, and a send to a shard whose channel broke opens a new channel
+to wherever ``resolve`` says the shard is now (what was pending on the broken one has failed).
+
+Per gRPC stream::
 
     send() --lock--> pending deque (request_id, future) + request queue -> gRPC writer thread
     reader thread: for each response -> pop the oldest pending, check request_id, resolve it
 
 A stream that breaks (shard gone, or the shard rejected a request) fails every pending future with
-``ExpertShardError`` naming the shard and its address, and later sends to that shard fail fast
-with the same error: the owner decides whether to rebuild the transport.
+``ExpertShardError`` naming the shard and its address, and later sends on it fail fast with the
+same error until the transport opens a new channel.
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import queue
+import socket
 import threading
-from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cache
 from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from epserve.services.cluster.expert_batch import ExpertBatch, to_request
+from epserve.services.cluster.expert_channel import ExpertShardError, TransportStats
 from epserve.services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
+from epserve.services.cluster.local_transport import LocalChannel
+from epserve.services.cluster.registry import ServiceInfo
+from epserve.services.cluster.tensor_codec import from_proto
+from epserve.services.config import TRANSPORTS
 from epserve.services.proto import expert_pb2
+
 
 DISPATCH_METHOD = "/{}/Dispatch".format(expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name)
 
 
-class ExpertShardError(RuntimeError):
-    """The stream to an expert shard broke; ``code`` is the gRPC status when the shard sent one."""
-
-    def __init__(self, shard: int, address: str, reason: str, code: grpc.StatusCode | None = None):
-        super().__init__(f"expert shard {shard} at {address}: {reason}")
-        self.shard, self.address, self.code = shard, address, code
-
-
-@dataclass
-class TransportStats:
-    """Serialised message bytes (protobuf, no HTTP/2 framing) and requests sent, per shard. Thread-safe."""
-
-    bytes_sent: dict[int, int] = field(default_factory=lambda: collections.defaultdict(int))
-    bytes_received: dict[int, int] = field(default_factory=lambda: collections.defaultdict(int))
-    messages: dict[int, int] = field(default_factory=lambda: collections.defaultdict(int))
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add_sent(self, shard: int, nbytes: int) -> None:
-        with self._lock:
-            self.bytes_sent[shard] += nbytes
-            self.messages[shard] += 1
-
-    def add_received(self, shard: int, nbytes: int) -> None:
-        with self._lock:
-            self.bytes_received[shard] += nbytes
-
-    def totals(self) -> tuple[int, int, int]:
-        """(bytes sent, bytes received, messages sent) over all shards."""
-        with self._lock:
-            return sum(self.bytes_sent.values()), sum(self.bytes_received.values()), sum(self.messages.values())
-
-    def reset(self) -> None:
-        with self._lock:
-            self.bytes_sent.clear()
-            self.bytes_received.clear()
-            self.messages.clear()
+@cache
+def host_id() -> str:
+    """This machine (and boot): two processes with the same id can share memory and Unix sockets."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}/{boot}"
 
 
-class ExpertTransport(ABC):
-    """Sends one (layer, micro-batch) request to one shard; see the module docstring."""
+@dataclass(frozen=True)
+class ShardEndpoint:
+    """Where one expert shard can be reached: its gRPC address, and its local endpoint if it has one."""
 
-    stats: TransportStats
+    address: str                     # host:port of its gRPC server
+    local: str | None = None         # name of its local-transport socket (abstract namespace)
+    host: str | None = None          # host_id() of its machine
 
-    @abstractmethod
-    def send(self, shard: int, request: expert_pb2.DispatchRequest) -> Future:
-        """Queue ``request`` for ``shard``; the future resolves to its ``CombineResponse``."""
+    @classmethod
+    def from_service(cls, service: ServiceInfo) -> "ShardEndpoint":
+        return cls(service.address, service.info.get("local_endpoint"), service.info.get("host"))
 
-    @abstractmethod
-    def close(self) -> None:
-        """End every stream; later sends fail."""
+    def kind(self, mode: str) -> str:
+        """The channel kind ``mode`` gives for this shard: "grpc" or "local"."""
+        reachable = self.local is not None and self.host == host_id()
+        if mode == "local" and not reachable:
+            raise ValueError(f"--transport local: expert shard at {self.address} has no local endpoint on this "
+                             f"host (its host: {self.host}, this one: {host_id()})")
+        if mode not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {mode!r}")
+        return "local" if mode == "local" or (mode == "auto" and reachable) else "grpc"
 
 
-class _ShardStream:
+class GrpcChannel:
     """One bidi ``Dispatch`` stream to one shard, with its reader thread."""
 
     def __init__(self, shard: int, address: str, max_message_bytes: int, stats: TransportStats):
-        self.shard, self.address, self.stats = shard, address, stats
+        self.shard, self.address, self.stats, self.max_message_bytes = shard, address, stats, max_message_bytes
         options = [*channel_options(max_message_bytes), *KEEPALIVE_CHANNEL]
         self._channel = grpc.insecure_channel(address, options=options)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()      # serialised requests; None ends
         self._pending: collections.deque[tuple[str, Future]] = collections.deque()
+        self._ids = itertools.count()
         self._lock = threading.Lock()
         self._error: ExpertShardError | None = None      # set once the stream broke
         self._closed: ExpertShardError | None = None     # set by close(): no new sends
@@ -112,8 +112,13 @@ class _ShardStream:
         while (request := self._requests.get()) is not None:
             yield request
 
-    def send(self, request: expert_pb2.DispatchRequest) -> Future:
+    def send(self, batch: ExpertBatch) -> Future:
+        """Queue ``batch`` on the stream; ValueError if its message exceeds the channel's limit."""
+        request = to_request(batch, f"{batch.layer}:{next(self._ids)}")
         data = request.SerializeToString()
+        if len(data) > self.max_message_bytes:
+            raise ValueError(f"expert shard {self.shard}: a batch of {batch.rows} tokens is a {len(data)}-byte "
+                             f"message; gRPC messages are limited to {self.max_message_bytes} bytes")
         future: Future = Future()
         future.set_running_or_notify_cancel()       # running: a caller's cancel() can't race the reader
         with self._lock:                            # one lock: pending order == wire order
@@ -138,7 +143,7 @@ class _ShardStream:
                     if future is not None:
                         future.set_exception(self._error)
                     return
-                future.set_result(response)
+                future.set_result(from_proto(response.output))
             self._fail("transport closed" if self._closed else "the shard ended the stream")
         except grpc.RpcError as e:
             self._fail(f"{e.code().name}: {e.details()}", e.code())
@@ -168,41 +173,51 @@ class _ShardStream:
         self._channel.close()
 
 
-class GrpcExpertTransport(ExpertTransport):
-    """The gRPC implementation: one stream per shard in ``addresses`` (shard id -> host:port).
+class ExpertTransport:
+    """A channel per shard in ``endpoints`` (shard id -> ShardEndpoint), of the kind ``mode`` gives.
 
-    With ``resolve`` (shard id -> its current address, or None), a send to a shard whose stream
-    broke opens a new stream to wherever the shard is now (a restarted shard re-registers, often on
-    a new port); what was pending on the broken stream has already failed.
+    ``resolve`` (shard id -> its current endpoint, or None) lets a send to a shard whose channel
+    broke open a new one to wherever the shard is now. Local channels get ``local_slot_bytes``
+    per slot: a batch that needs more is refused (``ValueError``) before anything is sent.
     """
 
-    def __init__(self, addresses: dict[int, str], *, max_message_bytes: int = 64 << 20,
-                 resolve: Callable[[int], str | None] | None = None):
-        self.addresses = dict(addresses)
-        self.stats = TransportStats()
-        self._max_message_bytes, self._resolve = max_message_bytes, resolve
+    def __init__(self, endpoints: dict[int, ShardEndpoint], *, mode: str = "auto", local_slot_bytes: int = 8 << 20,
+                 max_message_bytes: int = 64 << 20, resolve: Callable[[int], ShardEndpoint | None] | None = None):
+        self.mode, self.stats = mode, TransportStats()
+        self._local_slot_bytes, self._max_message_bytes, self._resolve = local_slot_bytes, max_message_bytes, resolve
         self._lock = threading.Lock()
-        self._streams = {shard: _ShardStream(shard, address, max_message_bytes, self.stats)
-                         for shard, address in self.addresses.items()}
+        self.endpoints = dict(endpoints)
+        self._channels = {shard: self._open(shard, endpoint) for shard, endpoint in self.endpoints.items()}
 
-    def send(self, shard: int, request: expert_pb2.DispatchRequest) -> Future:
-        if shard not in self._streams:
-            raise KeyError(f"no address for expert shard {shard} (known: {sorted(self._streams)})")
-        stream = self._streams[shard]
-        if stream.broken and self._resolve is not None:
-            stream = self._reconnect(shard)
-        return stream.send(request)
+    def kind(self, shard: int) -> str:
+        """"grpc" or "local": the channel kind of ``shard``."""
+        return self.endpoints[shard].kind(self.mode)
 
-    def _reconnect(self, shard: int) -> "_ShardStream":
+    def _open(self, shard: int, endpoint: ShardEndpoint):
+        if endpoint.kind(self.mode) == "local":
+            return LocalChannel(shard, endpoint.local, self._local_slot_bytes, self.stats)
+        return GrpcChannel(shard, endpoint.address, self._max_message_bytes, self.stats)
+
+    def send(self, shard: int, batch: ExpertBatch) -> Future:
+        """Queue ``batch`` for ``shard``; the future resolves to its output [R, D] (CPU)."""
+        if shard not in self._channels:
+            raise KeyError(f"no endpoint for expert shard {shard} (known: {sorted(self._channels)})")
+        channel = self._channels[shard]
+        if channel.broken and self._resolve is not None:
+            channel = self._reconnect(shard)
+        return channel.send(batch)
+
+    def _reconnect(self, shard: int):
         with self._lock:
-            stream = self._streams[shard]
-            address = self._resolve(shard) if stream.broken else None
-            if address:
-                stream.close(timeout_s=0)
-                stream = _ShardStream(shard, address, self._max_message_bytes, self.stats)
-                self._streams[shard], self.addresses[shard] = stream, address
-            return stream
+            channel = self._channels[shard]
+            endpoint = self._resolve(shard) if channel.broken else None
+            if endpoint:
+                new = self._open(shard, endpoint)       # may raise: the broken one stays, the next send retries
+                channel.close(timeout_s=0)
+                channel = self._channels[shard] = new
+                self.endpoints[shard] = endpoint
+            return channel
 
     def close(self, timeout_s: float = 5.0) -> None:
-        for stream in self._streams.values():
-            stream.close(timeout_s)
+        for channel in self._channels.values():
+            channel.close(timeout_s)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import logging
 
 from epserve.services.cluster.grpc_server import start_grpc_server
+from epserve.services.cluster.local_transport import LocalExpertServer
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.state import LoadStats
+from epserve.services.cluster.transport import host_id
 from epserve.services.config import ExpertConfig
 from epserve.services.expert.shard import ExpertShard
 from epserve.services.lifecycle import start_service
@@ -30,13 +32,15 @@ def run(config: ExpertConfig) -> int:
                         flush_interval_s=config.flush_interval)
     server = start_grpc_server(lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(shard, s),
                                [SERVICE_NAME], address=f"{config.host}:{config.port}")
+    local = LocalExpertServer(shard.serve, f"expert shard {config.shard_id}")
     heartbeat = Registry(client, keys).register(
         "expert", str(config.shard_id), config.advertised(server.port),
         {"shard_id": config.shard_id, "placement_version": placement.version,
-         "slots_per_shard": placement.slots_per_shard})
+         "slots_per_shard": placement.slots_per_shard, "local_endpoint": local.name, "host": host_id()})
     log.info("expert shard %d serving on %s (placement v%d)", config.shard_id, server.address, placement.version)
     stop.wait()
     heartbeat.stop()
+    local.close()
     server.stop(grace=5)
     shard.close()
     return 0

@@ -7,9 +7,10 @@ attention replica; per request (one MoE layer of one micro-batch)::
     validate -> hidden [T, D] (model dtype, or e4m3 + scales [T, ceil(D/128)] -> dequantise)
     -> local slots [T, K] -> loaded-weight rows -> fused MoE -> CombineResponse output [T, D]
 
-in request order. A request the shard cannot serve ends that stream with INVALID_ARGUMENT (or
-FAILED_PRECONDITION for another placement version) naming the field; other streams and new
-streams are unaffected. Tokens per (MoE layer row, local slot) are counted; a daemon thread hands
+in request order (``serve(batch)`` is the same for every transport: the local transport's server
+calls it on batches in shared memory). A batch the shard cannot serve ends that gRPC stream with
+INVALID_ARGUMENT (or FAILED_PRECONDITION for another placement version) naming the field; other
+streams and new streams are unaffected. Tokens per (MoE layer row, local slot) are counted; a daemon thread hands
 the counts accumulated since the last flush to ``on_flush`` every ``flush_interval_s``.
 """
 from __future__ import annotations
@@ -23,8 +24,9 @@ import grpc
 import torch
 
 from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_dequant
+from epserve.services.cluster.expert_batch import BadBatch, ExpertBatch, from_request
 from epserve.services.cluster.placement import EMPTY, Placement
-from epserve.services.cluster.tensor_codec import from_proto, to_proto
+from epserve.services.cluster.tensor_codec import to_proto
 from epserve.services.model.checkpoint import CheckpointReader
 from epserve.services.model.config import ModelConfig
 from epserve.services.model.moe import ExpertWeights, load_expert_weights
@@ -33,16 +35,8 @@ from epserve.services.proto import expert_pb2, expert_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-class BadRequest(Exception):
-    """A request the shard refuses; ``code`` and a message naming the field."""
-
-    def __init__(self, code: grpc.StatusCode, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.code = code
-
-
-def _invalid(field: str, message: str) -> BadRequest:
-    return BadRequest(grpc.StatusCode.INVALID_ARGUMENT, field, message)
+def _invalid(field: str, message: str) -> BadBatch:
+    return BadBatch(field, message)
 
 
 class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
@@ -88,9 +82,10 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
     def Dispatch(self, request_iterator, context):
         for request in request_iterator:
             try:
-                output = self.serve(request)
-            except BadRequest as e:
-                context.abort(e.code, f"expert shard {self.shard_id}: {e}")
+                output = self.serve(from_request(request))
+            except BadBatch as e:
+                code = grpc.StatusCode.FAILED_PRECONDITION if e.precondition else grpc.StatusCode.INVALID_ARGUMENT
+                context.abort(code, f"expert shard {self.shard_id}: {e}")
             yield expert_pb2.CombineResponse(request_id=request.request_id, output=to_proto(output))
 
     def GetShardInfo(self, request, context):
@@ -101,10 +96,11 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
                                     slots_per_layer=self.placement.slots_per_shard, tokens_per_slot=to_proto(counts))
 
     # ---- one request -------------------------------------------------------------------------
-    def serve(self, request: expert_pb2.DispatchRequest) -> torch.Tensor:
-        """Validate and run one request; its weighted expert sum [T, D] in the model dtype (CPU)."""
-        x, slots, topk_weights = self._decode(request)
-        layer = request.layer
+    def serve(self, batch: ExpertBatch) -> torch.Tensor:
+        """Validate and run one batch; its weighted expert sum [T, D] in the model dtype (CPU).
+        BadBatch naming the field for a batch the shard cannot serve."""
+        x, slots, topk_weights = self._decode(batch)
+        layer = batch.layer
         rows = self.slot_rows[layer][slots.long().clamp(min=0)]                  # [T, K] weight row
         rows = torch.where(slots >= 0, rows, -1)
         if (rows[slots >= 0] < 0).any():
@@ -117,20 +113,19 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         d = self.device
         return weights.run(x.to(d), topk_weights.to(d), rows.to(d)).cpu()
 
-    def _decode(self, request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _decode(self, batch: ExpertBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> hidden [T, D] in the model dtype, local slots [T, K] int32, weights [T, K] float32."""
-        if request.placement_version != self.placement.version:
-            raise BadRequest(grpc.StatusCode.FAILED_PRECONDITION, "placement_version",
-                             f"request uses placement v{request.placement_version}, "
-                             f"this shard serves v{self.placement.version}")
-        if request.layer not in self.weights:
-            raise _invalid("layer", f"{request.layer} is not a MoE layer of this placement "
+        if batch.placement_version != self.placement.version:
+            raise BadBatch("placement_version", f"request uses placement v{batch.placement_version}, "
+                                                f"this shard serves v{self.placement.version}", precondition=True)
+        if batch.layer not in self.weights:
+            raise _invalid("layer", f"{batch.layer} is not a MoE layer of this placement "
                                     f"(MoE layers: {list(self.placement.moe_layers)})")
-        x = _tensor(request, "hidden")
+        x = batch.hidden
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise _invalid("hidden", f"must be [tokens, {self.hidden_size}], got {list(x.shape)}")
-        x = self._dequantise(request, x)
-        slots, weights = _tensor(request, "topk_slots"), _tensor(request, "topk_weights")
+        x = self._dequantise(batch, x)
+        slots, weights = batch.topk_slots, batch.topk_weights
         if slots.dtype != torch.int32 or slots.dim() != 2 or slots.shape[0] != x.shape[0]:
             raise _invalid("topk_slots", f"must be int32 [{x.shape[0]}, k], got {slots.dtype} {list(slots.shape)}")
         if weights.dtype != torch.float32 or weights.shape != slots.shape:
@@ -141,15 +136,17 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             raise _invalid("topk_slots", f"values must be in [-1, {n}), got [{int(slots.min())}, {int(slots.max())}]")
         return x, slots, weights
 
-    def _dequantise(self, request, x: torch.Tensor) -> torch.Tensor:
+    def _dequantise(self, batch: ExpertBatch, x: torch.Tensor) -> torch.Tensor:
         """hidden in the model dtype, or e4m3 with its scales -> [T, D] in the model dtype."""
         if x.dtype == self.dtype:
-            if request.HasField("scales"):
+            if batch.scales is not None:
                 raise _invalid("scales", f"only allowed with float8_e4m3fn hidden, hidden is {x.dtype}")
             return x
         if x.dtype != FP8_DTYPE:
             raise _invalid("hidden", f"dtype must be {self.dtype} or float8_e4m3fn, got {x.dtype}")
-        scales = _tensor(request, "scales")
+        if batch.scales is None:
+            raise _invalid("scales", "is required")
+        scales = batch.scales
         groups = -(-self.hidden_size // FP8_BLOCK)
         if scales.dtype != torch.float32 or tuple(scales.shape) != (x.shape[0], groups):
             raise _invalid("scales", f"must be float32 [{x.shape[0]}, {groups}] with FP8 hidden, "
@@ -193,13 +190,3 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
                 self.flush()
             except Exception:                   # noqa: BLE001 - shutting down must not need Redis
                 log.exception("expert shard %d: the last flush of token counts failed", self.shard_id)
-
-
-def _tensor(request, name: str) -> torch.Tensor:
-    """Decode ``request.<name>``; INVALID_ARGUMENT naming the field when missing or malformed."""
-    if not request.HasField(name):
-        raise _invalid(name, "is required")
-    try:
-        return from_proto(getattr(request, name))
-    except ValueError as e:
-        raise _invalid(name, str(e)) from None

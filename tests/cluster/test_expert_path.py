@@ -12,7 +12,8 @@ from epserve.services.attention.remote_experts import RemoteExperts
 from epserve.services.cluster.grpc_server import GrpcServer, start_grpc_server
 from epserve.services.cluster.placement import EMPTY, Placement, build_placement
 from epserve.services.cluster.tensor_codec import from_proto, to_proto
-from epserve.services.cluster.transport import ExpertShardError, GrpcExpertTransport
+from epserve.services.cluster.expert_batch import from_request
+from epserve.services.cluster.transport import ExpertShardError, ExpertTransport, ShardEndpoint
 from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.expert.shard import ExpertShard
 from epserve.services.model.checkpoint import CheckpointReader
@@ -67,7 +68,7 @@ def shard_cluster(path, placement: Placement, *, dtype=torch.float32, max_worker
 
 @contextlib.contextmanager
 def grpc_transport(addresses: dict[int, str]):
-    transport = GrpcExpertTransport(addresses)
+    transport = ExpertTransport({shard: ShardEndpoint(address) for shard, address in addresses.items()}, mode="grpc")
     try:
         yield transport
     finally:
@@ -196,6 +197,11 @@ def _request(placement: Placement, config: ModelConfig, **changes) -> expert_pb2
     return expert_pb2.DispatchRequest(**{k: v for k, v in fields.items() if v is not None})
 
 
+def _batch(placement: Placement, config: ModelConfig, **changes):
+    """The ExpertBatch of ``_request``."""
+    return from_request(_request(placement, config, **changes))
+
+
 def _empty_slot(placement: Placement) -> tuple[int, int, int]:
     """(layer, shard, local slot) of some EMPTY slot."""
     row, slot = (placement.physical_to_logical == EMPTY).nonzero()[0].tolist()
@@ -254,16 +260,16 @@ def test_request_for_an_empty_slot_is_refused(uneven, config):
 def test_transport_fails_the_broken_stream_and_later_sends_fast(uneven, config):
     placement, cluster = uneven
     with grpc_transport(cluster.addresses) as transport:
-        ok = transport.send(0, _request(placement, config)).result(timeout=WAIT_S)
-        assert ok.request_id == "r"
-        bad = transport.send(0, _request(placement, config, layer=0))
+        ok = transport.send(0, _batch(placement, config)).result(timeout=WAIT_S)
+        assert ok.shape == (2, config.hidden_size)
+        bad = transport.send(0, _batch(placement, config, layer=0))
         with pytest.raises(ExpertShardError) as error:
             bad.result(timeout=WAIT_S)
         assert error.value.shard == 0 and error.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert f"expert shard 0 at {cluster.servers[0].address}" in str(error.value) and "layer" in str(error.value)
-        later = transport.send(0, _request(placement, config))
+        later = transport.send(0, _batch(placement, config))
         assert later.done() and isinstance(later.exception(), ExpertShardError)
-        assert transport.send(1, _request(placement, config)).result(timeout=WAIT_S).request_id == "r"
+        assert transport.send(1, _batch(placement, config)).result(timeout=WAIT_S).shape == (2, config.hidden_size)
 
 
 def test_killing_a_shard_fails_its_pending_futures(path, config):
@@ -281,13 +287,13 @@ def test_killing_a_shard_fails_its_pending_futures(path, config):
             hold = expert_pb2_grpc.ExpertServiceStub(channel).Dispatch(one_request_then_wait())
             next(hold)                                      # its handler now holds the worker, waiting
             with grpc_transport(cluster.addresses) as transport:
-                pending = [transport.send(0, _request(placement, config)) for _ in range(4)]
+                pending = [transport.send(0, _batch(placement, config)) for _ in range(4)]
                 assert not any(f.done() for f in pending)
                 server.stop(None)
                 for future in pending:
                     with pytest.raises(ExpertShardError, match=f"expert shard 0 at {server.address}"):
                         future.result(timeout=WAIT_S)
-                later = transport.send(0, _request(placement, config))
+                later = transport.send(0, _batch(placement, config))
                 assert later.done() and isinstance(later.exception(), ExpertShardError)
             release.set()
 
@@ -295,7 +301,7 @@ def test_killing_a_shard_fails_its_pending_futures(path, config):
 def test_many_requests_in_flight_from_many_threads(uneven, config):
     """Concurrent senders on one stream: every future gets the response to its own request."""
     placement, cluster = uneven
-    requests = [_request(placement, config, request_id=f"t{i}") for i in range(48)]
+    requests = [_batch(placement, config) for _ in range(48)]               # each its own random hidden
     expected = [cluster.shards[1].serve(r) for r in requests]
     with grpc_transport(cluster.addresses) as transport:
         futures: dict[int, object] = {}
@@ -310,9 +316,7 @@ def test_many_requests_in_flight_from_many_threads(uneven, config):
         for t in threads:
             t.join()
         for i, want in enumerate(expected):
-            response = futures[i].result(timeout=WAIT_S)
-            assert response.request_id == f"t{i}"
-            assert torch.equal(from_proto(response.output), want)
+            assert torch.equal(futures[i].result(timeout=WAIT_S), want)
         assert transport.stats.messages[1] == len(requests)
 
 
@@ -351,7 +355,7 @@ def test_a_failed_flush_keeps_its_counts_for_the_next(path, config):
 
     shard = ExpertShard(path, 0, placement, dtype=torch.float32, on_flush=on_flush, flush_interval_s=3600)
     try:
-        shard.serve(_request(placement, config))
+        shard.serve(_batch(placement, config))
         with pytest.raises(ConnectionError):
             shard.flush()
         shard.flush()

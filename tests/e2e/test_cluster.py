@@ -41,13 +41,15 @@ MAX_TOKENS = 10
 class UpCluster:
     """`epserve up` in a subprocess, with what a test needs to look inside."""
 
-    def __init__(self, model_dir, attention: int, shards: int, redundant: int, micro_batch_min_tokens: int = 1):
+    def __init__(self, model_dir, attention: int, shards: int, redundant: int, micro_batch_min_tokens: int = 1,
+                 transport: str = "auto"):
         self.port = _free_port()
         self.state_file = os.path.join(tempfile.mkdtemp(prefix="epserve-up-"), "state.json")
         command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", str(model_dir), "--dtype", "float32",
                    "--attention", str(attention), "--expert-shards", str(shards),
                    "--redundant-experts", str(redundant), "--port", str(self.port),
-                   "--micro-batch-min-tokens", str(micro_batch_min_tokens), "--state-file", self.state_file]
+                   "--micro-batch-min-tokens", str(micro_batch_min_tokens), "--transport", transport,
+                   "--state-file", self.state_file]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         state = wait_ready(self.state_file, self.process, timeout_s=240)
         self.redis = redis.Redis.from_url(state["redis_url"])
@@ -108,12 +110,15 @@ def generate_all(endpoint: str) -> list[list[int]]:
 
 def test_one_replica_two_shards_two_redundant_matches_single_process(cluster, expected):
     assert generate_all(cluster.endpoint) == expected
+    assert [r.info["expert_transport"] for r in cluster.registry.live("attention")] == ["local"]   # auto, one host
 
 
 def test_two_replicas_three_shards_match_single_process(model_dir, expected):
-    up = UpCluster(model_dir, attention=2, shards=3, redundant=0, micro_batch_min_tokens=128)  # the default
+    up = UpCluster(model_dir, attention=2, shards=3, redundant=0, micro_batch_min_tokens=128,  # the default
+                   transport="grpc")
     try:
         assert generate_all(up.endpoint) == expected
+        assert [r.info["expert_transport"] for r in up.registry.live("attention")] == ["grpc", "grpc"]
         assert all(up.replica_load(r).kv_blocks_used == 0 for r in up.registry.live("attention"))
     finally:
         up.stop()

@@ -1,0 +1,275 @@
+"""The local transport: expert batches in shared memory, a small header over a Unix socket.
+
+For an attention replica and an expert shard on one host. Per (replica, shard) pair the replica
+makes ``SLOTS`` slots, each one memfd of 2 x ``slot_bytes`` (the request region, then the response
+region), and hands their descriptors to the shard in its hello; both map them for the life of the
+connection. Per batch::
+
+    replica  a free slot -> the batch's tensors copied into its request region (no serialisation)
+             -> header (seq, slot, layer, placement version, R, D, K, G, hidden dtype) -> socket
+    shard    header -> tensor views over the slot -> serve(batch) -> output copied into the
+             response region -> header (seq, status, output dtype, error message) -> socket
+    replica  header -> output [R, D] copied out of the slot -> slot free -> future resolved
+
+The socket is SOCK_SEQPACKET in Linux's abstract namespace (message boundaries; no file to clean
+up): blocking reads, so waiting costs no CPU. A batch the shard refuses fails its own future with
+the shard's message; a connection that ends fails every pending batch and breaks the channel (the
+transport then reconnects through the registry).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import mmap
+import os
+import queue
+import socket
+import struct
+import threading
+import uuid
+from concurrent.futures import Future
+from typing import Callable
+
+import grpc
+import torch
+
+from epserve.services.cluster.expert_batch import BadBatch, ExpertBatch
+from epserve.services.cluster.expert_channel import ExpertShardError, TransportStats
+from epserve.services.cluster.tensor_codec import DTYPES
+
+log = logging.getLogger(__name__)
+
+SLOTS = 4                                   # batches in flight per pair: one per micro-batch (at most 4)
+_DTYPES = list(DTYPES.values())             # header dtype code -> dtype
+_REQUEST = struct.Struct("<QIiqIIIIBB")     # seq, slot, layer, version, rows, hidden, top_k, groups, dtype, scales
+_RESPONSE = struct.Struct("<QBB")           # seq, status, output dtype (+ the error message's bytes)
+_OK, _BAD, _PRECONDITION, _FAILED = range(4)
+_CODES = {_BAD: grpc.StatusCode.INVALID_ARGUMENT, _PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+          _FAILED: grpc.StatusCode.INTERNAL}
+_ALIGN = 64
+
+
+def _region(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return -(-numel * dtype.itemsize // _ALIGN) * _ALIGN
+
+
+def _layout(rows: int, hidden: int, top_k: int, groups: int, dtype: torch.dtype, scales: bool):
+    """[(name, shape, dtype, offset)] of a batch in a request region, and its size in bytes."""
+    parts = [("hidden", (rows, hidden), dtype), ("scales", (rows, groups), torch.float32) if scales else None,
+             ("topk_slots", (rows, top_k), torch.int32), ("topk_weights", (rows, top_k), torch.float32)]
+    layout, offset = [], 0
+    for name, shape, kind in filter(None, parts):
+        layout.append((name, shape, kind, offset))
+        offset += _region(shape, kind)
+    return layout, offset
+
+
+def slot_bytes_for(tokens: int, hidden: int, top_k: int) -> int:
+    """Slot size for batches of up to ``tokens`` rows (float32 hidden and output: the widest)."""
+    groups = -(-hidden // 128)
+    return max(_layout(tokens, hidden, top_k, groups, torch.float32, True)[1], _region((tokens, hidden), torch.float32))
+
+
+def _view(buffer: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    nbytes = _region(shape, dtype)
+    return buffer[offset:offset + nbytes].view(dtype)[:_numel(shape)].view(shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class LocalChannel:
+    """The replica's end of one pair: slots, the socket, a reader thread resolving futures by seq."""
+
+    def __init__(self, shard: int, name: str, slot_bytes: int, stats: TransportStats):
+        slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN                 # the response region starts aligned
+        self.shard, self.address, self.slot_bytes, self.stats = shard, f"local:{name}", slot_bytes, stats
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._socket.connect("\0" + name)
+        except OSError as e:
+            self._socket.close()
+            raise ExpertShardError(shard, self.address, f"cannot connect: {e}") from None
+        fds = [os.memfd_create(f"epserve-slot-{shard}-{i}", os.MFD_CLOEXEC) for i in range(SLOTS)]
+        try:
+            for fd in fds:
+                os.ftruncate(fd, 2 * slot_bytes)
+            self._buffers = [torch.frombuffer(mmap.mmap(fd, 2 * slot_bytes), dtype=torch.uint8) for fd in fds]
+            socket.send_fds(self._socket, [json.dumps({"slot_bytes": slot_bytes}).encode()], fds)
+        finally:
+            for fd in fds:
+                os.close(fd)                        # the mappings (and the shard's copies) keep the memory
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(SLOTS):
+            self._free.put(i)
+        self._pending: dict[int, tuple[Future, int, tuple[int, int]]] = {}   # seq -> (future, slot, [R, D])
+        self._seq, self._lock = itertools.count(), threading.Lock()
+        self._error: ExpertShardError | None = None
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, name=f"local-expert-{shard}", daemon=True)
+        self._reader.start()
+
+    @property
+    def broken(self) -> bool:
+        """The connection failed (not closed by its owner): sends fail until the channel is replaced."""
+        return self._error is not None and not self._closed
+
+    def send(self, batch: ExpertBatch) -> Future:
+        """Copy ``batch`` into a free slot and tell the shard; ValueError if it does not fit a slot."""
+        groups = batch.scales.shape[1] if batch.scales is not None else 0
+        rows, hidden, top_k = batch.rows, batch.hidden.shape[1], batch.topk_slots.shape[1]
+        layout, size = _layout(rows, hidden, top_k, groups, batch.hidden.dtype, batch.scales is not None)
+        needed = max(size, _region((rows, hidden), torch.float32))
+        if needed > self.slot_bytes:
+            raise ValueError(f"expert shard {self.shard}: a batch of {rows} tokens x {hidden} needs {needed} bytes; "
+                             f"the local transport's slots hold {self.slot_bytes} (sized for the engine's "
+                             f"max_num_batched_tokens)")
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        slot = self._take_slot()
+        if slot is None:
+            future.set_exception(self._error)
+            return future
+        for name, shape, dtype, offset in layout:
+            _view(self._buffers[slot], offset, shape, dtype).copy_(getattr(batch, name))
+        with self._lock:
+            if self._error is not None:
+                future.set_exception(self._error)
+                return future
+            seq = next(self._seq)
+            self._pending[seq] = (future, slot, (rows, hidden))
+            self._socket.send(_REQUEST.pack(seq, slot, batch.layer, batch.placement_version, rows, hidden, top_k,
+                                            groups, _DTYPES.index(batch.hidden.dtype), batch.scales is not None))
+        self.stats.add_sent(self.shard, size + _REQUEST.size)
+        return future
+
+    def _take_slot(self) -> int | None:
+        """A free slot, waiting while every slot is in flight; None once the channel has failed."""
+        while self._error is None:
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                continue
+        return None
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._socket.recv(65536)
+            except OSError as e:
+                return self._fail(f"connection lost: {e}")
+            if not message:
+                return self._fail("transport closed" if self._closed else "the shard closed the connection")
+            seq, status, out_dtype = _RESPONSE.unpack_from(message)
+            with self._lock:
+                future, slot, shape = self._pending.pop(seq, (None, None, None))
+            if future is None:
+                return self._fail(f"a response to unknown batch {seq}")
+            if status == _OK:
+                out = _view(self._buffers[slot], self.slot_bytes, shape, _DTYPES[out_dtype]).clone()
+                self.stats.add_received(self.shard, out.nbytes + _RESPONSE.size)
+                self._free.put(slot)
+                future.set_result(out)
+                continue
+            self._free.put(slot)
+            future.set_exception(ExpertShardError(self.shard, self.address,
+                                                  message[_RESPONSE.size:].decode(errors="replace"), _CODES[status]))
+
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = ExpertShardError(self.shard, self.address, reason)
+            error, pending = self._error, list(self._pending.values())
+            self._pending.clear()
+        for future, _, _ in pending:
+            future.set_exception(error)
+
+    def close(self, timeout_s: float) -> None:
+        """End the connection; what is pending fails with "transport closed"."""
+        self._closed = True
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._reader.join(timeout_s)
+        self._socket.close()
+
+
+class LocalExpertServer:
+    """The shard's end: a listening socket, a thread per connected replica calling ``serve`` per batch."""
+
+    def __init__(self, serve: Callable[[ExpertBatch], torch.Tensor], label: str):
+        self.serve, self.label = serve, label                         # label: "expert shard N" in messages
+        self.name = f"epserve-{uuid.uuid4().hex}"
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._socket.bind("\0" + self.name)
+        self._socket.listen(64)
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name=f"local-server-{label}", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return                                                # closed
+            with self._lock:
+                self._connections.append(connection)
+            threading.Thread(target=self._serve_connection, args=(connection,), daemon=True,
+                             name=f"local-conn-{self.label}").start()
+
+    def _serve_connection(self, connection: socket.socket) -> None:
+        try:
+            hello, fds, _, _ = socket.recv_fds(connection, 4096, SLOTS)
+            slot_bytes = json.loads(hello)["slot_bytes"]
+            buffers = [torch.frombuffer(mmap.mmap(fd, 2 * slot_bytes), dtype=torch.uint8) for fd in fds]
+            for fd in fds:
+                os.close(fd)
+            while header := connection.recv(_REQUEST.size):
+                connection.send(self._answer(header, buffers, slot_bytes))
+        except (OSError, ValueError) as e:                          # a replica gone, or a malformed hello
+            log.info("%s: local connection ended: %s", self.label, e)
+        finally:
+            connection.close()
+
+    def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int) -> bytes:
+        """One batch from its header and slot -> the response header (the output is in the slot)."""
+        seq, slot, layer, version, rows, hidden, top_k, groups, dtype, scales = _REQUEST.unpack(header)
+        try:
+            if slot >= len(buffers) or dtype >= len(_DTYPES):
+                raise BadBatch("header", f"slot {slot} or dtype code {dtype} out of range")
+            layout, size = _layout(rows, hidden, top_k, groups, _DTYPES[dtype], bool(scales))
+            if size > slot_bytes:
+                raise BadBatch("hidden", f"a batch of {rows} x {hidden} needs {size} bytes, the slot has {slot_bytes}")
+            views = {name: _view(buffers[slot], offset, shape, kind) for name, shape, kind, offset in layout}
+            out = self.serve(ExpertBatch(layer, version, views["hidden"], views.get("scales"),
+                                         views["topk_slots"], views["topk_weights"]))
+            if _region(tuple(out.shape), out.dtype) > slot_bytes:
+                raise BadBatch("hidden", f"the output of {rows} x {hidden} does not fit the slot")
+            _view(buffers[slot], slot_bytes, tuple(out.shape), out.dtype).copy_(out)
+            return _RESPONSE.pack(seq, _OK, _DTYPES.index(out.dtype))
+        except BadBatch as e:
+            status = _PRECONDITION if e.precondition else _BAD
+            return _RESPONSE.pack(seq, status, 0) + f"{self.label}: {e}".encode()
+        except Exception as e:                                         # noqa: BLE001 - answer, keep serving
+            log.exception("%s: a local batch failed", self.label)
+            return _RESPONSE.pack(seq, _FAILED, 0) + f"{self.label}: internal error: {e}".encode()
+
+    def close(self) -> None:
+        """Stop accepting and end every connection (their replicas see the channel break)."""
+        self._socket.close()
+        with self._lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -1,0 +1,204 @@
+"""One conformance suite for every expert transport that runs on the CPU (grpc, local).
+
+Expert shards run as separately started ``epserve serve expert`` processes against a real Redis;
+this process is the attention side. Every transport must give exactly the same outputs (the same
+shard process computes them), equal to the in-process shard within float32 noise, over every MoE
+layer and two micro-batches in flight; refuse what it cannot carry with a clear error; and, with
+the registry behind it, reach a shard again after it was killed and restarted.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+
+import pytest
+import redis
+import torch
+
+from epserve.services.cluster.expert_batch import ExpertBatch
+from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.registry import Registry
+from epserve.services.cluster.state import choose_placement
+from epserve.services.cluster.transport import ExpertShardError, ExpertTransport, ShardEndpoint
+from epserve.services.config import ExpertConfig, serve_command
+from epserve.services.expert.shard import ExpertShard
+from epserve.services.model.config import ModelConfig
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+MODEL = "groups_yarn"                      # 32 experts, top-6, MoE layers 1 and 2, hidden 64
+SHARDS, REDUNDANT = 2, 2
+TRANSPORTS = ("grpc", "local")
+WAIT_S = 60
+
+
+class Shards:
+    """``SHARDS`` expert shard processes of one cluster, and the registry they are in."""
+
+    def __init__(self, path, redis_url: str):
+        self.path, self.redis_url, self.cluster = path, redis_url, f"t-{uuid.uuid4().hex[:8]}"
+        self.registry = Registry(redis.Redis.from_url(redis_url), Keys(self.cluster))
+        self.processes = {shard: self._start(shard) for shard in range(SHARDS)}
+        self.wait_registered()
+
+    def _start(self, shard: int) -> subprocess.Popen:
+        config = ExpertConfig(redis=self.redis_url, cluster=self.cluster, model=str(self.path), dtype="float32",
+                              device="cpu", expert_shards=SHARDS, redundant_experts=REDUNDANT, shard_id=shard)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.Popen(serve_command(config), env=env, stdin=subprocess.DEVNULL)
+
+    def endpoints(self) -> dict[int, ShardEndpoint]:
+        return {int(s.service_id): ShardEndpoint.from_service(s) for s in self.registry.live("expert")
+                if s.pid == self.processes[int(s.service_id)].pid}
+
+    def wait_registered(self) -> None:
+        wait_until(lambda: len(self.endpoints()) == SHARDS, WAIT_S, "every shard process to register",
+                   state=lambda: [(p.pid, p.poll()) for p in self.processes.values()])
+
+    def kill(self, shard: int) -> None:
+        self.processes[shard].kill()
+        self.processes[shard].wait(WAIT_S)
+
+    def start_again(self, shard: int) -> None:
+        self.processes[shard] = self._start(shard)
+        self.wait_registered()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            process.wait(WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def path(hf_checkpoints):
+    return hf_checkpoints[MODEL]
+
+
+@pytest.fixture(scope="module")
+def config(path):
+    return ModelConfig.from_hf(path)
+
+
+@pytest.fixture(scope="module")
+def shards(path, redis_server):
+    running = Shards(path, redis_server.url)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def placement(shards, config):
+    return choose_placement(shards.registry.client, shards.registry.keys, num_experts=config.n_routed_experts,
+                            num_shards=SHARDS, redundant=REDUNDANT, moe_layers=config.moe_layers)
+
+
+@pytest.fixture(scope="module")
+def in_process(path, placement):
+    """The same shards, in this process: the reference outputs."""
+    return [ExpertShard(path, shard, placement, dtype=torch.float32) for shard in range(SHARDS)]
+
+
+def make_transport(shards: Shards, mode: str, **kwargs) -> ExpertTransport:
+    transport = ExpertTransport(shards.endpoints(), mode=mode, resolve=lambda s: shards.endpoints().get(s), **kwargs)
+    assert {transport.kind(s) for s in range(SHARDS)} == {mode}
+    return transport
+
+
+def random_batch(placement, config, layer: int, rows: int, generator: torch.Generator) -> ExpertBatch:
+    """``rows`` tokens with top-k local slots of a shard (some -1: another shard's) and their weights."""
+    k, slots = config.num_experts_per_tok, placement.slots_per_shard
+    topk = torch.randint(0, slots, (rows, k), generator=generator, dtype=torch.int32)
+    topk[torch.rand(rows, k, generator=generator) < 0.3] = -1
+    return ExpertBatch(layer, placement.version, torch.randn(rows, config.hidden_size, generator=generator), None,
+                       topk, torch.rand(rows, k, generator=generator))
+
+
+def every_layer_two_micro_batches(placement, config) -> list[tuple[int, ExpertBatch]]:
+    """(shard, batch) for every shard, MoE layer and 2 micro-batches of different sizes; all in flight at once."""
+    generator = torch.Generator().manual_seed(7)
+    return [(shard, random_batch(placement, config, layer, rows, generator))
+            for layer in config.moe_layers for rows in (5, 17) for shard in range(SHARDS)]
+
+
+@pytest.mark.parametrize("mode", TRANSPORTS)
+def test_every_layer_and_micro_batch_matches_the_in_process_shard(shards, placement, config, in_process, mode):
+    work = every_layer_two_micro_batches(placement, config)
+    transport = make_transport(shards, mode)
+    try:
+        futures = [transport.send(shard, batch) for shard, batch in work]     # all in flight
+        for (shard, batch), future in zip(work, futures):
+            got, want = future.result(timeout=WAIT_S), in_process[shard].serve(batch)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert (got - want).abs().max().item() <= 1e-5
+        sent = transport.stats.bytes_sent
+        assert sum(transport.stats.messages.values()) == len(work) and all(sent[s] > 0 for s in range(SHARDS))
+    finally:
+        transport.close()
+
+
+def test_every_transport_gives_the_same_bits(shards, placement, config):
+    work = every_layer_two_micro_batches(placement, config)
+    outputs = {}
+    for mode in TRANSPORTS:
+        transport = make_transport(shards, mode)
+        try:
+            outputs[mode] = [transport.send(shard, batch).result(timeout=WAIT_S) for shard, batch in work]
+        finally:
+            transport.close()
+    assert all(torch.equal(a, b) for a, b in zip(outputs["grpc"], outputs["local"]))
+
+
+@pytest.mark.parametrize("mode", TRANSPORTS)
+def test_a_batch_the_shard_refuses_fails_naming_the_field_and_the_shard_keeps_serving(shards, placement, config, mode):
+    generator = torch.Generator().manual_seed(1)
+    good = random_batch(placement, config, config.moe_layers[0], 3, generator)
+    bad = random_batch(placement, config, 0, 3, generator)                        # a dense layer
+    transport = make_transport(shards, mode)
+    try:
+        with pytest.raises(ExpertShardError, match="expert shard 0: layer: 0 is not a MoE layer"):
+            transport.send(0, bad).result(timeout=WAIT_S)
+    finally:
+        transport.close()
+    transport = make_transport(shards, mode)                                      # the shard still serves
+    try:
+        assert transport.send(0, good).result(timeout=WAIT_S).shape == (3, config.hidden_size)
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("mode", TRANSPORTS)
+def test_an_oversize_batch_is_refused_before_it_is_sent(shards, placement, config, mode):
+    transport = make_transport(shards, mode, local_slot_bytes=64 << 10, max_message_bytes=64 << 10)
+    try:
+        big = random_batch(placement, config, config.moe_layers[0], 1024, torch.Generator().manual_seed(2))
+        with pytest.raises(ValueError, match="expert shard 1: a batch of 1024 tokens"):
+            transport.send(1, big)
+        small = random_batch(placement, config, config.moe_layers[0], 4, torch.Generator().manual_seed(3))
+        assert transport.send(1, small).result(timeout=WAIT_S).shape == (4, config.hidden_size)
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("mode", TRANSPORTS)
+def test_a_killed_and_restarted_shard_is_reached_again(shards, placement, config, in_process, mode):
+    generator = torch.Generator().manual_seed(4)
+    batch = random_batch(placement, config, config.moe_layers[-1], 6, generator)
+    transport = make_transport(shards, mode)
+    try:
+        assert transport.send(1, batch).result(timeout=WAIT_S).shape == (6, config.hidden_size)
+        before = shards.endpoints()[1]
+        shards.kill(1)
+        with pytest.raises(ExpertShardError, match="expert shard 1"):
+            transport.send(1, batch).result(timeout=WAIT_S)     # its channel broke, and nothing answers there
+        shards.start_again(1)
+        after = shards.endpoints()[1]
+        assert after != before                                  # a new registration: new port, new socket
+        got = transport.send(1, batch).result(timeout=WAIT_S)    # a new channel, from the registry
+        assert (got - in_process[1].serve(batch)).abs().max().item() <= 1e-5
+        assert transport.endpoints[1] == after
+    finally:
+        transport.close()
