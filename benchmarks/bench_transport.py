@@ -4,7 +4,7 @@
                                          [--transports grpc,local] [--iters 20]
 
 A separate process plays the expert shard with an echo ``serve`` (the output is the hidden rows,
-in the model dtype), behind both a gRPC ``ExpertService`` and a local-transport server, so only
+in the model dtype), behind a gRPC ``ExpertService``, a local-transport and a nixl server, so only
 the transport is timed: this process sends an ``ExpertBatch`` (hidden [T, D] bfloat16, top-k int32
 slots and float32 weights) and waits for the [T, D] answer. Prints the median round trip, half of
 it as the one-way latency, and GB/s of the bytes moved both ways (tensor bytes, no framing).
@@ -21,6 +21,7 @@ import torch
 from benchmarks.common import print_table
 from epserve.services.cluster.expert_batch import ExpertBatch, from_request
 from epserve.services.cluster.grpc_server import start_grpc_server
+from epserve.services.cluster import nixl_transport
 from epserve.services.cluster.local_transport import LocalExpertServer, slot_bytes_for
 from epserve.services.cluster.tensor_codec import to_proto
 from epserve.services.cluster.transport import ExpertTransport, ShardEndpoint, host_id
@@ -44,10 +45,14 @@ def serve_echo(endpoints, stop) -> None:
     torch.set_num_threads(1)
     grpc_server = start_grpc_server(lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(EchoShard(), s),
                                     [SERVICE], max_message_bytes=1 << 30)
-    local = LocalExpertServer(echo, "echo shard")
-    endpoints.put(ShardEndpoint(grpc_server.address, local.name, host_id()))
+    data_servers = [LocalExpertServer(echo, "echo shard")]
+    if nixl_transport.available():
+        data_servers.append(nixl_transport.NixlExpertServer(echo, "echo shard"))
+    endpoints.put(ShardEndpoint(grpc_server.address, data_servers[0].name, host_id(),
+                                data_servers[1].name if len(data_servers) > 1 else None))
     stop.wait()
-    local.close()
+    for server in data_servers:
+        server.close()
     grpc_server.stop(None)
 
 
@@ -66,7 +71,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--tokens", default="1,16,128,1024,4096")
-    parser.add_argument("--transports", default="grpc,local")
+    parser.add_argument("--transports", default="grpc,local,nixl" if nixl_transport.available() else "grpc,local")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]

@@ -28,6 +28,7 @@ from epserve.kernels.fp8 import FP8_BLOCK
 from epserve.services.attention.remote_experts import RemoteExperts
 from epserve.services.cluster.grpc_server import start_grpc_server
 from epserve.services.cluster.placement import build_placement
+from epserve.services.cluster import nixl_transport
 from epserve.services.cluster.local_transport import LocalExpertServer, slot_bytes_for
 from epserve.services.cluster.transport import ExpertTransport, ShardEndpoint, host_id
 from epserve.services.engine.engine import EngineConfig, LLMEngine
@@ -42,19 +43,22 @@ SERVICE = "epserve.v1.ExpertService"
 
 @contextlib.contextmanager
 def local_shards(path, placement, dtype: torch.dtype):
-    """One ExpertShard per shard with a gRPC and a local-transport server; yields shard id -> endpoint."""
-    shards, servers, locals_ = [], [], []
+    """One ExpertShard per shard with a gRPC, a local-transport and (where installed) a nixl server;
+    yields shard id -> endpoint."""
+    shards, servers, locals_, nixls = [], [], [], []
     try:
         for shard_id in range(placement.num_shards):
             shards.append(ExpertShard(path, shard_id, placement, dtype=dtype))
             servers.append(start_grpc_server(
                 lambda server, s=shards[-1]: expert_pb2_grpc.add_ExpertServiceServicer_to_server(s, server), [SERVICE]))
             locals_.append(LocalExpertServer(shards[-1].serve, f"expert shard {shard_id}"))
-        yield {i: ShardEndpoint(server.address, local.name, host_id())
-               for i, (server, local) in enumerate(zip(servers, locals_))}
+            if nixl_transport.available():
+                nixls.append(nixl_transport.NixlExpertServer(shards[-1].serve, f"expert shard {shard_id}"))
+        yield {i: ShardEndpoint(server.address, locals_[i].name, host_id(), nixls[i].name if nixls else None)
+               for i, server in enumerate(servers)}
     finally:
-        for local in locals_:
-            local.close()
+        for data_server in locals_ + nixls:
+            data_server.close()
         for server in servers:
             server.stop(None)
         for shard in shards:
@@ -112,7 +116,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--transports", default="grpc,local", help="expert transports to measure")
+    parser.add_argument("--transports", default="grpc,local,nixl" if nixl_transport.available() else "grpc,local", help="expert transports to measure")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows to this CSV file")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)

@@ -21,7 +21,7 @@ from epserve.services.engine.config import EngineConfig
 from epserve.services.flags import same_as, setting, to_argv
 
 DTYPES = ("float32", "bfloat16", "float16")
-TRANSPORTS = ("auto", "grpc", "local")      # the attention -> expert data path (cluster.transport)
+TRANSPORTS = ("auto", "grpc", "local", "nixl")      # the attention -> expert data path (cluster.transport)
 
 
 @dataclass(kw_only=True)
@@ -65,8 +65,9 @@ class RouterConfig(ServiceConfig):
 class AttentionConfig(EngineConfig, ModelServiceConfig):
     replica_id: str = setting(help="unique id of this replica in the cluster")
     transport: str = setting("auto", choices=TRANSPORTS,
-                             help="the data path to each expert shard: local (shared memory, one host), grpc "
-                                  "(any network), auto (local where the shard is on this host, else grpc)")
+                             help="the data path to each expert shard: local (shared memory, one host), nixl "
+                                  "(NIXL one-sided writes, any network), grpc (protobuf messages), auto (local on "
+                                  "this host, else nixl where installed, else grpc)")
     wire_dtype: str = setting("model", choices=("model", "fp8"),
                               help="activations to expert shards in the model dtype, or FP8 with 1x128 scales")
     shard_wait: float = setting(300.0, low=0, help="seconds to wait for the expert shards")

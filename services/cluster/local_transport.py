@@ -89,24 +89,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 class LocalChannel:
     """The replica's end of one pair: slots, the socket, a reader thread resolving futures by seq."""
 
+    KIND = "local"
+
     def __init__(self, shard: int, name: str, slot_bytes: int, stats: TransportStats):
         slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN                 # the response region starts aligned
-        self.shard, self.address, self.slot_bytes, self.stats = shard, f"local:{name}", slot_bytes, stats
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self._socket.connect("\0" + name)
-        except OSError as e:
-            self._socket.close()
-            raise ExpertShardError(shard, self.address, f"cannot connect: {e}") from None
-        fds = [os.memfd_create(f"epserve-slot-{shard}-{i}", os.MFD_CLOEXEC) for i in range(SLOTS)]
-        try:
-            for fd in fds:
-                os.ftruncate(fd, 2 * slot_bytes)
-            self._buffers = [torch.frombuffer(mmap.mmap(fd, 2 * slot_bytes), dtype=torch.uint8) for fd in fds]
-            socket.send_fds(self._socket, [json.dumps({"slot_bytes": slot_bytes}).encode()], fds)
-        finally:
-            for fd in fds:
-                os.close(fd)                        # the mappings (and the shard's copies) keep the memory
+        self.shard, self.address, self.slot_bytes, self.stats = shard, f"{self.KIND}:{name}", slot_bytes, stats
+        self._socket = self._connect(name)
+        self._buffers = self._setup(slot_bytes)                        # [SLOTS] uint8 [2 x slot_bytes]
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(SLOTS):
             self._free.put(i)
@@ -114,8 +103,40 @@ class LocalChannel:
         self._seq, self._lock = itertools.count(), threading.Lock()
         self._error: ExpertShardError | None = None
         self._closed = False
-        self._reader = threading.Thread(target=self._read, name=f"local-expert-{shard}", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"{self.KIND}-expert-{shard}", daemon=True)
         self._reader.start()
+
+    # ---- what a transport over other wires replaces (nixl_transport) ------------------------------
+    def _connect(self, name: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect("\0" + name)
+        except OSError as e:
+            sock.close()
+            raise ExpertShardError(self.shard, self.address, f"cannot connect: {e}") from None
+        return sock
+
+    def _setup(self, slot_bytes: int) -> list[torch.Tensor]:
+        """The slots, shared with the shard: memfds mapped here, their descriptors sent in the hello."""
+        fds = [os.memfd_create(f"epserve-slot-{self.shard}-{i}", os.MFD_CLOEXEC) for i in range(SLOTS)]
+        try:
+            for fd in fds:
+                os.ftruncate(fd, 2 * slot_bytes)
+            buffers = [torch.frombuffer(mmap.mmap(fd, 2 * slot_bytes), dtype=torch.uint8) for fd in fds]
+            socket.send_fds(self._socket, [json.dumps({"slot_bytes": slot_bytes}).encode()], fds)
+        finally:
+            for fd in fds:
+                os.close(fd)                        # the mappings (and the shard's copies) keep the memory
+        return buffers
+
+    def _push(self, slot: int, nbytes: int) -> None:
+        """Make the first ``nbytes`` of ``slot``'s request region visible to the shard (shared: nothing to do)."""
+
+    def _send_message(self, data: bytes) -> None:
+        self._socket.send(data)
+
+    def _receive_message(self) -> bytes:
+        return self._socket.recv(65536)
 
     @property
     def broken(self) -> bool:
@@ -140,13 +161,14 @@ class LocalChannel:
             return future
         for name, shape, dtype, offset in layout:
             _view(self._buffers[slot], offset, shape, dtype).copy_(getattr(batch, name))
+        self._push(slot, size)
         with self._lock:
             if self._error is not None:
                 future.set_exception(self._error)
                 return future
             seq = next(self._seq)
             self._pending[seq] = (future, slot, (rows, hidden))
-            self._socket.send(_REQUEST.pack(seq, slot, batch.layer, batch.placement_version, rows, hidden, top_k,
+            self._send_message(_REQUEST.pack(seq, slot, batch.layer, batch.placement_version, rows, hidden, top_k,
                                             groups, _DTYPES.index(batch.hidden.dtype), batch.scales is not None))
         self.stats.add_sent(self.shard, size + _REQUEST.size)
         return future
@@ -163,7 +185,7 @@ class LocalChannel:
     def _read(self) -> None:
         while True:
             try:
-                message = self._socket.recv(65536)
+                message = self._receive_message()
             except OSError as e:
                 return self._fail(f"connection lost: {e}")
             if not message:
@@ -208,10 +230,7 @@ class LocalExpertServer:
 
     def __init__(self, serve: Callable[[ExpertBatch], torch.Tensor], label: str):
         self.serve, self.label = serve, label                         # label: "expert shard N" in messages
-        self.name = f"epserve-{uuid.uuid4().hex}"
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._socket.bind("\0" + self.name)
-        self._socket.listen(64)
+        self._socket, self.name = self._listen()
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name=f"local-server-{label}", daemon=True).start()
@@ -227,22 +246,49 @@ class LocalExpertServer:
             threading.Thread(target=self._serve_connection, args=(connection,), daemon=True,
                              name=f"local-conn-{self.label}").start()
 
-    def _serve_connection(self, connection: socket.socket) -> None:
+    # ---- what a transport over other wires replaces (nixl_transport) ------------------------------
+    def _listen(self) -> tuple[socket.socket, str]:
+        name = f"epserve-{uuid.uuid4().hex}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.bind("\0" + name)
+        sock.listen(64)
+        return sock, name
+
+    def _handshake(self, connection: socket.socket):
+        """The replica's hello -> (its slots as this side sees them, slot_bytes, what _push_output needs)."""
+        hello, fds, _, _ = socket.recv_fds(connection, 4096, SLOTS)
+        slot_bytes = json.loads(hello)["slot_bytes"]
         try:
-            hello, fds, _, _ = socket.recv_fds(connection, 4096, SLOTS)
-            slot_bytes = json.loads(hello)["slot_bytes"]
-            buffers = [torch.frombuffer(mmap.mmap(fd, 2 * slot_bytes), dtype=torch.uint8) for fd in fds]
+            return [torch.frombuffer(mmap.mmap(fd, 2 * slot_bytes), dtype=torch.uint8) for fd in fds], slot_bytes, None
+        finally:
             for fd in fds:
                 os.close(fd)
-            while header := connection.recv(_REQUEST.size):
-                connection.send(self._answer(header, buffers, slot_bytes))
-        except (OSError, ValueError) as e:                          # a replica gone, or a malformed hello
-            log.info("%s: local connection ended: %s", self.label, e)
+
+    def _push_output(self, peer, slot: int, slot_bytes: int, nbytes: int) -> None:
+        """Make the output in ``slot``'s response region visible to the replica (shared: nothing to do)."""
+
+    def _send_message(self, connection: socket.socket, data: bytes) -> None:
+        connection.send(data)
+
+    def _receive_message(self, connection: socket.socket) -> bytes:
+        return connection.recv(65536)
+
+    # ---- serving -----------------------------------------------------------------------------
+    def _serve_connection(self, connection: socket.socket) -> None:
+        try:
+            buffers, slot_bytes, peer = self._handshake(connection)
+            while header := self._receive_message(connection):
+                response, nbytes = self._answer(header, buffers, slot_bytes)
+                if nbytes:
+                    self._push_output(peer, _REQUEST.unpack_from(header)[1], slot_bytes, nbytes)
+                self._send_message(connection, response)
+        except (OSError, ValueError, KeyError) as e:                # a replica gone, or a malformed hello
+            log.info("%s: connection ended: %s", self.label, e)
         finally:
             connection.close()
 
-    def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int) -> bytes:
-        """One batch from its header and slot -> the response header (the output is in the slot)."""
+    def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int) -> tuple[bytes, int]:
+        """One batch from its header and slot -> (the response header, the output's bytes in the slot)."""
         seq, slot, layer, version, rows, hidden, top_k, groups, dtype, scales = _REQUEST.unpack(header)
         try:
             if slot >= len(buffers) or dtype >= len(_DTYPES):
@@ -256,13 +302,13 @@ class LocalExpertServer:
             if _region(tuple(out.shape), out.dtype) > slot_bytes:
                 raise BadBatch("hidden", f"the output of {rows} x {hidden} does not fit the slot")
             _view(buffers[slot], slot_bytes, tuple(out.shape), out.dtype).copy_(out)
-            return _RESPONSE.pack(seq, _OK, _DTYPES.index(out.dtype))
+            return _RESPONSE.pack(seq, _OK, _DTYPES.index(out.dtype)), _region(tuple(out.shape), out.dtype)
         except BadBatch as e:
             status = _PRECONDITION if e.precondition else _BAD
-            return _RESPONSE.pack(seq, status, 0) + f"{self.label}: {e}".encode()
+            return _RESPONSE.pack(seq, status, 0) + f"{self.label}: {e}".encode(), 0
         except Exception as e:                                         # noqa: BLE001 - answer, keep serving
-            log.exception("%s: a local batch failed", self.label)
-            return _RESPONSE.pack(seq, _FAILED, 0) + f"{self.label}: internal error: {e}".encode()
+            log.exception("%s: a batch failed", self.label)
+            return _RESPONSE.pack(seq, _FAILED, 0) + f"{self.label}: internal error: {e}".encode(), 0
 
     def close(self) -> None:
         """Stop accepting and end every connection (their replicas see the channel break)."""

@@ -1,15 +1,18 @@
 """The attention -> expert-shard data path: one channel per shard, chosen per (replica, shard) pair.
 
 ``ExpertTransport.send(shard, ExpertBatch)`` returns a future of that shard's output ``[R, D]``.
-Each shard gets a channel of one of two kinds (``--transport auto|grpc|local``):
+Each shard gets a channel of one of three kinds (``--transport auto|grpc|local|nixl``):
 
 - ``grpc`` (``GrpcChannel``, here): one long-lived bidi ``Dispatch`` stream, the batch as a
   protobuf message; works across any network.
 - ``local`` (``local_transport.LocalChannel``): the batch's tensors written into shared-memory
   slots the shard maps, a small header over a Unix socket; both ends on one host.
+- ``nixl`` (``nixl_transport.NixlChannel``): the same slots and headers, the bytes moved by NIXL
+  one-sided writes between each side's registered slots, headers over TCP; any network.
 
 ``auto`` takes ``local`` when the shard registered a local endpoint on this host (``host_id``),
-else ``grpc``. A shard advertises both in its registry entry (``ShardEndpoint.from_service``); a
+else ``nixl`` when NIXL is installed and the shard offers it, else ``grpc``. A shard advertises
+its endpoints in its registry entry (``ShardEndpoint.from_service``); a
 restarted shard registers new ones, and a send to a shard whose channel broke opens a new channel
 to wherever ``resolve`` says the shard is now (what was pending on the broken one has failed).
 
@@ -40,6 +43,7 @@ from google.protobuf.message import DecodeError
 from epserve.services.cluster.expert_batch import ExpertBatch, to_request
 from epserve.services.cluster.expert_channel import ExpertShardError, TransportStats
 from epserve.services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
+from epserve.services.cluster import nixl_transport
 from epserve.services.cluster.local_transport import LocalChannel
 from epserve.services.cluster.registry import ServiceInfo
 from epserve.services.cluster.tensor_codec import from_proto
@@ -68,20 +72,28 @@ class ShardEndpoint:
     address: str                     # host:port of its gRPC server
     local: str | None = None         # name of its local-transport socket (abstract namespace)
     host: str | None = None          # host_id() of its machine
+    nixl: str | None = None          # host:port of its nixl transport's control connection
 
     @classmethod
     def from_service(cls, service: ServiceInfo) -> "ShardEndpoint":
-        return cls(service.address, service.info.get("local_endpoint"), service.info.get("host"))
+        info = service.info
+        return cls(service.address, info.get("local_endpoint"), info.get("host"), info.get("nixl_endpoint"))
 
     def kind(self, mode: str) -> str:
-        """The channel kind ``mode`` gives for this shard: "grpc" or "local"."""
-        reachable = self.local is not None and self.host == host_id()
-        if mode == "local" and not reachable:
-            raise ValueError(f"--transport local: expert shard at {self.address} has no local endpoint on this "
-                             f"host (its host: {self.host}, this one: {host_id()})")
+        """The channel kind ``mode`` gives for this shard: "grpc", "local" or "nixl"."""
         if mode not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {mode!r}")
-        return "local" if mode == "local" or (mode == "auto" and reachable) else "grpc"
+        local = self.local is not None and self.host == host_id()
+        nixl = self.nixl is not None and nixl_transport.available()
+        if mode == "local" and not local:
+            raise ValueError(f"--transport local: expert shard at {self.address} has no local endpoint on this "
+                             f"host (its host: {self.host}, this one: {host_id()})")
+        if mode == "nixl" and not nixl:
+            raise ValueError(f"--transport nixl: expert shard at {self.address} has no nixl endpoint, or NIXL "
+                             f"(the nixl-cu12 package) is not installed here")
+        if mode == "auto":
+            return "local" if local else "nixl" if nixl else "grpc"
+        return mode
 
 
 class GrpcChannel:
@@ -177,8 +189,9 @@ class ExpertTransport:
     """A channel per shard in ``endpoints`` (shard id -> ShardEndpoint), of the kind ``mode`` gives.
 
     ``resolve`` (shard id -> its current endpoint, or None) lets a send to a shard whose channel
-    broke open a new one to wherever the shard is now. Local channels get ``local_slot_bytes``
-    per slot: a batch that needs more is refused (``ValueError``) before anything is sent.
+    broke open a new one to wherever the shard is now. Local and nixl channels get
+    ``local_slot_bytes`` per slot: a batch that needs more is refused (``ValueError``) before
+    anything is sent; so is a gRPC message over ``max_message_bytes``.
     """
 
     def __init__(self, endpoints: dict[int, ShardEndpoint], *, mode: str = "auto", local_slot_bytes: int = 8 << 20,
@@ -194,8 +207,11 @@ class ExpertTransport:
         return self.endpoints[shard].kind(self.mode)
 
     def _open(self, shard: int, endpoint: ShardEndpoint):
-        if endpoint.kind(self.mode) == "local":
+        kind = endpoint.kind(self.mode)
+        if kind == "local":
             return LocalChannel(shard, endpoint.local, self._local_slot_bytes, self.stats)
+        if kind == "nixl":
+            return nixl_transport.NixlChannel(shard, endpoint.nixl, self._local_slot_bytes, self.stats)
         return GrpcChannel(shard, endpoint.address, self._max_message_bytes, self.stats)
 
     def send(self, shard: int, batch: ExpertBatch) -> Future:

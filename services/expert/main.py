@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from epserve.services.cluster.grpc_server import start_grpc_server
+from epserve.services.cluster import nixl_transport
 from epserve.services.cluster.local_transport import LocalExpertServer
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.state import LoadStats
@@ -32,15 +33,21 @@ def run(config: ExpertConfig) -> int:
                         flush_interval_s=config.flush_interval)
     server = start_grpc_server(lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(shard, s),
                                [SERVICE_NAME], address=f"{config.host}:{config.port}")
-    local = LocalExpertServer(shard.serve, f"expert shard {config.shard_id}")
+    label = f"expert shard {config.shard_id}"
+    data_servers = [LocalExpertServer(shard.serve, label)]
+    endpoints = {"local_endpoint": data_servers[0].name, "host": host_id()}
+    if nixl_transport.available():
+        data_servers.append(nixl_transport.NixlExpertServer(shard.serve, label, config.host, config.advertise_host))
+        endpoints["nixl_endpoint"] = data_servers[-1].name
     heartbeat = Registry(client, keys).register(
         "expert", str(config.shard_id), config.advertised(server.port),
         {"shard_id": config.shard_id, "placement_version": placement.version,
-         "slots_per_shard": placement.slots_per_shard, "local_endpoint": local.name, "host": host_id()})
+         "slots_per_shard": placement.slots_per_shard, **endpoints})
     log.info("expert shard %d serving on %s (placement v%d)", config.shard_id, server.address, placement.version)
     stop.wait()
     heartbeat.stop()
-    local.close()
+    for data_server in data_servers:
+        data_server.close()
     server.stop(grace=5)
     shard.close()
     return 0

@@ -1,4 +1,4 @@
-"""One conformance suite for every expert transport that runs on the CPU (grpc, local).
+"""One conformance suite for every expert transport that runs on the CPU (grpc, local, nixl).
 
 Expert shards run as separately started ``epserve serve expert`` processes against a real Redis;
 this process is the attention side. Every transport must give exactly the same outputs (the same
@@ -17,6 +17,7 @@ import pytest
 import redis
 import torch
 
+from epserve.services.cluster import nixl_transport
 from epserve.services.cluster.expert_batch import ExpertBatch
 from epserve.services.cluster.keys import Keys
 from epserve.services.cluster.registry import Registry
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.integration
 
 MODEL = "groups_yarn"                      # 32 experts, top-6, MoE layers 1 and 2, hidden 64
 SHARDS, REDUNDANT = 2, 2
-TRANSPORTS = ("grpc", "local")
+TRANSPORTS = ("grpc", "local", pytest.param("nixl", marks=pytest.mark.skipif(
+    not nixl_transport.available(), reason="NIXL (nixl-cu12) is not installed")))
 WAIT_S = 60
 
 
@@ -143,13 +145,14 @@ def test_every_layer_and_micro_batch_matches_the_in_process_shard(shards, placem
 def test_every_transport_gives_the_same_bits(shards, placement, config):
     work = every_layer_two_micro_batches(placement, config)
     outputs = {}
-    for mode in TRANSPORTS:
+    for mode in ("grpc", "local", "nixl") if nixl_transport.available() else ("grpc", "local"):
         transport = make_transport(shards, mode)
         try:
             outputs[mode] = [transport.send(shard, batch).result(timeout=WAIT_S) for shard, batch in work]
         finally:
             transport.close()
-    assert all(torch.equal(a, b) for a, b in zip(outputs["grpc"], outputs["local"]))
+    first, *others = outputs.values()
+    assert all(torch.equal(a, b) for other in others for a, b in zip(first, other))
 
 
 @pytest.mark.parametrize("mode", TRANSPORTS)

@@ -21,6 +21,7 @@ import redis
 import torch
 from epserve_client import Client, InvalidArgument
 
+from epserve.services.cluster import nixl_transport
 from epserve.services.cluster.keys import Keys
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.requests import RequestStore
@@ -111,6 +112,16 @@ def generate_all(endpoint: str) -> list[list[int]]:
 def test_one_replica_two_shards_two_redundant_matches_single_process(cluster, expected):
     assert generate_all(cluster.endpoint) == expected
     assert [r.info["expert_transport"] for r in cluster.registry.live("attention")] == ["local"]   # auto, one host
+
+
+@pytest.mark.skipif(not nixl_transport.available(), reason="NIXL (nixl-cu12) is not installed")
+def test_nixl_cluster_matches_single_process(model_dir, expected):
+    up = UpCluster(model_dir, attention=1, shards=2, redundant=1, transport="nixl")
+    try:
+        assert generate_all(up.endpoint) == expected
+        assert [r.info["expert_transport"] for r in up.registry.live("attention")] == ["nixl"]
+    finally:
+        up.stop()
 
 
 def test_two_replicas_three_shards_match_single_process(model_dir, expected):
