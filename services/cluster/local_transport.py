@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import queue
@@ -34,6 +35,7 @@ from typing import Callable
 import grpc
 import torch
 
+from epserve.kernels.fp8 import FP8_BLOCK
 from epserve.services.cluster.expert_batch import BadBatch, ExpertBatch
 from epserve.services.cluster.expert_channel import ExpertShardError, TransportStats
 from epserve.services.cluster.tensor_codec import DTYPES
@@ -51,10 +53,8 @@ _ALIGN = 64
 
 
 def _region(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return -(-numel * dtype.itemsize // _ALIGN) * _ALIGN
+    """Bytes a tensor takes in a slot: its data, rounded up so that the next one starts aligned."""
+    return -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
 
 
 def _layout(rows: int, hidden: int, top_k: int, groups: int, dtype: torch.dtype, scales: bool):
@@ -70,20 +70,14 @@ def _layout(rows: int, hidden: int, top_k: int, groups: int, dtype: torch.dtype,
 
 def slot_bytes_for(tokens: int, hidden: int, top_k: int) -> int:
     """Slot size for batches of up to ``tokens`` rows (float32 hidden and output: the widest)."""
-    groups = -(-hidden // 128)
+    groups = -(-hidden // FP8_BLOCK)
     return max(_layout(tokens, hidden, top_k, groups, torch.float32, True)[1], _region((tokens, hidden), torch.float32))
 
 
 def _view(buffer: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The ``shape`` ``dtype`` tensor at byte ``offset`` of a slot buffer (a view: no copy)."""
     nbytes = _region(shape, dtype)
-    return buffer[offset:offset + nbytes].view(dtype)[:_numel(shape)].view(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return buffer[offset:offset + nbytes].view(dtype)[:math.prod(shape)].view(shape)
 
 
 class LocalChannel:
