@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from epserve.services.generate_cmd import add_generate_parser
+from epserve.services.placement_cmd import add_placement_parser
 from epserve.services.serve_cmd import add_serve_parser
 from epserve.services.up_cmd import add_up_parser
 from epserve.services.usage import UsageError
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     add_up_parser(commands)
     add_serve_parser(commands)
+    add_placement_parser(commands)
     add_loadtest_parser(commands)
     return parser
 

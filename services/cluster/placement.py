@@ -3,8 +3,7 @@
 Every shard holds ``slots_per_shard`` physical slots in every MoE layer. ``E + R`` slots are used:
 each logical expert once, plus R redundant copies of the hottest experts (by expected load), never
 two copies of one expert on the same shard; surplus slots (when S does not divide E + R) are empty.
-Copies are packed so that the expected load per shard is balanced (largest first, onto the least
-loaded shard that can take it). Top-k ids are remapped logical -> physical right after the gate,
+``planner.plan`` decides which (balanced expected load per shard). Top-k ids are remapped logical -> physical right after the gate,
 spreading a replicated expert's tokens over its copies.
 """
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-EMPTY = -1
+from epserve.services.cluster.planner import EMPTY, plan
 
 
 @dataclass(frozen=True)
@@ -90,41 +89,16 @@ class Placement:
 
 
 def build_placement(num_experts: int, num_shards: int, redundant: int, moe_layers: Sequence[int],
-                    load: torch.Tensor | None = None, version: int = 1) -> Placement:
-    """Place E experts + ``redundant`` hot copies on ``num_shards`` shards for every MoE layer.
-
-    ``load [rows, E]`` is the expected tokens per logical expert (None: uniform).
-    """
+                    load: torch.Tensor | None = None, version: int = 1,
+                    capacity: torch.Tensor | None = None) -> Placement:
+    """Place E experts + ``redundant`` hot copies on ``num_shards`` shards for every MoE layer
+    (``planner.plan``). ``load [rows, E]`` is the expected tokens per logical expert (None: uniform);
+    ``capacity [S]`` the shards' relative speeds (None: equal)."""
     if num_shards < 1:
         raise ValueError(f"expert shards must be >= 1, got {num_shards}")
-    if not 0 <= redundant <= num_experts * (num_shards - 1):
-        raise ValueError(f"redundant experts must be in [0, {num_experts * (num_shards - 1)}] "
-                         f"(at most one copy of an expert per shard), got {redundant}")
     rows = len(moe_layers)
-    load = torch.ones(rows, num_experts) if load is None else load.double().clamp(min=0) + 1e-9
+    load = torch.ones(rows, num_experts, dtype=torch.float64) if load is None else load
     if load.shape != (rows, num_experts):
         raise ValueError(f"load must be [{rows}, {num_experts}], got {tuple(load.shape)}")
-    slots_per_shard = -(-(num_experts + redundant) // num_shards)
-    p2l = torch.stack([_place_row(load[r], num_shards, redundant, slots_per_shard) for r in range(rows)])
-    return Placement(version, num_experts, num_shards, slots_per_shard, tuple(moe_layers), p2l)
-
-
-def _place_row(load: torch.Tensor, shards: int, redundant: int, slots_per_shard: int) -> torch.Tensor:
-    experts = load.numel()
-    copies = [1] * experts
-    for _ in range(redundant):          # each extra copy goes to the expert with the most load per copy
-        expert = max((e for e in range(experts) if copies[e] < shards), key=lambda e: (load[e] / copies[e], -e))
-        copies[expert] += 1
-    items = sorted(((float(load[e]) / copies[e], e) for e in range(experts) for _ in range(copies[e])),
-                   key=lambda item: (-item[0], item[1]))
-    shard_load, shard_experts = [0.0] * shards, [[] for _ in range(shards)]
-    for item_load, expert in items:
-        shard = min((s for s in range(shards)
-                     if len(shard_experts[s]) < slots_per_shard and expert not in shard_experts[s]),
-                    key=lambda s: (shard_load[s], s))
-        shard_load[shard] += item_load
-        shard_experts[shard].append(expert)
-    row = []
-    for members in shard_experts:
-        row += sorted(members) + [EMPTY] * (slots_per_shard - len(members))
-    return torch.tensor(row, dtype=torch.int64)
+    members = plan(load, num_shards, redundant, capacity)                         # [rows, S, slots]
+    return Placement(version, num_experts, num_shards, members.shape[2], tuple(moe_layers), members.view(rows, -1))

@@ -1,0 +1,93 @@
+"""The placement planner: a pure function from expert loads to every shard's experts, and its command."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from epserve.services.cluster.planner import EMPTY, balancedness, plan, replicate, shard_times
+
+pytestmark = pytest.mark.unit
+
+
+def zipf(layers: int, experts: int, exponent: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 1e6 / (torch.stack([torch.randperm(experts, generator=g) for _ in range(layers)]) + 1).double() ** exponent
+
+
+CASES = [  # layers, experts, shards, redundant, exponent
+    (4, 32, 3, 4, 1.0), (6, 64, 8, 8, 1.2), (3, 16, 5, 0, 0.8), (2, 16, 4, 48, 1.0), (58, 256, 72, 32, 1.0)]
+
+
+@pytest.mark.parametrize("layers,experts,shards,redundant,exponent", CASES)
+def test_every_expert_in_every_layer_and_no_two_copies_on_a_shard(layers, experts, shards, redundant, exponent):
+    members = plan(zipf(layers, experts, exponent), shards, redundant)
+    assert members.shape == (layers, shards, -(-(experts + redundant) // shards))
+    for layer in members.tolist():
+        placed = [e for shard in layer for e in shard if e != EMPTY]
+        assert sorted(set(placed)) == list(range(experts)) and len(placed) == experts + redundant
+        for shard in layer:
+            real = [e for e in shard if e != EMPTY]
+            assert len(real) == len(set(real)), "two copies of one expert on one shard"
+
+
+@pytest.mark.parametrize("layers,experts,shards,redundant,exponent", CASES)
+def test_never_less_balanced_than_without_redundancy_and_deterministic(layers, experts, shards, redundant, exponent):
+    load = zipf(layers, experts, exponent, seed=3)
+    members = plan(load, shards, redundant)
+    assert balancedness(load, members) >= balancedness(load, plan(load, shards, 0)) - 1e-12
+    assert torch.equal(members, plan(load.clone(), shards, redundant))
+
+
+def test_hot_experts_get_the_copies_and_a_uniform_load_is_perfectly_balanced():
+    load = torch.ones(1, 8, dtype=torch.float64)
+    load[0, 0], load[0, 7] = 10.0, 5.0
+    assert replicate(load, 2, 2)[0].tolist() == [2, 1, 1, 1, 1, 1, 1, 2]
+    assert balancedness(torch.ones(3, 32), plan(torch.ones(3, 32), 4, 0)) == pytest.approx(1.0)
+
+
+def test_slow_shards_get_less_load_and_the_coldest_experts():
+    load, capacity = zipf(8, 64, 1.0, seed=5), torch.tensor([0.5, 0.5, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    members = plan(load, 6, 8, capacity)
+    time_ = shard_times(load, members, capacity)
+    assert (time_.max(dim=1).values / time_.mean(dim=1)).max() < 1.05          # balanced in time
+    shard_load = shard_times(load, members)                                      # tokens
+    assert (shard_load[:, :2].mean(dim=1) < 0.6 * shard_load[:, 2:].mean(dim=1)).all()
+    hottest = load.argmax(dim=1)
+    assert not any(int(h) in members[l, :2].tolist() for l, h in enumerate(hottest))
+    assert balancedness(load, members, capacity) > balancedness(load, plan(load, 6, 8), capacity)
+
+
+def test_bad_arguments_name_what_is_wrong():
+    with pytest.raises(ValueError, match="redundant"):
+        plan(torch.ones(1, 16), 1, 1)
+    with pytest.raises(ValueError, match="capacity"):
+        plan(torch.ones(1, 16), 2, 0, torch.tensor([1.0, 0.0]))
+
+
+def test_v3_shape_plans_quickly():
+    """58 layers x 256 experts, 72 shards, 32 redundant: a figure for the record, not a timed assertion
+    (bench_placement measures it); only a bound against a planner gone quadratic."""
+    start = time.perf_counter()
+    plan(zipf(58, 256, 1.0), 72, 32)
+    assert time.perf_counter() - start < 30
+
+
+def test_the_command_writes_the_plan(tmp_path):
+    load = zipf(3, 16, 1.0).tolist()
+    (tmp_path / "load.json").write_text(json.dumps({"load": load}))
+    out = subprocess.run([sys.executable, "-m", "epserve.services.cli", "placement", "plan", "--load",
+                          str(tmp_path / "load.json"), "--shards", "4", "--redundant", "4", "--out",
+                          str(tmp_path / "plan.json")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "plan.json").read_text())
+    expected = plan(torch.tensor(load, dtype=torch.float64), 4, 4)
+    assert result["layers"] == [[[e for e in shard if e >= 0] for shard in layer] for layer in expected.tolist()]
+    assert result["balancedness"] == pytest.approx(balancedness(torch.tensor(load, dtype=torch.float64), expected), abs=1e-6)
+    assert result["balancedness"] >= result["balancedness_without_redundancy"]
+    bad = subprocess.run([sys.executable, "-m", "epserve.services.cli", "placement", "plan", "--load",
+                          str(tmp_path / "missing.json"), "--shards", "4", "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--load" in bad.stderr and "Traceback" not in bad.stderr
