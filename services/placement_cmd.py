@@ -1,6 +1,10 @@
-"""``epserve placement plan``: a placement from expert loads, offline (the planner as a command).
+"""``epserve placement plan|show``: the planner as a command, and how balanced a running cluster is.
 
     epserve placement plan --load LOAD.json --shards S --redundant R [--capacity C0,C1,...] --out PLAN.json
+    epserve placement show (--state-file PATH | --redis URL --cluster NAME) [--json]
+
+``show`` reads the cluster's current placement and the expert load its shards counted (Redis) and
+prints, per MoE layer, the balancedness now and what a re-plan with the same shards and slots gives.
 
 ``LOAD.json``: ``{"load": [[tokens per logical expert] per MoE layer]}``. ``PLAN.json``:
 ``{"layers": [[[logical expert ids on shard 0], [... shard 1], ...] per layer], "balancedness": x,
@@ -13,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from epserve.services.config import ServiceConfig
+from epserve.services.up_state import read_up_state
 from epserve.services.usage import UsageError
 
 
@@ -27,6 +33,51 @@ def add_placement_parser(commands) -> None:
     p.add_argument("--capacity", default=None, help="relative speed of each shard, comma-separated (default: equal)")
     p.add_argument("--out", type=Path, required=True, help="where to write PLAN.json")
     p.set_defaults(handler=run_plan)
+    show = tools.add_parser("show", help="balancedness of a running cluster's placement, and of a re-plan",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = show.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-file", type=Path, help="an `epserve up --state-file` (its Redis and cluster)")
+    where.add_argument("--redis", help="Redis URL of the cluster")
+    show.add_argument("--cluster", default=ServiceConfig.cluster, help="with --redis: the cluster name")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(handler=run_show)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    import redis
+
+    from epserve.services.cluster.keys import Keys
+    from epserve.services.cluster.planner import layer_balancedness, plan
+    from epserve.services.cluster.state import LoadStats, PlacementStore
+
+    url, cluster = args.redis, args.cluster
+    if args.state_file:
+        state = read_up_state(args.state_file)
+        url, cluster = state["redis_url"], state["cluster"]
+    client, keys = redis.Redis.from_url(url), Keys(cluster)
+    placement = PlacementStore(client, keys).current()
+    if placement is None:
+        raise UsageError(f"cluster {cluster!r} has no placement in Redis yet")
+    load = LoadStats(client, keys).logical_load(placement.moe_layers, placement.num_experts)
+    if load is None:
+        raise UsageError(f"cluster {cluster!r}: no expert load counted yet (send some requests first)")
+    rows, shards = len(placement.moe_layers), placement.num_shards
+    members = placement.physical_to_logical.view(rows, shards, placement.slots_per_shard)
+    redundant = int((members >= 0).sum(dim=(1, 2))[0]) - placement.num_experts
+    now, replan = (layer_balancedness(load, m).tolist() for m in (members, plan(load, shards, redundant)))
+    report = {"placement_version": placement.version, "shards": shards, "redundant": redundant,
+              "layers": [{"layer": layer, "tokens": int(load[i].sum()), "balancedness": round(now[i], 6),
+                          "after_replan": round(replan[i], 6)} for i, layer in enumerate(placement.moe_layers)],
+              "balancedness": round(sum(now) / rows, 6), "after_replan": round(sum(replan) / rows, 6)}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"placement v{placement.version}: {shards} shards, {redundant} redundant; balancedness (mean / max "
+          f"shard load) now {report['balancedness']:.4f}, after a re-plan {report['after_replan']:.4f}")
+    print(f"{'layer':>6} {'tokens':>10} {'now':>7} {'re-plan':>8}")
+    for row in report["layers"]:
+        print(f"{row['layer']:>6} {row['tokens']:>10} {row['balancedness']:>7.4f} {row['after_replan']:>8.4f}")
+    return 0
 
 
 def run_plan(args: argparse.Namespace) -> int:

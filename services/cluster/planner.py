@@ -154,7 +154,12 @@ def shard_times(load: torch.Tensor, members: torch.Tensor, capacity: torch.Tenso
     return shard_load / (torch.ones(shards, dtype=torch.float64) if capacity is None else capacity.double())
 
 
-def balancedness(load: torch.Tensor, members: torch.Tensor, capacity: torch.Tensor | None = None) -> float:
-    """Mean over layers of mean shard time / max shard time (1 = perfectly balanced)."""
+def layer_balancedness(load: torch.Tensor, members: torch.Tensor, capacity: torch.Tensor | None = None) -> torch.Tensor:
+    """Per layer [L]: mean shard time / max shard time (1 = perfectly balanced)."""
     time = shard_times(load, members, capacity)
-    return float((time.mean(dim=1) / time.max(dim=1).values.clamp(min=1e-12)).mean())
+    return time.mean(dim=1) / time.max(dim=1).values.clamp(min=1e-12)
+
+
+def balancedness(load: torch.Tensor, members: torch.Tensor, capacity: torch.Tensor | None = None) -> float:
+    """The mean over layers of ``layer_balancedness``."""
+    return float(layer_balancedness(load, members, capacity).mean())

@@ -91,3 +91,34 @@ def test_the_command_writes_the_plan(tmp_path):
                           str(tmp_path / "missing.json"), "--shards", "4", "--out", str(tmp_path / "x.json")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--load" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.integration
+def test_show_reports_the_running_placement_and_a_better_replan(redis_server, redis_client, cluster_keys):
+    from epserve.services.cluster.placement import build_placement
+    from epserve.services.cluster.state import LoadStats, PlacementStore
+
+    layers, experts, shards = [1, 2], 16, 4
+    placement = PlacementStore(redis_client, cluster_keys).publish(build_placement(experts, shards, 4, layers))
+    skewed = torch.ones(2, experts, dtype=torch.float64)
+    skewed[:, 3], skewed[1, 9] = 400.0, 250.0                                  # hot experts the plan did not expect
+    stats = LoadStats(redis_client, cluster_keys)
+    for shard in range(shards):                                               # what each shard's slots served
+        counts = torch.zeros(2, placement.slots_per_shard, dtype=torch.int64)
+        for row in range(2):
+            for local, expert in enumerate(placement.local_experts(layers[row], shard)):
+                if expert >= 0:
+                    counts[row, local] = int(skewed[row, expert] / placement.replica_counts[row, expert])
+        stats.flush(shard, placement, counts)
+    out = subprocess.run([sys.executable, "-m", "epserve.services.cli", "placement", "show", "--redis",
+                          redis_server.url, "--cluster", cluster_keys.cluster, "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    load = LoadStats(redis_client, cluster_keys).logical_load(layers, experts)
+    members = placement.physical_to_logical.view(2, shards, -1)
+    assert report["placement_version"] == placement.version and report["redundant"] == 4
+    assert [r["layer"] for r in report["layers"]] == layers
+    assert report["balancedness"] == pytest.approx(balancedness(load, members), abs=1e-6)
+    assert report["after_replan"] == pytest.approx(balancedness(load, plan(load, shards, 4)), abs=1e-6)
+    assert report["after_replan"] > report["balancedness"]
