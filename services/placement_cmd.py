@@ -1,7 +1,7 @@
 """``epserve placement plan|show``: the planner as a command, and how balanced a running cluster is.
 
     epserve placement plan --load LOAD.json --shards S --redundant R [--capacity C0,C1,...] --out PLAN.json
-    epserve placement show (--state-file PATH | --redis URL --cluster NAME) [--json]
+    epserve placement show (--state-file PATH | --redis URL --cluster NAME) [--window SECONDS] [--json]
 
 ``show`` reads the cluster's current placement and the expert load its shards counted (Redis) and
 prints, per MoE layer, the balancedness now and what a re-plan with the same shards and slots gives.
@@ -39,6 +39,8 @@ def add_placement_parser(commands) -> None:
     where.add_argument("--state-file", type=Path, help="an `epserve up --state-file` (its Redis and cluster)")
     where.add_argument("--redis", help="Redis URL of the cluster")
     show.add_argument("--cluster", default=ServiceConfig.cluster, help="with --redis: the cluster name")
+    show.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                      help="load of the last SECONDS only (whole minutes; up to an hour; default: since the start)")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(handler=run_show)
 
@@ -58,7 +60,7 @@ def run_show(args: argparse.Namespace) -> int:
     placement = PlacementStore(client, keys).current()
     if placement is None:
         raise UsageError(f"cluster {cluster!r} has no placement in Redis yet")
-    load = LoadStats(client, keys).logical_load(placement.moe_layers, placement.num_experts)
+    load = LoadStats(client, keys).logical_load(placement.moe_layers, placement.num_experts, args.window)
     if load is None:
         raise UsageError(f"cluster {cluster!r}: no expert load counted yet (send some requests first)")
     rows, shards = len(placement.moe_layers), placement.num_shards

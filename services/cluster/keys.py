@@ -10,7 +10,9 @@ All keys live under ``epserve:{cluster}:``. What each holds:
 - ``placement:{version}`` string (JSON placement); ``placement:current`` its version;
   ``placement:next`` the version counter; ``placement:lock`` string with TTL, held by the one
   starting service that builds and publishes a placement when none current fits.
-- ``load:{moe_layer}`` hash logical expert -> tokens routed (placement input);
+- ``load:{moe_layer}`` hash logical expert -> tokens routed (placement input), since the start;
+  ``load:{moe_layer}:{bucket}`` the same for one time bucket (``LoadStats.BUCKET_S`` seconds; the
+  sliding window sums the last ones), expiring after ``LoadStats.KEEP_BUCKETS`` buckets;
   ``slot_load:{shard}`` hash ``"{moe_layer}:{slot}"`` -> tokens served by that physical slot.
 - ``balancer:lease`` string with TTL: the balancer leader's id.
 """
@@ -60,6 +62,9 @@ class Keys:
 
     def expert_load(self, moe_layer: int) -> str:
         return f"{self.prefix}:load:{moe_layer}"
+
+    def expert_load_bucket(self, moe_layer: int, bucket: int) -> str:
+        return f"{self.prefix}:load:{moe_layer}:{bucket}"
 
     def slot_load(self, shard: int) -> str:
         return f"{self.prefix}:slot_load:{shard}"

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import collections
 import json
 import time
 import uuid
@@ -130,18 +131,24 @@ def read_load_profile(path: str | Path, moe_layers: Sequence[int], num_experts: 
 
 # ---- expert load ---------------------------------------------------------------------------------
 class LoadStats:
-    """Token counters: per physical slot (what each copy served) and per logical expert (placement input)."""
+    """Token counters: per physical slot (what each copy served) and per logical expert (placement input),
+    the latter also per time bucket, so that a sliding window of recent load can be read."""
+
+    BUCKET_S = 60                    # seconds per load bucket
+    KEEP_BUCKETS = 60                # buckets kept (an hour): the longest window
 
     def __init__(self, client: redis.Redis, keys: Keys):
         self.client, self.keys = client, keys
 
-    def flush(self, shard: int, placement: Placement, counts: torch.Tensor) -> None:
-        """Add ``counts [len(moe_layers), slots_per_shard]`` int64 (tokens per local slot) in one pipeline."""
+    def flush(self, shard: int, placement: Placement, counts: torch.Tensor, now: float | None = None) -> None:
+        """Add ``counts [len(moe_layers), slots_per_shard]`` int64 (tokens per local slot) in one pipeline,
+        into the totals and into the bucket of ``now`` (default: the time)."""
         rows, slots = len(placement.moe_layers), placement.slots_per_shard
         if tuple(counts.shape) != (rows, slots):
             raise ValueError(f"counts must be [{rows}, {slots}], got {tuple(counts.shape)}")
         first = shard * slots
         experts = placement.physical_to_logical[:, first:first + slots]                 # [rows, slots]
+        bucket = self._bucket(now)
         pipe = self.client.pipeline()
         for row, local in (counts != 0).nonzero().tolist():
             expert = int(experts[row, local])
@@ -150,17 +157,36 @@ class LoadStats:
             layer, tokens = placement.moe_layers[row], int(counts[row, local])
             pipe.hincrby(self.keys.slot_load(shard), f"{layer}:{first + local}", tokens)
             pipe.hincrby(self.keys.expert_load(layer), str(expert), tokens)
+            pipe.hincrby(self.keys.expert_load_bucket(layer, bucket), str(expert), tokens)
+            pipe.expire(self.keys.expert_load_bucket(layer, bucket), self.BUCKET_S * (self.KEEP_BUCKETS + 1))
         if len(pipe):
             pipe.execute()
 
-    def logical_load(self, moe_layers: Sequence[int], num_experts: int) -> torch.Tensor | None:
-        """Tokens per logical expert [len(moe_layers), E] float64; None when nothing was counted."""
+    def _bucket(self, now: float | None) -> int:
+        return int((time.time() if now is None else now) // self.BUCKET_S)
+
+    def logical_load(self, moe_layers: Sequence[int], num_experts: int, window_s: float | None = None,
+                     now: float | None = None) -> torch.Tensor | None:
+        """Tokens per logical expert [len(moe_layers), E] float64 since the start, or over the last
+        ``window_s`` seconds (whole buckets, the current one included); None when nothing was counted."""
+        if window_s is None:
+            keys = [[self.keys.expert_load(layer)] for layer in moe_layers]
+        else:
+            last = self._bucket(now)
+            count = min(self.KEEP_BUCKETS, max(1, -(-int(window_s) // self.BUCKET_S)))
+            keys = [[self.keys.expert_load_bucket(layer, b) for b in range(last - count + 1, last + 1)]
+                    for layer in moe_layers]
         pipe = self.client.pipeline(transaction=False)
-        for layer in moe_layers:
-            pipe.hgetall(self.keys.expert_load(layer))
+        for layer_keys in keys:
+            for key in layer_keys:
+                pipe.hgetall(key)
+        replies = iter(pipe.execute())
         load = torch.zeros(len(moe_layers), num_experts, dtype=torch.float64)
         seen = False
-        for row, fields in enumerate(pipe.execute()):
+        for row, layer_keys in enumerate(keys):
+            fields = collections.Counter()
+            for _ in layer_keys:
+                fields.update({expert: int(tokens) for expert, tokens in next(replies).items()})
             for expert, tokens in fields.items():
                 expert = int(expert)
                 if 0 <= expert < num_experts:          # ids from another model shape are ignored

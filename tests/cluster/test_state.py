@@ -219,3 +219,20 @@ def test_ended_requests_expire_and_stay_ended(redis_client, cluster_keys):
     assert not requests.set_state("cancelled", "running", owner="attention-1")    # an ended request stays ended
     assert requests.append_tokens({"cancelled": [9], "done": [9]}) == ["cancelled", "done"]
     assert requests.get("cancelled").state == "aborted" and requests.tokens("cancelled") == [7, 8]
+
+
+def test_logical_load_over_a_sliding_window(redis_client, cluster_keys):
+    placement = build_placement(4, 1, 0, [1])
+    stats = LoadStats(redis_client, cluster_keys)
+    slots = placement.slots_per_shard
+    old, recent = torch.zeros(1, slots, dtype=torch.int64), torch.zeros(1, slots, dtype=torch.int64)
+    old[0, 0], recent[0, 1] = 100, 7                       # slot i holds expert i (one shard, no copies)
+    t = 1_000_000.0
+    stats.flush(0, placement, old, now=t - 10 * LoadStats.BUCKET_S)
+    stats.flush(0, placement, recent, now=t)
+    assert stats.logical_load([1], 4).tolist() == [[100.0, 7.0, 0.0, 0.0]]                 # since the start
+    assert stats.logical_load([1], 4, window_s=120, now=t).tolist() == [[0.0, 7.0, 0.0, 0.0]]
+    assert stats.logical_load([1], 4, window_s=11 * LoadStats.BUCKET_S, now=t).tolist() == [[100.0, 7.0, 0.0, 0.0]]
+    assert stats.logical_load([1], 4, window_s=60, now=t + 3 * LoadStats.BUCKET_S) is None  # nothing lately
+    ttl = redis_client.ttl(cluster_keys.expert_load_bucket(1, int(t // LoadStats.BUCKET_S)))
+    assert 0 < ttl <= LoadStats.BUCKET_S * (LoadStats.KEEP_BUCKETS + 1)
