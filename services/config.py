@@ -71,6 +71,9 @@ class AttentionConfig(EngineConfig, ModelServiceConfig):
     wire_dtype: str = setting("model", choices=("model", "fp8"),
                               help="activations to expert shards in the model dtype, or FP8 with 1x128 scales")
     shard_wait: float = setting(300.0, low=0, help="seconds to wait for the expert shards")
+    step_retries: int = setting(16, low=0, help="a failed engine step (an expert shard gone) runs again after a "
+                                                "backoff (0.25 s, doubling, at most 2 s: 16 retries wait about "
+                                                "28 s in all); a request that was in more failed steps fails")
     drain_timeout: float = setting(30.0, low=0, help="on SIGTERM: seconds running requests get to finish")
 
     def engine(self) -> EngineConfig:

@@ -5,15 +5,20 @@ thread admits it, steps the engine while there is work, and delivers each reques
 request's queue. A courier thread does the handing over, so the loop thread goes on to the next
 step at once: after every step it passes the tokens of all requests to ``on_step`` together (the
 attention service appends them to Redis in one pipeline, so a token is logged before any client
-sees it), then puts each output in its request's queue, in step order. A step that fails (an expert
-shard went away) fails the requests of that step with the error and frees their KV; the loop keeps
-serving.
+sees it), then puts each output in its request's queue, in step order.
+
+A step that fails (an expert shard went away, say) changes nothing: a sequence's KV and tokens only
+advance when a step completes, and sampling is keyed by (seed, position). So the same step simply
+runs again, after a backoff (``BACKOFF_S``, doubling up to ``MAX_BACKOFF_S``) that gives a restarted
+shard time to register; a request that was running in more than ``step_retries`` failed steps fails
+with the error and frees its KV. Commands (submits, aborts) are served during the backoff.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -21,6 +26,9 @@ from epserve.services.engine.engine import LLMEngine, RequestOutput
 from epserve.services.engine.params import InvalidParam, SamplingParams
 
 log = logging.getLogger(__name__)
+
+BACKOFF_S = 0.25          # after the first failed step in a row; doubles with each
+MAX_BACKOFF_S = 2.0
 
 
 @dataclass
@@ -39,9 +47,14 @@ class Outputs(Protocol):
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[dict[str, list[int]]], None] | None = None):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[dict[str, list[int]]], None] | None = None,
+                 *, step_retries: int):
         self.engine = engine
         self.on_step = on_step
+        self.step_retries = step_retries
+        self._failed_steps: dict[str, int] = {}        # request id -> failed steps it was running in
+        self._failures_in_a_row = 0
+        self._retry_at = 0.0                           # monotonic time before which no step runs
         self._commands: queue.Queue = queue.Queue()
         self._outputs: dict[str, Outputs] = {}         # request id -> its outputs (courier writes)
         self._deliveries: queue.Queue = queue.Queue()  # (step tokens or None, [outputs or step errors])
@@ -95,8 +108,9 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stopped.is_set():
             idle = not self.engine.has_unfinished()
+            wait = 0.5 if idle else self._retry_at - time.monotonic()          # > 0: backing off
             try:
-                command = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
+                command = self._commands.get(timeout=wait) if wait > 0 else self._commands.get_nowait()
             except queue.Empty:
                 command = None
             while command is not None:
@@ -105,7 +119,7 @@ class EngineLoop:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
-            if self.engine.has_unfinished():
+            if self.engine.has_unfinished() and time.monotonic() >= self._retry_at:
                 self._step()
 
     def _apply(self, command: tuple) -> None:
@@ -123,18 +137,28 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as err:                          # noqa: BLE001 - fail the step's requests, keep serving
-            log.exception("engine step failed")
-            self._fail_all(f"engine step failed: {err}")
+        except Exception as err:                          # noqa: BLE001 - run it again, keep serving
+            self._step_failed(err)
             return
+        self._failures_in_a_row = 0
+        if self._failed_steps:
+            self._failed_steps = {r: n for r, n in self._failed_steps.items() if r in self.engine.requests}
         if outputs:
             tokens = {o.request_id: o.new_token_ids for o in outputs if o.new_token_ids}
             self._deliveries.put((tokens, outputs))
 
-    def _fail_all(self, message: str) -> None:
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-            self._deliver(StepError(request_id, message))
+    def _step_failed(self, err: Exception) -> None:
+        """Back off before the step runs again; fail the requests that were in too many failed steps."""
+        self._failures_in_a_row += 1
+        backoff = min(BACKOFF_S * 2 ** (self._failures_in_a_row - 1), MAX_BACKOFF_S)
+        self._retry_at = time.monotonic() + backoff
+        log.warning("engine step failed (%s); running it again in %.2f s", err, backoff,
+                    exc_info=self._failures_in_a_row == 1)
+        for seq in list(self.engine.scheduler.running):
+            failed = self._failed_steps[seq.request_id] = self._failed_steps.get(seq.request_id, 0) + 1
+            if failed > self.step_retries:
+                self.engine.abort(seq.request_id)
+                self._deliver(StepError(seq.request_id, f"engine step failed {failed} times: {err}"))
 
     def _deliver(self, item: RequestOutput | StepError) -> None:
         self._deliveries.put((None, [item]))

@@ -40,7 +40,8 @@ def run(config: AttentionConfig) -> int:
     device, dtype = device_and_dtype(config)
     engine = LLMEngine.from_path(resolve_model(config.model), config.engine(), dtype=dtype, device=device,
                                  backend=RemoteExperts(placement, transport, wire_dtype=config.wire_dtype))
-    loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens).start()
+    loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens,
+                      step_retries=config.step_retries).start()
     servicer = AttentionServicer(loop, config.replica_id, placement.version)
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}")
     kinds = "+".join(sorted({transport.kind(shard) for shard in transport.endpoints}))

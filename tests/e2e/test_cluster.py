@@ -248,6 +248,33 @@ def test_killed_expert_shard_is_restarted_and_the_cluster_serves_again(model_dir
         up.stop()
 
 
+def test_sigkill_of_an_expert_shard_mid_generation_loses_no_request(model_dir):
+    """16 concurrent greedy generations; shard 1 is killed while they run. The replica's failed steps run
+    again once `epserve up` has restarted the shard: every request completes with the single-process tokens."""
+    prompts, max_tokens = PROMPTS[:16], 160
+    engine = LLMEngine.from_path(model_dir, EngineConfig(block_size=16, num_kv_blocks=512, micro_batches=1),
+                                 dtype=torch.float32)
+    want = [s.output_ids for s in engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                          ignore_eos=True))]
+    up = UpCluster(model_dir, attention=1, shards=2, redundant=0)
+    try:
+        with Client(up.endpoint, timeout=120) as client, ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(lambda i=i, p=p: client.generate(
+                p, max_tokens=max_tokens, temperature=0, ignore_eos=True, request_id=f"kill-{i}").token_ids)
+                for i, p in enumerate(prompts)]
+            store = RequestStore(up.redis, up.registry.keys)
+            records = lambda: [store.get(f"kill-{i}") for i in range(len(prompts))]   # noqa: E731
+            wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60, "every generation under way",
+                       state=lambda: [r and r.emitted for r in records()])
+            os.kill(up.service_pid("expert", "1"), signal.SIGKILL)
+            assert not all(f.done() for f in futures)                  # killed mid-generation
+            got = [f.result(timeout=180) for f in futures]
+        assert got == want
+        assert find_service(read_up_state(up.state_file), "expert", "1")["restarts"] == 1
+    finally:
+        up.stop()
+
+
 def test_killed_attention_replica_fails_its_requests_and_the_cluster_serves_again(model_dir, expected):
     """The router's session to the replica breaks: its running request ends with an error naming
     the replica; `epserve up` restarts the replica and a new session serves the same tokens."""

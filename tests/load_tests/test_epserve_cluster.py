@@ -76,20 +76,32 @@ def test_open_loop_run_against_a_cluster_writes_the_result_file(up, tmp_path):
     assert "TTFT CDF" in report.read_text()
 
 
-def test_killing_an_expert_shard_is_reported(up, tmp_path):
+def fault_run(up, tmp_path, service: str) -> tuple[dict, dict]:
+    """The fault scenario against ``up``: 24 requests at 8 req/s, ``service`` SIGKILLed at 1.5 s."""
     pids_before = set(int(p) for p in os.listdir("/proc") if p.isdigit())
-    run("--endpoint", up.endpoint, "--request-rate", "8", "--num-prompts", "24", "--fault", "expert:1@1.5",
+    run("--endpoint", up.endpoint, "--request-rate", "8", "--num-prompts", "24", "--fault", f"{service}@1.5",
         "--recovery-bin", "0.5", "--up-state", str(up.state_file), "--request-timeout", "60", "--out-dir", str(tmp_path))
     (path,) = tmp_path.glob("*-fault-*.json")
     result = json.loads(path.read_text())
     fault = result["fault"]
-    assert fault["service"] == "expert:1" and fault["pid"] in pids_before
+    assert fault["service"] == service and fault["pid"] in pids_before
     assert fault["killed_at_s"] == pytest.approx(1.5, abs=0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(fault["pid"], 0)
-    assert fault["failed_requests"] == result["failed"] == sum(result["errors_by_status"].values()) > 0
-    assert fault["failed_after_fault"] == result["failed"]     # nothing failed before the kill
     assert result["completed"] + result["failed"] == 24
     assert len(fault["timeline"]["bin_start_s"]) == len(fault["timeline"]["output_tokens_per_s"])
     assert fault["baseline_output_tokens_per_s"] > 0
     assert "Throughput around the kill" in next(tmp_path.glob("*.html")).read_text()
+    return result, fault
+
+
+def test_killing_an_attention_replica_is_reported(up, tmp_path):
+    result, fault = fault_run(up, tmp_path, "attention:0")
+    assert fault["failed_requests"] == result["failed"] == sum(result["errors_by_status"].values()) > 0
+    assert fault["failed_after_fault"] == result["failed"]     # nothing failed before the kill
+
+
+def test_killing_an_expert_shard_loses_no_request(up, tmp_path):
+    """The replica runs its failed steps again once the shard is back (epserve up restarts it)."""
+    result, fault = fault_run(up, tmp_path, "expert:1")
+    assert fault["failed_requests"] == result["failed"] == 0 and result["completed"] == 24

@@ -1,0 +1,82 @@
+"""The attention replica's engine loop: a failed step runs again (same tokens), and gives up on a request
+only after ``step_retries`` failed steps."""
+import queue
+
+import pytest
+import torch
+
+from epserve.services.attention import engine_loop
+from epserve.services.attention.engine_loop import EngineLoop, StepError
+from epserve.services.engine.config import EngineConfig
+from epserve.services.engine.engine import LLMEngine
+from epserve.services.engine.params import SamplingParams
+from epserve.services.model.moe import ExpertBackend, LocalExperts
+from epserve.services.model.tiny import tiny_model_path
+
+pytestmark = pytest.mark.unit
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]]
+PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+class FlakyExperts(ExpertBackend):
+    """In-process experts whose dispatch raises on the calls numbered in ``failing`` (an expert shard gone)."""
+
+    def __init__(self, experts: LocalExperts, failing: set[int]):
+        self.experts, self.failing, self.calls = experts, failing, 0
+
+    def dispatch(self, layer, x, topk_weights, topk_ids):
+        self.calls += 1
+        if self.calls in self.failing:
+            raise ConnectionError(f"expert shard 1: the shard closed the connection (call {self.calls})")
+        return self.experts.dispatch(layer, x, topk_weights, topk_ids)
+
+    def combine(self, handle):
+        return self.experts.combine(handle)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
+    return [s.output_ids for s in engine.generate(PROMPTS, PARAMS)]
+
+
+def run(failing: set[int], step_retries: int, monkeypatch) -> tuple[dict, FlakyExperts]:
+    monkeypatch.setattr(engine_loop, "BACKOFF_S", 0.01)                  # keep the test quick
+    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
+    flaky = FlakyExperts(engine.model.model.layers[1].mlp.backend, failing)
+    for layer in engine.model.model.layers:
+        if hasattr(layer.mlp, "backend"):
+            layer.mlp.backend = flaky
+    loop = EngineLoop(engine, step_retries=step_retries).start()
+    outputs = {f"r{i}": queue.Queue() for i in range(len(PROMPTS))}
+    for (request_id, out), prompt in zip(outputs.items(), PROMPTS):
+        loop.submit(request_id, prompt, PARAMS, out)
+    results = {}
+    try:
+        for request_id, out in outputs.items():
+            tokens = []
+            while True:
+                item = out.get(timeout=60)
+                if isinstance(item, StepError):
+                    results[request_id] = item
+                    break
+                tokens += item.new_token_ids
+                if item.finished:
+                    results[request_id] = tokens
+                    break
+    finally:
+        loop.stop()
+    return results, flaky
+
+
+def test_failed_steps_run_again_and_give_the_same_tokens(reference, monkeypatch):
+    results, flaky = run({3, 4, 5, 20}, step_retries=8, monkeypatch=monkeypatch)  # 3 failed steps in a row, then 1
+    assert [results[f"r{i}"] for i in range(len(PROMPTS))] == reference
+    assert flaky.calls > 20
+
+
+def test_a_request_fails_after_too_many_failed_steps(monkeypatch):
+    results, _ = run(set(range(3, 10_000)), step_retries=2, monkeypatch=monkeypatch)    # the shard never returns
+    assert all(isinstance(r, StepError) for r in results.values())
+    assert all("engine step failed 3 times" in r.message and "expert shard 1" in r.message for r in results.values())
