@@ -18,13 +18,13 @@ from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.expert.shard import ExpertShard
 from epserve.services.model.checkpoint import CheckpointReader
 from epserve.services.model.config import ModelConfig
+from tests.cluster.conftest import MODEL
 from epserve.services.model.moe import LocalExperts
 from epserve.services.proto import expert_pb2, expert_pb2_grpc, tensor_pb2
 from tests.hf_models import PARITY_PROMPTS, greedy_with_logits
 
 pytestmark = pytest.mark.integration
 
-MODEL = "groups_yarn"                      # 32 experts, top-6, MoE layers 1 and 2, hidden 64
 SERVICE = "epserve.v1.ExpertService"
 NEW_TOKENS = 12
 PROMPTS = PARITY_PROMPTS
@@ -73,16 +73,6 @@ def grpc_transport(addresses: dict[int, str]):
         yield transport
     finally:
         transport.close()
-
-
-@pytest.fixture(scope="module")
-def path(hf_checkpoints):
-    return hf_checkpoints[MODEL]
-
-
-@pytest.fixture(scope="module")
-def config(path):
-    return ModelConfig.from_hf(path)
 
 
 @pytest.fixture(scope="module")

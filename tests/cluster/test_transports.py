@@ -25,12 +25,10 @@ from epserve.services.cluster.state import choose_placement
 from epserve.services.cluster.transport import ExpertShardError, ExpertTransport, ShardEndpoint
 from epserve.services.config import ExpertConfig, serve_command
 from epserve.services.expert.shard import ExpertShard
-from epserve.services.model.config import ModelConfig
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-MODEL = "groups_yarn"                      # 32 experts, top-6, MoE layers 1 and 2, hidden 64
 SHARDS, REDUNDANT = 2, 2
 TRANSPORTS = ("grpc", "local", pytest.param("nixl", marks=pytest.mark.skipif(
     not nixl_transport.available(), reason="NIXL (nixl-cu12) is not installed")))
@@ -73,16 +71,6 @@ class Shards:
             process.send_signal(signal.SIGTERM)
         for process in self.processes.values():
             process.wait(WAIT_S)
-
-
-@pytest.fixture(scope="module")
-def path(hf_checkpoints):
-    return hf_checkpoints[MODEL]
-
-
-@pytest.fixture(scope="module")
-def config(path):
-    return ModelConfig.from_hf(path)
 
 
 @pytest.fixture(scope="module")
