@@ -59,6 +59,9 @@ class RouterConfig(ServiceConfig):
         None, help="file of API keys, one per line: clients must send 'authorization: Bearer KEY'")
     tls_cert: str | None = setting(None, help="PEM certificate chain: serve TLS (with --tls-key)")
     tls_key: str | None = setting(None, help="PEM private key of --tls-cert")
+    resume_attempts: int = setting(8, low=0, help="times one request is resubmitted, with the tokens it has "
+                                                  "streamed, after its attention replica went away (0.25 s "
+                                                  "backoff doubling to 2 s: 8 attempts span about 10 s)")
 
 
 @dataclass(kw_only=True)

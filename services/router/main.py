@@ -34,7 +34,7 @@ def run(config: RouterConfig) -> int:
         model_name=config.model, tokenizer=tokenizer, admission=Admission(registry, max_queue=config.max_queue),
         limits=Limits(model.vocab_size, model.max_position_embeddings, config.max_request_bytes),
         requests=RequestStore(client, keys), placement_summary=lambda: current_summary(client, keys),
-        model_info=model_info)
+        model_info=model_info, resume_attempts=config.resume_attempts)
     interceptors = [ApiKeyInterceptor(read_api_keys(config.api_keys_file))] if config.api_keys_file else []
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}",
                                    max_message_bytes=2 * config.max_request_bytes, credentials=_tls_credentials(config),

@@ -37,10 +37,12 @@ _ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, *, model_name: str, tokenizer: Tokenizer, limits: Limits, admission: Admission,
-                 requests: RequestStore, placement_summary: Callable[[], dict | None], model_info: dict):
+                 requests: RequestStore, placement_summary: Callable[[], dict | None], model_info: dict,
+                 resume_attempts: int):
         self.model_name, self.tokenizer, self.limits = model_name, tokenizer, limits
         self.admission, self.requests, self.model_info = admission, requests, model_info
         self.placement_summary = placement_summary      # -> {"placement_version", "expert_shards"} or None
+        self.resume_attempts = resume_attempts          # resubmissions of one request after its replica went
         self.sessions = ReplicaSessions()
         # requests waiting in the admission queue each hold a thread; Redis calls need a few more
         self._pool = ThreadPoolExecutor(admission.max_queue + 16, thread_name_prefix="router-blocking")
@@ -68,11 +70,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
             self._record_abort(request_id)
             raise
-        try:
-            async for response in self._relay(request_id, prompt, params, seed, replica, context):
-                yield response
-        finally:
-            self._pool.submit(self.admission.release, replica)     # its lock may be held across Redis calls
+        async for response in self._relay(request_id, prompt, params, seed, replica, context):
+            yield response
 
     def _record_abort(self, request_id: str) -> None:
         """Mark the request aborted without waiting (no-op once it has ended)."""
@@ -95,14 +94,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self.admission.release(acquired.result())
 
     async def _relay(self, request_id, prompt, params, seed, replica: Replica, context):
-        decoder, token_ids, ended, session = IncrementalDecoder(self.tokenizer), [], False, None
+        """Stream the request's tokens from ``replica``. When the replica goes away (its session breaks,
+        or it refuses as UNAVAILABLE), resubmit on a replica admission picks (the restarted one, or
+        another) with the tokens already streamed: it recomputes them and goes on, and the client sees
+        each token once (greedy and seeded sampling give the tokens an undisturbed run would)."""
+        decoder, token_ids, ended, session, resumes = IncrementalDecoder(self.tokenizer), [], False, None, 0
         try:
-            await self._blocking(self.requests.set_state, request_id, "running", replica.service_id)
-            session = self.sessions.get(replica.address)
-            events = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
-                                                                sampling=sampling_to_proto(params), seed=seed))
+            events, session = await self._submit(request_id, prompt, params, seed, token_ids, replica)
             while not ended:
                 event = await events.get()
+                if _replica_gone(event) and resumes < self.resume_attempts:
+                    log.warning("request %s: replica %s gone (%s); resuming after %d tokens",
+                                request_id, replica.service_id, _details(event), len(token_ids))
+                    self._pool.submit(self.admission.release, replica)
+                    replica, session = None, None
+                    replica, resumes = await self._readmit(resumes, request_id, context)
+                    events, session = await self._submit(request_id, prompt, params, seed, token_ids, replica)
+                    continue
                 if isinstance(event, SessionBroken) or event.HasField("error"):
                     ended = True
                     response = await self._replica_failed(request_id, replica, event, context)
@@ -125,6 +133,32 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         finally:
             if session is not None and not ended:
                 session.abort(request_id)                 # frees its KV on the replica
+            if replica is not None:
+                self._pool.submit(self.admission.release, replica)     # its lock may be held across Redis calls
+
+    async def _submit(self, request_id, prompt, params, seed, emitted: list[int], replica: Replica):
+        """Record the owner and submit on the replica's session; -> (its event queue, the session)."""
+        await self._blocking(self.requests.set_state, request_id, "running", replica.service_id)
+        session = self.sessions.get(replica.address)
+        events = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
+                                                            sampling=sampling_to_proto(params), seed=seed,
+                                                            emitted_ids=emitted))
+        return events, session
+
+    async def _readmit(self, resumes: int, request_id: str, context) -> tuple[Replica, int]:
+        """A replica from admission after a backoff (0.25 s doubling to 2 s: a restarting replica
+        re-registers, a dead one leaves the registry), counting each try; -> (replica, tries so far).
+        When none can be had within ``resume_attempts``, the call ends with admission's status."""
+        while True:
+            resumes += 1
+            await asyncio.sleep(min(0.25 * 2 ** (resumes - 1), 2.0))
+            try:
+                return await self._admit(context.time_remaining()), resumes
+            except tuple(_ADMISSION_ERRORS) as err:
+                if resumes < self.resume_attempts and isinstance(err, NoReplicas):
+                    continue                             # the only replica restarting: not registered yet
+                await self._blocking(self.requests.set_state, request_id, "failed")
+                await context.abort(_ADMISSION_ERRORS[type(err)], f"resuming after its replica went away: {err}")
 
     async def _replica_failed(self, request_id: str, replica: Replica, failure, context):
         """Record the failure; INVALID_ARGUMENT ends the call with that status, others become an error
@@ -163,6 +197,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _replica_gone(event) -> bool:
+    """The replica's session broke, or the replica refused as UNAVAILABLE (draining): another may serve it."""
+    if isinstance(event, SessionBroken):
+        return event.code != grpc.StatusCode.CANCELLED
+    return event.HasField("error") and _status_code(event.error.code) == grpc.StatusCode.UNAVAILABLE
+
+
+def _details(event) -> str:
+    return event.details if isinstance(event, SessionBroken) else event.error.message
 
 
 def _status_code(value: int) -> grpc.StatusCode:
