@@ -80,3 +80,21 @@ def test_a_request_fails_after_too_many_failed_steps(monkeypatch):
     results, _ = run(set(range(3, 10_000)), step_retries=2, monkeypatch=monkeypatch)    # the shard never returns
     assert all(isinstance(r, StepError) for r in results.values())
     assert all("engine step failed 3 times" in r.message and "expert shard 1" in r.message for r in results.values())
+
+
+@pytest.mark.parametrize("params", [PARAMS, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=1234,
+                                                           ignore_eos=True)], ids=["greedy", "seeded"])
+def test_a_resumed_request_continues_with_the_tokens_of_an_undisturbed_run(params):
+    """What the router's resume relies on: prompt + the tokens emitted so far (``emitted_ids``), on
+    another engine, give the rest of an undisturbed run's tokens (sampling is keyed by seed and position)."""
+    def engine():
+        return LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
+
+    (undisturbed,) = [s.output_ids for s in engine().generate([PROMPTS[2]], params)]
+    for emitted in (1, 5, 11):
+        resumed = engine()
+        resumed.add_request("r", PROMPTS[2], params, emitted_ids=undisturbed[:emitted])
+        seq = resumed.requests["r"]
+        while not seq.finished:
+            resumed.step()
+        assert seq.output_ids == undisturbed
