@@ -80,7 +80,7 @@ class EngineLoop:
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, outputs: Outputs,
                emitted_ids: list[int] = ()) -> None:
         """Validate (raises InvalidParam) and queue a request; its outputs will be put to ``outputs``."""
-        self.engine.validate(list(prompt_ids) + list(emitted_ids), params)
+        self.engine.validate(list(prompt_ids), params, list(emitted_ids))
         with self._lock:
             if request_id in self._outputs:
                 raise InvalidParam("request_id", f"{request_id!r} is already running on this replica")

@@ -28,6 +28,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from typing import Callable
@@ -43,6 +44,7 @@ from epserve.services.cluster.tensor_codec import DTYPES
 log = logging.getLogger(__name__)
 
 SLOTS = 4                                   # batches in flight per pair: one per micro-batch (at most 4)
+SLOT_WAIT_S = 60.0                          # as RemoteExperts' wait for an answer
 _DTYPES = list(DTYPES.values())             # header dtype code -> dtype
 _REQUEST = struct.Struct("<QIiqIIIIBB")     # seq, slot, layer, version, rows, hidden, top_k, groups, dtype, scales
 _RESPONSE = struct.Struct("<QBB")           # seq, status, output dtype (+ the error message's bytes)
@@ -89,7 +91,11 @@ class LocalChannel:
         slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN                 # the response region starts aligned
         self.shard, self.address, self.slot_bytes, self.stats = shard, f"{self.KIND}:{name}", slot_bytes, stats
         self._socket = self._connect(name)
-        self._buffers = self._setup(slot_bytes)                        # [SLOTS] uint8 [2 x slot_bytes]
+        try:
+            self._buffers = self._setup(slot_bytes)                    # [SLOTS] uint8 [2 x slot_bytes]
+        except OSError as e:
+            self._socket.close()
+            raise ExpertShardError(shard, self.address, f"hello failed: {e}") from None
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(SLOTS):
             self._free.put(i)
@@ -162,18 +168,28 @@ class LocalChannel:
                 return future
             seq = next(self._seq)
             self._pending[seq] = (future, slot, (rows, hidden))
-            self._send_message(_REQUEST.pack(seq, slot, batch.layer, batch.placement_version, rows, hidden, top_k,
-                                            groups, _DTYPES.index(batch.hidden.dtype), batch.scales is not None))
+            try:
+                self._send_message(_REQUEST.pack(seq, slot, batch.layer, batch.placement_version, rows, hidden,
+                                                 top_k, groups, _DTYPES.index(batch.hidden.dtype),
+                                                 batch.scales is not None))
+            except OSError as e:                                 # the shard is going: this batch fails
+                del self._pending[seq]
+                self._free.put(slot)
+                future.set_exception(ExpertShardError(self.shard, self.address, f"send failed: {e}"))
+                return future
         self.stats.add_sent(self.shard, size + _REQUEST.size)
         return future
 
     def _take_slot(self) -> int | None:
-        """A free slot, waiting while every slot is in flight; None once the channel has failed."""
+        """A free slot, waiting while every slot is in flight; None once the channel has failed. A shard
+        that holds every slot for ``SLOT_WAIT_S`` (hung, yet its socket open) breaks the channel."""
+        deadline = time.monotonic() + SLOT_WAIT_S
         while self._error is None:
             try:
                 return self._free.get(timeout=0.5)
             except queue.Empty:
-                continue
+                if time.monotonic() > deadline:
+                    self._fail(f"no slot came back for {SLOT_WAIT_S:.0f} s: the shard is not answering")
         return None
 
     def _read(self) -> None:
@@ -184,11 +200,14 @@ class LocalChannel:
                 return self._fail(f"connection lost: {e}")
             if not message:
                 return self._fail("transport closed" if self._closed else "the shard closed the connection")
-            seq, status, out_dtype = _RESPONSE.unpack_from(message)
+            try:
+                seq, status, out_dtype = _RESPONSE.unpack_from(message)
+            except struct.error:
+                return self._fail(f"a malformed response of {len(message)} bytes")
+            if (status != _OK and status not in _CODES) or out_dtype >= len(_DTYPES) or seq not in self._pending:
+                return self._fail(f"a malformed response to batch {seq} (status {status}, dtype {out_dtype})")
             with self._lock:
-                future, slot, shape = self._pending.pop(seq, (None, None, None))
-            if future is None:
-                return self._fail(f"a response to unknown batch {seq}")
+                future, slot, shape = self._pending.pop(seq)
             if status == _OK:
                 out = _view(self._buffers[slot], self.slot_bytes, shape, _DTYPES[out_dtype]).clone()
                 self.stats.add_received(self.shard, out.nbytes + _RESPONSE.size)
@@ -261,6 +280,9 @@ class LocalExpertServer:
     def _push_output(self, peer, slot: int, slot_bytes: int, nbytes: int) -> None:
         """Make the output in ``slot``'s response region visible to the replica (shared: nothing to do)."""
 
+    def _connection_closed(self, connection: socket.socket) -> None:
+        """What a connection held beyond its socket is released (shared memory: the unmapping is GC's)."""
+
     def _send_message(self, connection: socket.socket, data: bytes) -> None:
         connection.send(data)
 
@@ -276,9 +298,12 @@ class LocalExpertServer:
                 if nbytes:
                     self._push_output(peer, _REQUEST.unpack_from(header)[1], slot_bytes, nbytes)
                 self._send_message(connection, response)
-        except (OSError, ValueError, KeyError) as e:                # a replica gone, or a malformed hello
+        except (OSError, ValueError, KeyError, struct.error) as e:  # a replica gone, or a malformed message
             log.info("%s: connection ended: %s", self.label, e)
         finally:
+            self._connection_closed(connection)
+            with self._lock:
+                self._connections.remove(connection)
             connection.close()
 
     def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int) -> tuple[bytes, int]:
@@ -306,6 +331,10 @@ class LocalExpertServer:
 
     def close(self) -> None:
         """Stop accepting and end every connection (their replicas see the channel break)."""
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)                  # wakes accept(); close alone does not
+        except OSError:
+            pass
         self._socket.close()
         with self._lock:
             for connection in self._connections:

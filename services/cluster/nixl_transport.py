@@ -63,7 +63,7 @@ class _Agent:
 
     def __init__(self, buffers: list[torch.Tensor]):
         self.agent = _new_agent()
-        self.buffers, self._lock = buffers, threading.Lock()
+        self.buffers, self._lock, self._peers = buffers, threading.Lock(), []
         self._registered = self.agent.register_memory(buffers)
 
     def metadata(self) -> dict:
@@ -71,7 +71,17 @@ class _Agent:
                 "addresses": [b.data_ptr() for b in self.buffers]}
 
     def add_peer(self, hello: dict) -> tuple[str, list[int]]:
-        return self.agent.add_remote_agent(base64.b64decode(hello["agent"])), hello["addresses"]
+        name = self.agent.add_remote_agent(base64.b64decode(hello["agent"]))
+        self._peers.append(name)
+        return name, hello["addresses"]
+
+    def close(self) -> None:
+        """Forget the peers and unregister the slots (the agent and its UCX worker go with the object)."""
+        with self._lock:
+            for name in self._peers:
+                self.agent.remove_remote_agent(name)
+            self.agent.deregister_memory(self._registered)
+            self._peers.clear()
 
     def write(self, peer: tuple[str, list[int]], slot: int, offset: int, nbytes: int) -> None:
         """Copy ``[offset, offset + nbytes)`` of our ``slot`` into the same place of the peer's; returns when done."""
@@ -156,6 +166,11 @@ class NixlChannel(LocalChannel):
         self._agent.wait_readable(self._socket)
         return _receive_framed(self._socket)
 
+    def close(self, timeout_s: float) -> None:
+        super().close(timeout_s)
+        if getattr(self, "_agent", None) is not None:
+            self._agent.close()
+
 
 class NixlExpertServer(LocalExpertServer):
     """The shard's end over NIXL: a TCP control port; ``name`` is ``host:port`` to advertise."""
@@ -190,4 +205,9 @@ class NixlExpertServer(LocalExpertServer):
     def _receive_message(self, connection: socket.socket) -> bytes:
         self._agents[connection].wait_readable(connection)
         return _receive_framed(connection)
+
+    def _connection_closed(self, connection: socket.socket) -> None:
+        agent = self._agents.pop(connection, None)
+        if agent is not None:
+            agent.close()
 

@@ -83,17 +83,44 @@ def _pack(ids, weights, shards: int, slots: int, experts: int, capacity: torch.T
     holds = torch.zeros(layers, shards, experts, dtype=torch.bool)
     members = torch.full((layers, shards, slots), EMPTY, dtype=torch.int64)
     member_load = torch.zeros(layers, shards, slots, dtype=torch.float64)
+    state = (members, member_load, shard_load, used, holds)
     for k in range(items):                                          # one copy per layer at a time
         expert, weight = ids[:, k], weights[:, k]
         ok = (used < slots) & ~holds[rows, :, expert]               # [L, S]
         finish = ((shard_load + weight[:, None]) / capacity).masked_fill(~ok, float("inf"))
         shard = finish.argmin(dim=1)                                # ties: the lowest shard id
+        for row in (~ok.any(dim=1)).nonzero().flatten().tolist():    # cornered (rare): make room
+            shard[row] = _make_room(state, row, int(expert[row]), slots)
         members[rows, shard, used[rows, shard]] = expert
         member_load[rows, shard, used[rows, shard]] = weight
         shard_load[rows, shard] += weight
         used[rows, shard] += 1
         holds[rows, shard, expert] = True
     return members, member_load
+
+
+def _make_room(state, row: int, expert: int, slots: int) -> int:
+    """No shard of layer ``row`` can take a copy of ``expert``: each one with a free slot already holds
+    it. Move a copy ``x`` from a full shard ``t`` without ``expert`` to such a shard ``s`` (one exists:
+    if ``s`` held all of ``t``'s copies, plus ``expert``, it would be full) -> ``t``, now free for it."""
+    members, member_load, shard_load, used, holds = state
+    s = int((used[row] < slots).nonzero()[0])
+    for t in (~holds[row, :, expert]).nonzero().flatten().tolist():
+        for i in range(int(used[row, t])):
+            x = int(members[row, t, i])
+            if not holds[row, s, x]:
+                w = member_load[row, t, i].clone()
+                last = int(used[row, t]) - 1                         # t's last copy fills the hole
+                members[row, t, i], member_load[row, t, i] = members[row, t, last], member_load[row, t, last]
+                members[row, t, last], member_load[row, t, last] = EMPTY, 0.0
+                members[row, s, used[row, s]], member_load[row, s, used[row, s]] = x, w
+                used[row, t] -= 1
+                used[row, s] += 1
+                shard_load[row, t] -= w
+                shard_load[row, s] += w
+                holds[row, t, x], holds[row, s, x] = False, True
+                return t
+    raise AssertionError(f"layer row {row}: no room for a copy of expert {expert}")
 
 
 def _refine(members, member_load, capacity: torch.Tensor, experts: int):

@@ -67,15 +67,14 @@ class LLMEngine:
         """
         if request_id in self.requests:
             raise InvalidParam("request_id", f"{request_id!r} is already running")
-        self.validate(prompt_ids, params)
-        if len(emitted_ids) >= params.max_tokens:
-            raise InvalidParam("emitted_ids", f"{len(emitted_ids)} tokens already reach max_tokens={params.max_tokens}")
+        self.validate(prompt_ids, params, emitted_ids)
         seed = params.seed if params.seed is not None else draw_seed()
         seq = Sequence(request_id, list(prompt_ids), params, seed, output_ids=list(emitted_ids))
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams, emitted_ids: list[int] = ()) -> None:
+        """InvalidParam naming the field unless the request fits (``emitted_ids`` count towards max_tokens)."""
         vocab = self.model_config.vocab_size
         if not prompt_ids:
             raise InvalidParam("prompt", "must not be empty")
@@ -86,6 +85,8 @@ class LLMEngine:
         if len(prompt_ids) >= capacity:
             raise InvalidParam("prompt", f"{len(prompt_ids)} tokens leave no room in the context of {capacity}")
         params.validate(vocab_size=vocab, max_new_tokens_allowed=capacity - len(prompt_ids))
+        if len(emitted_ids) >= params.max_tokens:
+            raise InvalidParam("emitted_ids", f"{len(emitted_ids)} tokens already reach max_tokens={params.max_tokens}")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.requests.pop(request_id, None)

@@ -98,3 +98,14 @@ def test_a_resumed_request_continues_with_the_tokens_of_an_undisturbed_run(param
         while not seq.finished:
             resumed.step()
         assert seq.output_ids == undisturbed
+
+
+def test_a_resumed_request_near_the_context_limit_is_accepted():
+    """Emitted tokens count towards max_tokens, not on top of it (found by review: a resume was refused)."""
+    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
+    capacity = min(engine.max_model_len, engine.blocks.num_blocks * engine.blocks.block_size)
+    params = SamplingParams(max_tokens=capacity - len(PROMPTS[0]), temperature=0)
+    loop = EngineLoop(engine, step_retries=0)                      # not started: submit only validates
+    loop.submit("r", PROMPTS[0], params, queue.Queue(), emitted_ids=[5, 6, 7])
+    with pytest.raises(ValueError, match="emitted_ids"):
+        loop.submit("r2", PROMPTS[0], SamplingParams(max_tokens=3), queue.Queue(), emitted_ids=[5, 6, 7])

@@ -122,3 +122,22 @@ def test_show_reports_the_running_placement_and_a_better_replan(redis_server, re
     assert report["balancedness"] == pytest.approx(balancedness(load, members), abs=1e-6)
     assert report["after_replan"] == pytest.approx(balancedness(load, plan(load, shards, 4)), abs=1e-6)
     assert report["after_replan"] > report["balancedness"]
+
+
+def test_zero_loads_and_unequal_capacities_never_corner_the_packing():
+    """Copies that weigh nothing sort last and all aim at the lightest shard; the packing then has to
+    make room instead of doubling an expert on a shard (found by review, fuzzed here)."""
+    cases = [(torch.tensor([[0, 19, 14, 0, 0, 0, 1, 0, 18, 16, 10, 0, 0, 0, 0, 0.]]), 2, 8, None),
+             (torch.tensor([[2.0, 1, 1, 1]]), 2, 2, torch.tensor([0.576, 0.967]))]
+    g = torch.Generator().manual_seed(0)
+    for i in range(300):
+        experts, shards = int(torch.randint(2, 20, (1,), generator=g)), int(torch.randint(2, 6, (1,), generator=g))
+        redundant = int(torch.randint(0, experts * (shards - 1) + 1, (1,), generator=g))
+        load = torch.rand(3, experts, generator=g) * (torch.rand(3, experts, generator=g) < 0.5) * 20
+        cases.append((load, shards, redundant, torch.rand(shards, generator=g) + 0.2 if i % 2 else None))
+    for load, shards, redundant, capacity in cases:
+        members = plan(load, shards, redundant, capacity)
+        for layer in members.tolist():
+            placed = [e for shard in layer for e in shard if e != EMPTY]
+            assert sorted(set(placed)) == list(range(load.shape[1])) and len(placed) == load.shape[1] + redundant
+            assert all(len([e for e in s if e != EMPTY]) == len({e for e in s if e != EMPTY}) for s in layer)

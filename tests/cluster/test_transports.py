@@ -11,14 +11,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import uuid
 
 import pytest
 import redis
 import torch
 
-from epserve.services.cluster import nixl_transport
+from epserve.services.cluster import local_transport, nixl_transport
 from epserve.services.cluster.expert_batch import ExpertBatch
+from epserve.services.cluster.expert_channel import TransportStats
+from epserve.services.cluster.local_transport import LocalChannel, LocalExpertServer
 from epserve.services.cluster.keys import Keys
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.state import choose_placement
@@ -193,3 +196,30 @@ def test_a_killed_and_restarted_shard_is_reached_again(shards, placement, config
         assert transport.endpoints[1] == after
     finally:
         transport.close()
+
+
+def test_a_closed_local_server_takes_no_new_replica():
+    server = LocalExpertServer(lambda batch: batch.hidden, "echo")
+    name = server.name
+    server.close()
+    with pytest.raises(ExpertShardError, match="cannot connect|hello failed"):
+        LocalChannel(0, name, 1 << 16, TransportStats())
+
+
+def test_a_shard_that_holds_every_slot_breaks_the_channel(monkeypatch):
+    """Hung but connected (its socket open, no answer): senders do not wait for a slot for ever."""
+    monkeypatch.setattr(local_transport, "SLOT_WAIT_S", 0.5)
+    release = threading.Event()
+    server = LocalExpertServer(lambda batch: release.wait(30) and batch.hidden, "hung")
+    channel = LocalChannel(0, server.name, 1 << 16, TransportStats())
+    try:
+        batch = ExpertBatch(1, 1, torch.ones(2, 8), None, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
+        held = [channel.send(batch) for _ in range(local_transport.SLOTS)]      # the shard holds them all
+        late = channel.send(batch)
+        with pytest.raises(ExpertShardError, match="not answering"):
+            late.result(timeout=WAIT_S)
+        assert channel.broken and all(f.done() for f in held)
+    finally:
+        release.set()
+        channel.close(timeout_s=5)
+        server.close()
