@@ -96,10 +96,10 @@ def _checked(f: dataclasses.Field, kind: type):
     return parse
 
 
-def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
-    """The config of ``cls`` from parsed flags (``overrides`` win)."""
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The config of ``cls`` from parsed flags."""
     values = {f.name: getattr(args, f.name) for f in settings(cls) if hasattr(args, f.name)}
-    return cls(**{**values, **overrides})
+    return cls(**values)
 
 
 def from_dict(cls: type[T], values: dict[str, Any], **fixed: Any) -> T:
