@@ -88,6 +88,17 @@ class AttentionConfig(EngineConfig, ModelServiceConfig):
 class ExpertConfig(ModelServiceConfig):
     shard_id: int = setting(low=0, help="this shard's index in [0, --expert-shards)")
     flush_interval: float = setting(1.0, low=0.001, help="seconds between load-counter flushes")
+    capacity: float = setting(1.0, low=0.001, help="this shard's relative speed: the placement gives it load in "
+                                                  "proportion, and the coldest experts when it is slower")
+    controller: bool = setting(True, help="run a placement controller here (the one holding the Redis lease "
+                                          "leads): fail-over of dead shards and live rebalancing")
+    rebalance_interval: float = setting(600.0, low=0, help="seconds between re-plans from the expert load "
+                                                            "(0: only on `epserve placement rebalance`)")
+    rebalance_threshold: float = setting(0.05, low=0, high=1, help="switch only when the re-plan raises the "
+                                                                   "balancedness (mean / max shard load) by this much")
+    rebalance_window: float = setting(600.0, low=60, help="seconds of expert load a re-plan balances (whole minutes)")
+    ready_timeout: float = setting(300.0, low=1, help="seconds the shards get to load a new placement's slots "
+                                                      "before the controller abandons it")
 
 
 SERVICE_CONFIGS: dict[str, type[ServiceConfig]] = {
@@ -108,7 +119,11 @@ class UpConfig:
     transport: str = same_as(AttentionConfig, "transport")
     device: str | None = same_as(ModelServiceConfig, "device")
     dtype: str | None = same_as(ModelServiceConfig, "dtype")
+    rebalance_interval: float = same_as(ExpertConfig, "rebalance_interval")
     startup_timeout: float = setting(300.0, low=0, help="seconds for every service to come up")
+    restart_delay: float = setting(0.0, low=0, help="seconds before a service that exited is started again (a "
+                                                    "real checkpoint's shard takes minutes to load: this shows the "
+                                                    "cluster meanwhile)")
     state_file: str | None = setting(
         None, help="write every service's kind, id, pid, address and restarts here as JSON (rewritten on each change)")
     verbose: bool = setting(False, help="services log at INFO")
@@ -118,7 +133,8 @@ class UpConfig:
         common = dict(redis=redis, cluster=cluster, model=self.model, verbose=self.verbose)
         model = dict(common, device=self.device, dtype=self.dtype, expert_shards=self.expert_shards,
                      redundant_experts=self.redundant_experts)
-        return ([ExpertConfig(**model, shard_id=shard) for shard in range(self.expert_shards)]
+        return ([ExpertConfig(**model, shard_id=shard, rebalance_interval=self.rebalance_interval)
+                 for shard in range(self.expert_shards)]
                 + [AttentionConfig(**model, replica_id=f"attention-{replica}", micro_batches=self.micro_batches,
                                    micro_batch_min_tokens=self.micro_batch_min_tokens, transport=self.transport)
                    for replica in range(self.attention)]

@@ -2,9 +2,12 @@
 
     epserve placement plan --load LOAD.json --shards S --redundant R [--capacity C0,C1,...] --out PLAN.json
     epserve placement show (--state-file PATH | --redis URL --cluster NAME) [--window SECONDS] [--json]
+    epserve placement rebalance (--state-file PATH | --redis URL --cluster NAME) [--force] [--timeout SECONDS]
 
 ``show`` reads the cluster's current placement and the expert load its shards counted (Redis) and
 prints, per MoE layer, the balancedness now and what a re-plan with the same shards and slots gives.
+``rebalance`` asks the cluster's placement controller to re-plan now: it switches (live, two-phase)
+when the balancedness gains at least its threshold, or with ``--force``; prints what it did.
 
 ``LOAD.json``: ``{"load": [[tokens per logical expert] per MoE layer]}``. ``PLAN.json``:
 ``{"layers": [[[logical expert ids on shard 0], [... shard 1], ...] per layer], "balancedness": x,
@@ -35,28 +38,58 @@ def add_placement_parser(commands) -> None:
     p.set_defaults(handler=run_plan)
     show = tools.add_parser("show", help="balancedness of a running cluster's placement, and of a re-plan",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = show.add_mutually_exclusive_group(required=True)
-    where.add_argument("--state-file", type=Path, help="an `epserve up --state-file` (its Redis and cluster)")
-    where.add_argument("--redis", help="Redis URL of the cluster")
-    show.add_argument("--cluster", default=ServiceConfig.cluster, help="with --redis: the cluster name")
+    _add_cluster_flags(show)
     show.add_argument("--window", type=float, default=None, metavar="SECONDS",
                       help="load of the last SECONDS only (whole minutes; up to an hour; default: since the start)")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(handler=run_show)
+    rebalance = tools.add_parser("rebalance", help="ask the placement controller to re-plan now (live switch)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_cluster_flags(rebalance)
+    rebalance.add_argument("--force", action="store_true", help="switch even below the controller's threshold")
+    rebalance.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the switch (default: 300)")
+    rebalance.set_defaults(handler=run_rebalance)
 
 
-def run_show(args: argparse.Namespace) -> int:
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-file", type=Path, help="an `epserve up --state-file` (its Redis and cluster)")
+    where.add_argument("--redis", help="Redis URL of the cluster")
+    parser.add_argument("--cluster", default=ServiceConfig.cluster, help="with --redis: the cluster name")
+
+
+def _connect(args: argparse.Namespace):
+    """(Redis client, Keys) of the cluster the flags name."""
     import redis
 
     from epserve.services.cluster.keys import Keys
-    from epserve.services.cluster.planner import layer_balancedness, plan
-    from epserve.services.cluster.state import LoadStats, PlacementStore
 
     url, cluster = args.redis, args.cluster
     if args.state_file:
         state = read_up_state(args.state_file)
         url, cluster = state["redis_url"], state["cluster"]
-    client, keys = redis.Redis.from_url(url), Keys(cluster)
+    return redis.Redis.from_url(url), Keys(cluster)
+
+
+def run_rebalance(args: argparse.Namespace) -> int:
+    from epserve.services.cluster.controller import request_rebalance
+
+    client, keys = _connect(args)
+    try:
+        answer = request_rebalance(client, keys, force=args.force, timeout_s=args.timeout)
+    except TimeoutError as err:
+        raise UsageError(str(err)) from None
+    committed = answer["committed"]
+    print(f"{'switched to placement v%d' % committed if committed else 'no switch'}: {answer['reason']}")
+    return 0 if committed or "below the threshold" in answer["reason"] else 1
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from epserve.services.cluster.planner import layer_balancedness, plan
+    from epserve.services.cluster.state import LoadStats, PlacementStore
+
+    client, keys = _connect(args)
+    cluster = keys.cluster
     placement = PlacementStore(client, keys).current()
     if placement is None:
         raise UsageError(f"cluster {cluster!r} has no placement in Redis yet")

@@ -53,7 +53,7 @@ def run_up(config: UpConfig) -> int:
                   f"({config.attention} attention, {config.expert_shards} expert shards, "
                   f"{config.redundant_experts} redundant experts; state in {redis_server.url} "
                   f"cluster {cluster}). Ctrl-C stops it.", flush=True)
-            return _supervise(state, stop)
+            return _supervise(state, stop, config.restart_delay)
         except (TimeoutError, RuntimeError) as err:
             print(f"epserve up: {err}", file=sys.stderr)
             return 1
@@ -73,8 +73,10 @@ def _start_cluster(config: UpConfig, state: UpState, stop: dict) -> None:
     state.set_ready()
 
 
-def _supervise(state: UpState, stop: dict) -> int:
-    """Restart services that exit until a signal comes; give up on one that keeps exiting."""
+def _supervise(state: UpState, stop: dict, restart_delay_s: float) -> int:
+    """Restart services that exit (after ``restart_delay_s``) until a signal comes; give up on one that
+    keeps exiting."""
+    exited: dict[int, float] = {}                     # pid -> when it was seen gone
     while not stop["signal"]:
         for service in state.services:
             if service.process.poll() is None:
@@ -83,6 +85,8 @@ def _supervise(state: UpState, stop: dict) -> int:
             if service.restarts >= MAX_RESTARTS:
                 print(f"epserve up: {name} exited {MAX_RESTARTS + 1} times; stopping", file=sys.stderr)
                 return 1
+            if time.monotonic() < exited.setdefault(service.process.pid, time.monotonic()) + restart_delay_s:
+                continue
             print(f"epserve up: {name} exited with status {service.process.returncode}; restarting",
                   file=sys.stderr, flush=True)
             state.restarted(service, _spawn(list(service.process.args)))

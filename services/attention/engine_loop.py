@@ -12,6 +12,8 @@ advance when a step completes, and sampling is keyed by (seed, position). So the
 runs again, after a backoff (``BACKOFF_S``, doubling up to ``MAX_BACKOFF_S``) that gives a restarted
 shard time to register; a request that was running in more than ``step_retries`` failed steps fails
 with the error and frees its KV. Commands (submits, aborts) are served during the backoff.
+``between_steps`` runs in the loop thread before every step (and at least every 0.5 s when idle):
+the attention service takes a new placement version there.
 """
 from __future__ import annotations
 
@@ -48,9 +50,10 @@ class Outputs(Protocol):
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_step: Callable[[dict[str, list[int]]], None] | None = None,
-                 *, step_retries: int):
+                 *, step_retries: int, between_steps: Callable[[], None] | None = None):
         self.engine = engine
         self.on_step = on_step
+        self.between_steps = between_steps             # called in the loop thread before each step
         self.step_retries = step_retries
         self._failed_steps: dict[str, int] = {}        # request id -> failed steps it was running in
         self._failures_in_a_row = 0
@@ -107,6 +110,8 @@ class EngineLoop:
     # ---- the loop thread -----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped.is_set():
+            if self.between_steps is not None:
+                self.between_steps()
             idle = not self.engine.has_unfinished()
             wait = 0.5 if idle else self._retry_at - time.monotonic()          # > 0: backing off
             try:

@@ -2,7 +2,7 @@
 
 config -> placement (from Redis) -> wait for every expert shard of it -> remote expert backend ->
 engine + engine loop -> gRPC server -> register with load in the heartbeat -> SIGTERM: drain,
-deregister, stop.
+deregister, stop. A placement version committed later is staged for the next step boundary.
 """
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from epserve.services.attention.engine_loop import EngineLoop
 from epserve.services.attention.remote_experts import RemoteExperts
 from epserve.services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
 from epserve.services.cluster.grpc_server import start_aio_grpc_server
+from epserve.services.cluster.placement import Placement
+from epserve.services.cluster.placement_versions import current_version
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.requests import RequestStore
+from epserve.services.cluster.state import PlacementStore
 from epserve.services.cluster.local_transport import slot_bytes_for
 from epserve.services.cluster.transport import ExpertTransport, ShardEndpoint
 from epserve.services.config import AttentionConfig
@@ -34,22 +37,24 @@ def run(config: AttentionConfig) -> int:
     registry = Registry(client, keys)
     model = service.model
     transport = ExpertTransport(
-        _shard_endpoints(registry, config, placement.version), mode=config.transport,
+        _shard_endpoints(registry, config, placement), mode=config.transport,
         local_slot_bytes=slot_bytes_for(config.max_num_batched_tokens, model.hidden_size, model.num_experts_per_tok),
-        resolve=lambda shard: _live_shard_endpoint(registry, shard, placement.version))
+        resolve=lambda shard: _live_shard_endpoint(registry, shard, experts.placement.version))
+    experts = RemoteExperts(placement, transport, wire_dtype=config.wire_dtype)
     device, dtype = device_and_dtype(config)
     engine = LLMEngine.from_path(resolve_model(config.model), config.engine(), dtype=dtype, device=device,
-                                 backend=RemoteExperts(placement, transport, wire_dtype=config.wire_dtype))
-    loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens,
-                      step_retries=config.step_retries).start()
-    servicer = AttentionServicer(loop, config.replica_id, placement.version)
+                                 backend=experts)
+    loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens, step_retries=config.step_retries,
+                      between_steps=experts.at_step_boundary).start()
+    servicer = AttentionServicer(loop, config.replica_id, lambda: experts.placement.version)
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}")
     kinds = "+".join(sorted({transport.kind(shard) for shard in transport.endpoints}))
-    static = {"max_num_seqs": config.max_num_seqs, "placement_version": placement.version,
-              "kv_bytes_per_token": engine.runner.kv_bytes_per_token, "expert_transport": kinds}
-    info = lambda: {**loop.load(), **static}  # noqa: E731
+    static = {"max_num_seqs": config.max_num_seqs, "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
+              "expert_transport": kinds}
+    info = lambda: {**loop.load(), **static, "placement_version": experts.placement.version}  # noqa: E731
     heartbeat = registry.register("attention", config.replica_id, config.advertised(server.port), info())
     threading.Thread(target=_report_load, args=(heartbeat, info, stop), daemon=True).start()
+    threading.Thread(target=_follow_placement, args=(PlacementStore(client, keys), experts, stop), daemon=True).start()
     log.info("attention replica %s serving on %s (placement v%d, expert transport %s)", config.replica_id,
              server.address, placement.version, kinds)
     stop.wait()
@@ -61,23 +66,36 @@ def run(config: AttentionConfig) -> int:
     return 0
 
 
-def _shard_endpoints(registry: Registry, config: AttentionConfig, version: int) -> dict[int, ShardEndpoint]:
-    """Wait until every shard of the placement is registered; shard id -> its endpoint."""
+def _shard_endpoints(registry: Registry, config: AttentionConfig, placement: Placement) -> dict[int, ShardEndpoint]:
+    """Wait until every shard holding slots of the placement serves it; shard id -> its endpoint."""
+    needed = set(placement.shards_in_use())
     deadline = time.monotonic() + config.shard_wait
     while True:
-        shards = [s for s in registry.wait_for("expert", config.expert_shards, config.shard_wait)
-                  if s.info.get("placement_version") == version]
-        if len(shards) >= config.expert_shards:
+        shards = [s for s in registry.live("expert")
+                  if int(s.service_id) in needed and placement.version in s.info.get("placement_versions", ())]
+        if len(shards) == len(needed):
             return {int(s.service_id): ShardEndpoint.from_service(s) for s in shards}
         if time.monotonic() > deadline:
-            raise TimeoutError(f"expert shards serving placement v{version}: {len(shards)} of {config.expert_shards}")
+            raise TimeoutError(f"expert shards serving placement v{placement.version}: {len(shards)} of "
+                               f"{len(needed)} after {config.shard_wait} s")
         time.sleep(0.2)
 
 
 def _live_shard_endpoint(registry: Registry, shard: int, version: int) -> ShardEndpoint | None:
     """Where shard ``shard`` serving placement ``version`` is registered now (after a restart, say)."""
     return next((ShardEndpoint.from_service(s) for s in registry.live("expert")
-                 if s.service_id == str(shard) and s.info.get("placement_version") == version), None)
+                 if s.service_id == str(shard) and version in s.info.get("placement_versions", ())), None)
+
+
+def _follow_placement(store: PlacementStore, experts: RemoteExperts, stop: threading.Event) -> None:
+    """Stage each newly committed placement version for the engine loop's next step boundary."""
+    while not stop.wait(0.2):
+        try:
+            version = current_version(store.client, store.keys)
+            if version is not None and version > experts.placement.version:
+                experts.stage(store.get(version))
+        except Exception:                                # noqa: BLE001 - Redis away: keep the placement
+            log.warning("attention: reading the current placement failed", exc_info=True)
 
 
 def _report_load(heartbeat, info, stop: threading.Event) -> None:

@@ -9,11 +9,13 @@
 
 ``combine`` waits for every shard's ``[R, D]`` weighted sum and index-adds it into ``[T, D]``
 (float32 accumulation, cast to x's dtype). The model's MoE runs the shared expert between the two,
-while the shards work.
+while the shards work. A new placement version is ``stage``d from any thread and taken
+``at_step_boundary`` (the engine loop's thread, between steps).
 """
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -21,11 +23,13 @@ import torch
 
 from epserve.kernels.fp8 import fp8_quant
 from epserve.services.cluster.expert_batch import ExpertBatch
+from epserve.services.cluster.expert_channel import ExpertShardError
 from epserve.services.cluster.placement import Placement
 from epserve.services.cluster.transport import ExpertTransport
 from epserve.services.model.moe import ExpertBackend
 
 WIRE_DTYPES = ("model", "fp8")
+WAIT_SLICE_S = 0.25          # a wait for a shard looks at a staged placement this often
 
 
 @dataclass
@@ -64,10 +68,25 @@ class RemoteExperts(ExpertBackend):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         self.placement = placement
+        self._staged: Placement | None = None        # the next placement, taken at a step boundary
+        self._lock = threading.Lock()
         self.transport = transport
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
         self.stats = DispatchStats()
+
+    def stage(self, placement: Placement) -> None:
+        """Use ``placement`` from the next step boundary on (ignored if not newer)."""
+        with self._lock:
+            self._staged = placement
+
+    def at_step_boundary(self) -> None:
+        """Take the staged placement, if any: the engine loop calls this between steps, so that every
+        micro-batch and MoE layer of one step uses one placement version."""
+        with self._lock:
+            staged, self._staged = self._staged, None
+        if staged is not None and staged.version > self.placement.version:
+            self.placement = staged
 
     def dispatch(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> _Handle:
         """x [T, D], topk_weights [T, K] float32, topk_ids [T, K] logical -> handle for combine."""
@@ -109,7 +128,16 @@ class RemoteExperts(ExpertBackend):
         return out.to(device=handle.device, dtype=handle.dtype)
 
     def _wait(self, shard: int, future: Future) -> torch.Tensor:
-        try:
-            return future.result(timeout=self.timeout_s)
-        except TimeoutError:
-            raise TimeoutError(f"expert shard {shard}: no response within {self.timeout_s} s") from None
+        """The shard's output; ExpertShardError at once if a newer placement, staged meanwhile, drops
+        the shard (the controller's fail-over of a hung shard: the step runs again on it)."""
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return future.result(timeout=WAIT_SLICE_S)
+            except TimeoutError:
+                staged = self._staged
+                if staged is not None and shard not in staged.shards_in_use():
+                    raise ExpertShardError(shard, "?", f"no response, and placement v{staged.version} "
+                                                       f"moved its experts elsewhere") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"expert shard {shard}: no response within {self.timeout_s} s") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Callable
 
 import grpc
 
@@ -77,7 +78,7 @@ class SessionOutputs:
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
-    def __init__(self, loop: EngineLoop, replica_id: str, placement_version: int):
+    def __init__(self, loop: EngineLoop, replica_id: str, placement_version: Callable[[], int]):
         self.loop = loop
         self.replica_id = replica_id
         self.placement_version = placement_version
@@ -142,7 +143,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         return attention_pb2.LoadReport(
             request_id=request.request_id, replica_id=self.replica_id, kv_blocks_total=load["kv_blocks_total"],
             kv_blocks_used=load["kv_blocks_used"], running=load["running"], waiting=load["waiting"],
-            placement_version=self.placement_version, draining=load["draining"])
+            placement_version=self.placement_version(), draining=load["draining"])
 
 
 def _event(item: RequestOutput | StepError) -> attention_pb2.TokenEvent:

@@ -10,11 +10,16 @@ All keys live under ``epserve:{cluster}:``. What each holds:
 - ``placement:{version}`` string (JSON placement); ``placement:current`` its version;
   ``placement:next`` the version counter; ``placement:lock`` string with TTL, held by the one
   starting service that builds and publishes a placement when none current fits.
+  ``placement:pending`` the version the placement controller proposed and has not committed;
+  ``placement:{version}:ready`` set of the shards that loaded it (with a TTL).
+  ``placement:rebalance`` string with TTL: a token asking the controller to re-plan now;
+  ``placement:rebalance:{token}`` its answer (JSON, with TTL).
 - ``load:{moe_layer}`` hash logical expert -> tokens routed (placement input), since the start;
   ``load:{moe_layer}:{bucket}`` the same for one time bucket (``LoadStats.BUCKET_S`` seconds; the
   sliding window sums the last ones), expiring after ``LoadStats.KEEP_BUCKETS`` buckets;
-  ``slot_load:{shard}`` hash ``"{moe_layer}:{slot}"`` -> tokens served by that physical slot.
-- ``balancer:lease`` string with TTL: the balancer leader's id.
+  ``slot_load:{shard}`` hash ``"{version}:{moe_layer}:{slot}"`` -> tokens served by that physical
+  slot of placement ``version``.
+- ``balancer:lease`` string with TTL: the id of the placement controller that leads (``controller``).
 """
 from __future__ import annotations
 
@@ -59,6 +64,20 @@ class Keys:
     @property
     def placement_lock(self) -> str:
         return f"{self.prefix}:placement:lock"
+
+    @property
+    def placement_pending(self) -> str:
+        return f"{self.prefix}:placement:pending"
+
+    def placement_ready(self, version: int) -> str:
+        return f"{self.prefix}:placement:{version}:ready"
+
+    @property
+    def rebalance_request(self) -> str:
+        return f"{self.prefix}:placement:rebalance"
+
+    def rebalance_answer(self, token: str) -> str:
+        return f"{self.prefix}:placement:rebalance:{token}"
 
     def expert_load(self, moe_layer: int) -> str:
         return f"{self.prefix}:load:{moe_layer}"

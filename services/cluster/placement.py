@@ -50,6 +50,15 @@ class Placement:
     def shard_of_slot(self, slot: int) -> int:
         return slot // self.slots_per_shard
 
+    def shards_in_use(self) -> list[int]:
+        """The shards that hold a slot in some layer (a fail-over placement leaves dead shards out)."""
+        members = self.physical_to_logical.view(len(self.moe_layers), self.num_shards, self.slots_per_shard)
+        return (members != EMPTY).any(dim=2).any(dim=0).nonzero().flatten().tolist()
+
+    def members(self) -> torch.Tensor:
+        """[rows, S, slots_per_shard] logical expert per slot of each shard (EMPTY: unused)."""
+        return self.physical_to_logical.view(len(self.moe_layers), self.num_shards, self.slots_per_shard)
+
     def local_experts(self, layer: int, shard: int) -> list[int]:
         """Logical expert in each of ``shard``'s local slots for ``layer`` (EMPTY for an unused slot)."""
         start = shard * self.slots_per_shard
@@ -90,15 +99,25 @@ class Placement:
 
 def build_placement(num_experts: int, num_shards: int, redundant: int, moe_layers: Sequence[int],
                     load: torch.Tensor | None = None, version: int = 1,
-                    capacity: torch.Tensor | None = None) -> Placement:
+                    capacity: torch.Tensor | None = None, shards: Sequence[int] | None = None) -> Placement:
     """Place E experts + ``redundant`` hot copies on ``num_shards`` shards for every MoE layer
     (``planner.plan``). ``load [rows, E]`` is the expected tokens per logical expert (None: uniform);
-    ``capacity [S]`` the shards' relative speeds (None: equal)."""
+    ``capacity [S]`` the shards' relative speeds (None: equal). ``shards`` (default: all) are the
+    shards to place on: the others hold nothing (fail-over onto survivors; at most one copy of an
+    expert per shard, so fewer shards may take fewer redundant copies)."""
     if num_shards < 1:
         raise ValueError(f"expert shards must be >= 1, got {num_shards}")
     rows = len(moe_layers)
     load = torch.ones(rows, num_experts, dtype=torch.float64) if load is None else load
     if load.shape != (rows, num_experts):
         raise ValueError(f"load must be [{rows}, {num_experts}], got {tuple(load.shape)}")
-    members = plan(load, num_shards, redundant, capacity)                         # [rows, S, slots]
+    used = list(range(num_shards)) if shards is None else sorted(set(shards))
+    if not used or not all(0 <= s < num_shards for s in used):
+        raise ValueError(f"shards must be a non-empty subset of [0, {num_shards}), got {list(shards or [])}")
+    capacity = None if capacity is None else capacity[used]
+    if shards is not None:                      # survivors: as many copies as they can hold
+        redundant = min(redundant, num_experts * (len(used) - 1))
+    placed = plan(load, len(used), redundant, capacity)                           # [rows, len(used), slots]
+    members = torch.full((rows, num_shards, placed.shape[2]), EMPTY, dtype=torch.int64)
+    members[:, used] = placed
     return Placement(version, num_experts, num_shards, members.shape[2], tuple(moe_layers), members.view(rows, -1))

@@ -24,32 +24,77 @@ from epserve.services.cluster.placement_versions import current_version, placeme
 
 
 # ---- placement ---------------------------------------------------------------------------------
-_SET_PLACEMENT = """
-redis.call('SET', KEYS[1], ARGV[2])
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[2], ARGV[1]) end
-"""  # KEYS: placement:{v}, placement:current; ARGV: v, JSON. `current` only moves forward.
+_COMMIT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+"""  # KEYS: placement:current, placement:pending; ARGV: v. `current` only moves forward.
 
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """  # delete the lock only if this holder's token is still in it (it may have expired and moved on)
 
+READY_TTL_S = 3600                   # a version's ready set outlives any switch
+
 
 class PlacementStore:
-    """Placements by version; ``current`` is the newest published."""
+    """Placements by version; ``current`` is the newest committed, ``pending`` one proposed for a switch.
+
+    A switch is two-phase: the controller ``propose``s v (pending), every shard that holds slots in
+    it loads them and ``mark_ready``s, then the controller ``commit``s v (current) or ``abandon``s it.
+    ``publish`` stores and commits at once (a cluster's first placement, before anything serves).
+    """
 
     def __init__(self, client: redis.Redis, keys: Keys):
         self.client, self.keys = client, keys
-        self._set = client.register_script(_SET_PLACEMENT)
+        self._commit = client.register_script(_COMMIT)
+
+    def _store(self, placement: Placement) -> Placement:
+        """Store ``placement`` under the next version (its own version is ignored)."""
+        stored = replace(placement, version=int(self.client.incr(self.keys.placement_counter)))
+        self.client.set(self.keys.placement(stored.version), stored.to_json())
+        return stored
 
     def publish(self, placement: Placement) -> Placement:
-        """Store ``placement`` under the next version (its own version is ignored) and make it current."""
-        version = int(self.client.incr(self.keys.placement_counter))
-        published = replace(placement, version=version)
-        self._set(keys=[self.keys.placement(version), self.keys.placement_current],
-                  args=[version, published.to_json()])
+        """Store ``placement`` under the next version and make it current."""
+        published = self._store(placement)
+        self.commit(published.version)
         return published
+
+    def propose(self, placement: Placement) -> Placement:
+        """Store ``placement`` under the next version as the pending one (not served until committed)."""
+        proposed = self._store(placement)
+        self.client.set(self.keys.placement_pending, proposed.version)
+        return proposed
+
+    def commit(self, version: int) -> None:
+        """Make ``version`` current (if newer) and no longer pending."""
+        self._commit(keys=[self.keys.placement_current, self.keys.placement_pending], args=[version])
+
+    def abandon(self, version: int) -> None:
+        """Drop ``version`` as the pending one (shards free what they loaded for it)."""
+        pipe = self.client.pipeline()
+        pipe.watch(self.keys.placement_pending)
+        if text(pipe.get(self.keys.placement_pending) or b"") == str(version):
+            pipe.multi()
+            pipe.delete(self.keys.placement_pending)
+            pipe.execute()
+        pipe.reset()
+
+    def pending_version(self) -> int | None:
+        version = self.client.get(self.keys.placement_pending)
+        return None if version is None else int(version)
+
+    def mark_ready(self, version: int, shard: int) -> None:
+        pipe = self.client.pipeline()
+        pipe.sadd(self.keys.placement_ready(version), shard)
+        pipe.expire(self.keys.placement_ready(version), READY_TTL_S)
+        pipe.execute()
+
+    def ready(self, version: int) -> set[int]:
+        """The shards that loaded ``version``'s slots."""
+        return {int(s) for s in self.client.smembers(self.keys.placement_ready(version))}
 
     def current(self) -> Placement | None:
         version = current_version(self.client, self.keys)
@@ -61,14 +106,17 @@ class PlacementStore:
 
 def _fits(placement: Placement | None, num_experts: int, num_shards: int, redundant: int,
           moe_layers: tuple[int, ...]) -> bool:
-    """Whether ``placement`` has the shape asked for: experts, shards, slots (E + R used), layers."""
+    """Whether ``placement`` has the shape asked for: experts, shards, layers, and slots (E + R used)
+    unless it is a fail-over placement (some shard holds nothing: the controller re-plans it)."""
     if placement is None:
         return False
+    if (placement.num_experts, placement.num_shards, placement.moe_layers) != (num_experts, num_shards, moe_layers):
+        return False
+    if len(placement.shards_in_use()) < num_shards:
+        return True
     slots_per_shard = -(-(num_experts + redundant) // num_shards)
     used = (placement.physical_to_logical != EMPTY).sum(dim=1)                       # [rows]
-    return (placement.num_experts == num_experts and placement.num_shards == num_shards
-            and placement.slots_per_shard == slots_per_shard and placement.moe_layers == moe_layers
-            and bool((used == num_experts + redundant).all()))
+    return placement.slots_per_shard == slots_per_shard and bool((used == num_experts + redundant).all())
 
 
 def choose_placement(client: redis.Redis, keys: Keys, *, num_experts: int, num_shards: int, redundant: int,
@@ -155,7 +203,7 @@ class LoadStats:
             if expert == EMPTY:
                 continue
             layer, tokens = placement.moe_layers[row], int(counts[row, local])
-            pipe.hincrby(self.keys.slot_load(shard), f"{layer}:{first + local}", tokens)
+            pipe.hincrby(self.keys.slot_load(shard), f"{placement.version}:{layer}:{first + local}", tokens)
             pipe.hincrby(self.keys.expert_load(layer), str(expert), tokens)
             pipe.hincrby(self.keys.expert_load_bucket(layer, bucket), str(expert), tokens)
             pipe.expire(self.keys.expert_load_bucket(layer, bucket), self.BUCKET_S * (self.KEEP_BUCKETS + 1))
@@ -194,11 +242,12 @@ class LoadStats:
                     seen = True
         return load if seen else None
 
-    def slot_load(self, shard: int) -> dict[tuple[int, int], int]:
-        """(moe_layer, global slot) -> tokens that slot on ``shard`` served."""
+    def slot_load(self, shard: int, version: int) -> dict[tuple[int, int], int]:
+        """(moe_layer, global slot) -> tokens that slot on ``shard`` served under placement ``version``."""
         fields = self.client.hgetall(self.keys.slot_load(shard))
         load = {}
         for field, tokens in fields.items():
-            layer, slot = text(field).split(":")
-            load[int(layer), int(slot)] = int(tokens)
+            served_version, layer, slot = text(field).split(":")
+            if int(served_version) == version:
+                load[int(layer), int(slot)] = int(tokens)
         return load

@@ -216,20 +216,23 @@ class ExpertTransport:
 
     def send(self, shard: int, batch: ExpertBatch) -> Future:
         """Queue ``batch`` for ``shard``; the future resolves to its output [R, D] (CPU)."""
-        if shard not in self._channels:
-            raise KeyError(f"no endpoint for expert shard {shard} (known: {sorted(self._channels)})")
-        channel = self._channels[shard]
-        if channel.broken and self._resolve is not None:
+        channel = self._channels.get(shard)
+        if (channel is None or channel.broken) and self._resolve is not None:
             channel = self._reconnect(shard)
+        if channel is None:
+            raise ExpertShardError(shard, "?", f"no endpoint known (known: {sorted(self._channels)})")
         return channel.send(batch)
 
     def _reconnect(self, shard: int):
+        """Open a channel to where ``resolve`` says ``shard`` is now, in place of a broken one or none
+        (a shard a new placement version uses for the first time); the old channel if it says nowhere."""
         with self._lock:
-            channel = self._channels[shard]
-            endpoint = self._resolve(shard) if channel.broken else None
+            channel = self._channels.get(shard)
+            endpoint = self._resolve(shard) if channel is None or channel.broken else None
             if endpoint:
                 new = self._open(shard, endpoint)       # may raise: the broken one stays, the next send retries
-                channel.close(timeout_s=0)
+                if channel is not None:
+                    channel.close(timeout_s=0)
                 channel = self._channels[shard] = new
                 self.endpoints[shard] = endpoint
             return channel

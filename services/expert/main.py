@@ -1,4 +1,5 @@
-"""``epserve serve expert``: one expert shard (config -> load its experts -> serve -> register -> SIGTERM)."""
+"""``epserve serve expert``: one expert shard (config -> load its experts -> serve -> register -> follow the
+placement, host a placement controller -> SIGTERM)."""
 from __future__ import annotations
 
 import logging
@@ -7,9 +8,11 @@ from epserve.services.cluster.grpc_server import start_grpc_server
 from epserve.services.cluster import nixl_transport
 from epserve.services.cluster.local_transport import LocalExpertServer
 from epserve.services.cluster.registry import Registry
-from epserve.services.cluster.state import LoadStats
+from epserve.services.cluster.controller import PlacementController
+from epserve.services.cluster.state import LoadStats, PlacementStore
 from epserve.services.cluster.transport import host_id
 from epserve.services.config import ExpertConfig
+from epserve.services.expert.follower import PlacementFollower
 from epserve.services.expert.shard import ExpertShard
 from epserve.services.lifecycle import start_service
 from epserve.services.model.tiny import resolve_model
@@ -29,7 +32,7 @@ def run(config: ExpertConfig) -> int:
     device, dtype = device_and_dtype(config)
     stats = LoadStats(client, keys)
     shard = ExpertShard(resolve_model(config.model), config.shard_id, placement, dtype=dtype, device=device,
-                        on_flush=lambda delta: stats.flush(config.shard_id, placement, delta),
+                        on_flush=lambda held, delta: stats.flush(config.shard_id, held, delta),
                         flush_interval_s=config.flush_interval)
     server = start_grpc_server(lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(shard, s),
                                [SERVICE_NAME], address=f"{config.host}:{config.port}")
@@ -39,12 +42,22 @@ def run(config: ExpertConfig) -> int:
     if nixl_transport.available():
         data_servers.append(nixl_transport.NixlExpertServer(shard.serve, label, config.host, config.advertise_host))
         endpoints["nixl_endpoint"] = data_servers[-1].name
-    heartbeat = Registry(client, keys).register(
-        "expert", str(config.shard_id), config.advertised(server.port),
-        {"shard_id": config.shard_id, "placement_version": placement.version,
-         "slots_per_shard": placement.slots_per_shard, **endpoints})
+    registry = Registry(client, keys)
+    info = lambda versions: {"shard_id": config.shard_id, "placement_versions": versions,  # noqa: E731
+                             "capacity": config.capacity, **endpoints}
+    heartbeat = registry.register("expert", str(config.shard_id), config.advertised(server.port),
+                                  info(shard.versions()))
+    follower = PlacementFollower(shard, PlacementStore(client, keys), registry,
+                                 lambda versions: heartbeat.update(info(versions))).start()
+    controller = PlacementController(
+        client, keys, redundant=config.redundant_experts, interval_s=config.rebalance_interval,
+        threshold=config.rebalance_threshold, window_s=config.rebalance_window,
+        ready_timeout_s=config.ready_timeout).start() if config.controller else None
     log.info("expert shard %d serving on %s (placement v%d)", config.shard_id, server.address, placement.version)
     stop.wait()
+    if controller is not None:
+        controller.stop()
+    follower.stop()
     heartbeat.stop()
     for data_server in data_servers:
         data_server.close()

@@ -1,22 +1,28 @@
 """The expert shard: the routed experts of one shard's physical slots, for every MoE layer.
 
-At start it reads, per MoE layer of the placement, only the experts in its local slots (FP8
-checkpoints stay FP8); an EMPTY slot holds nothing. ``Dispatch`` serves one long-lived stream per
-attention replica; per request (one MoE layer of one micro-batch)::
+It holds the slots of one or more placement versions: the current one, and during a live switch
+the next (``hold``, loaded in the background while the current one serves) or the previous (until
+every attention replica has moved; ``release``). Only its own experts are read from the checkpoint
+(FP8 checkpoints stay FP8), and an expert it already holds in another version is reused, not read
+again; an EMPTY slot holds nothing. ``Dispatch`` serves one long-lived stream per attention
+replica; per request (one MoE layer of one micro-batch, of one placement version)::
 
     validate -> hidden [T, D] (model dtype, or e4m3 + scales [T, ceil(D/128)] -> dequantise)
     -> local slots [T, K] -> loaded-weight rows -> fused MoE -> CombineResponse output [T, D]
 
 in request order (``serve(batch)`` is the same for every transport: the local transport's server
 calls it on batches in shared memory). A batch the shard cannot serve ends that gRPC stream with
-INVALID_ARGUMENT (or FAILED_PRECONDITION for another placement version) naming the field; other
-streams and new streams are unaffected. Tokens per (MoE layer row, local slot) are counted; a daemon thread hands
-the counts accumulated since the last flush to ``on_flush`` every ``flush_interval_s``.
+INVALID_ARGUMENT (or FAILED_PRECONDITION for a placement version it does not hold) naming the
+field; other streams and new streams are unaffected. Tokens per (version, MoE layer row, local
+slot) are counted; a daemon thread hands each version's counts accumulated since the last flush
+to ``on_flush(placement, counts)`` every ``flush_interval_s``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,25 +45,29 @@ def _invalid(field: str, message: str) -> BadBatch:
     return BadBatch(field, message)
 
 
+@dataclass
+class _Held:
+    """One placement version's slots on this shard."""
+
+    placement: Placement
+    weights: dict[int, ExpertWeights | None]     # MoE layer -> its local experts' stacked weights
+    slot_rows: dict[int, torch.Tensor]            # MoE layer -> [slots_per_shard] weight row per slot (-1: EMPTY)
+    counts: torch.Tensor                          # [moe layer rows, slots_per_shard] int64 tokens served
+    flushed: torch.Tensor                         # the part of counts already handed to on_flush
+
+
 class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
     def __init__(self, model_path: str | Path, shard_id: int, placement: Placement, *, dtype: torch.dtype,
-                 device: str = "cpu", on_flush: Callable[[torch.Tensor], None] | None = None,
+                 device: str = "cpu", on_flush: Callable[[Placement, torch.Tensor], None] | None = None,
                  flush_interval_s: float = 1.0):
-        config = ModelConfig.from_hf(model_path)
-        if not 0 <= shard_id < placement.num_shards:
-            raise ValueError(f"shard_id must be in [0, {placement.num_shards}), got {shard_id}")
-        if placement.num_experts != config.n_routed_experts:
-            raise ValueError(f"placement has {placement.num_experts} experts per layer, "
-                             f"the model {config.n_routed_experts}")
-        self.shard_id, self.placement, self.dtype, self.device = shard_id, placement, dtype, device
-        self.hidden_size = config.hidden_size
+        self.config = ModelConfig.from_hf(model_path)
+        self.shard_id, self.dtype, self.device = shard_id, dtype, device
+        self.hidden_size = self.config.hidden_size
         self.reader = CheckpointReader(model_path)            # records what was read (selective loading)
-        self.weights, self.slot_rows = self._load(self.reader)
-        rows, slots = len(placement.moe_layers), placement.slots_per_shard
-        self._counts = torch.zeros(rows, slots, dtype=torch.int64)     # [moe layer rows, local slots]
-        self._flushed = torch.zeros(rows, slots, dtype=torch.int64)
+        self._held: dict[int, _Held] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self.hold(placement)
         self.on_flush, self.flush_interval_s = on_flush, flush_interval_s
         self._stop = threading.Event()
         self._flusher = None
@@ -65,18 +75,75 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             self._flusher = threading.Thread(target=self._flush_loop, name=f"shard-{shard_id}-flush", daemon=True)
             self._flusher.start()
 
-    def _load(self, reader: CheckpointReader) -> tuple[dict[int, ExpertWeights | None], dict[int, torch.Tensor]]:
-        """Per MoE layer: the local experts' stacked weights (None if every slot is empty) and
-        slot_rows [slots_per_shard] int64, the weight row of each local slot (-1 for EMPTY)."""
+    # ---- placement versions ----------------------------------------------------------------------
+    @property
+    def placement(self) -> Placement:
+        """The newest placement version held."""
+        with self._lock:
+            return self._held[max(self._held)].placement
+
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._held)
+
+    def expert_weights(self, version: int) -> dict[int, ExpertWeights | None]:
+        """MoE layer -> the stacked weights of ``version``'s local slots (None where all are EMPTY)."""
+        with self._lock:
+            return dict(self._held[version].weights)
+
+    def hold(self, placement: Placement) -> None:
+        """Load this shard's slots of ``placement`` (reusing experts held for other versions) and serve it."""
+        if not 0 <= self.shard_id < placement.num_shards:
+            raise ValueError(f"shard_id must be in [0, {placement.num_shards}), got {self.shard_id}")
+        if placement.num_experts != self.config.n_routed_experts:
+            raise ValueError(f"placement has {placement.num_experts} experts per layer, "
+                             f"the model {self.config.n_routed_experts}")
+        if placement.version in self.versions():
+            return
         weights, slot_rows = {}, {}
-        for layer in self.placement.moe_layers:
-            experts = self.placement.local_experts(layer, self.shard_id)
+        for layer in placement.moe_layers:
+            experts = placement.local_experts(layer, self.shard_id)
             present = [e for e in experts if e != EMPTY]
-            weights[layer] = (load_expert_weights(reader, layer, present, dtype=self.dtype, device=self.device)
-                              if present else None)
+            weights[layer] = self._stack(layer, present) if present else None
             filled = torch.tensor([e != EMPTY for e in experts])
             slot_rows[layer] = torch.where(filled, filled.long().cumsum(0) - 1, -1)
-        return weights, slot_rows
+        counts = torch.zeros(len(placement.moe_layers), placement.slots_per_shard, dtype=torch.int64)
+        with self._lock:
+            self._held[placement.version] = _Held(placement, weights, slot_rows, counts, counts.clone())
+
+    def _stack(self, layer: int, experts: list[int]) -> ExpertWeights:
+        """The stacked weights of ``experts`` (slot order) of ``layer``: rows of held versions where
+        this shard has them, the rest read from the checkpoint."""
+        with self._lock:
+            held = list(self._held.values())
+        source: dict[int, tuple[ExpertWeights, int]] = {}           # expert -> (stacked weights, its row)
+        for version in held:
+            present = [e for e in version.placement.local_experts(layer, self.shard_id) if e != EMPTY]
+            if present == experts:
+                return version.weights[layer]                      # the same slots: share the tensors
+            for row, expert in enumerate(present):
+                source.setdefault(expert, (version.weights[layer], row))
+        new = [e for e in experts if e not in source]
+        if new:
+            fresh = load_expert_weights(self.reader, layer, new, dtype=self.dtype, device=self.device)
+            source.update({e: (fresh, row) for row, e in enumerate(new)})
+        stacked = {}
+        for f in dataclasses.fields(ExpertWeights):
+            parts = [getattr(source[e][0], f.name) for e in experts]
+            stacked[f.name] = None if parts[0] is None else torch.stack(
+                [part[source[e][1]] for part, e in zip(parts, experts)])
+        return ExpertWeights(**stacked)
+
+    def release(self, version: int) -> None:
+        """Stop serving ``version`` and free what only it used (after a last flush of its counts)."""
+        if version not in self.versions():
+            return
+        try:
+            self.flush()
+        except Exception:                       # noqa: BLE001 - its last counts are lost, not the shard
+            log.exception("expert shard %d: flushing counts of v%d failed", self.shard_id, version)
+        with self._lock:
+            self._held.pop(version, None)
 
     # ---- RPCs ------------------------------------------------------------------------------
     def Dispatch(self, request_iterator, context):
@@ -89,38 +156,49 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             yield expert_pb2.CombineResponse(request_id=request.request_id, output=to_proto(output))
 
     def GetShardInfo(self, request, context):
+        """The newest version held, and the tokens each of its slots served."""
         with self._lock:
-            counts = self._counts.clone()
+            held = self._held[max(self._held)]
+            counts = held.counts.clone()
         return expert_pb2.ShardInfo(request_id=request.request_id, shard_id=self.shard_id,
-                                    placement_version=self.placement.version,
-                                    slots_per_layer=self.placement.slots_per_shard, tokens_per_slot=to_proto(counts))
+                                    placement_version=held.placement.version,
+                                    slots_per_layer=held.placement.slots_per_shard, tokens_per_slot=to_proto(counts))
 
     # ---- one request -------------------------------------------------------------------------
     def serve(self, batch: ExpertBatch) -> torch.Tensor:
         """Validate and run one batch; its weighted expert sum [T, D] in the model dtype (CPU).
         BadBatch naming the field for a batch the shard cannot serve."""
-        x, slots, topk_weights = self._decode(batch)
+        held = self._version(batch)
+        x, slots, topk_weights = self._decode(held, batch)
         layer = batch.layer
-        rows = self.slot_rows[layer][slots.long().clamp(min=0)]                  # [T, K] weight row
+        rows = held.slot_rows[layer][slots.long().clamp(min=0)]                  # [T, K] weight row
         rows = torch.where(slots >= 0, rows, -1)
         if (rows[slots >= 0] < 0).any():
             raise _invalid("topk_slots", f"addresses an empty slot of layer {layer} "
-                                         f"(empty: {(self.slot_rows[layer] < 0).nonzero().flatten().tolist()})")
-        self._count(layer, slots)
-        weights = self.weights[layer]
+                                         f"(empty: {(held.slot_rows[layer] < 0).nonzero().flatten().tolist()})")
+        self._count(held, layer, slots)
+        weights = held.weights[layer]
         if weights is None or not (slots >= 0).any():
             return torch.zeros(x.shape, dtype=self.dtype)
         d = self.device
         return weights.run(x.to(d), topk_weights.to(d), rows.to(d)).cpu()
 
-    def _decode(self, batch: ExpertBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> hidden [T, D] in the model dtype, local slots [T, K] int32, weights [T, K] float32."""
-        if batch.placement_version != self.placement.version:
+    def _version(self, batch: ExpertBatch) -> _Held:
+        with self._lock:
+            held = self._held.get(batch.placement_version)
+            versions = sorted(self._held)
+        if held is None:
             raise BadBatch("placement_version", f"request uses placement v{batch.placement_version}, "
-                                                f"this shard serves v{self.placement.version}", precondition=True)
-        if batch.layer not in self.weights:
+                                                f"this shard serves {', '.join(f'v{v}' for v in versions)}",
+                           precondition=True)
+        return held
+
+    def _decode(self, held: _Held, batch: ExpertBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> hidden [T, D] in the model dtype, local slots [T, K] int32, weights [T, K] float32."""
+        placement = held.placement
+        if batch.layer not in held.weights:
             raise _invalid("layer", f"{batch.layer} is not a MoE layer of this placement "
-                                    f"(MoE layers: {list(self.placement.moe_layers)})")
+                                    f"(MoE layers: {list(placement.moe_layers)})")
         x = batch.hidden
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise _invalid("hidden", f"must be [tokens, {self.hidden_size}], got {list(x.shape)}")
@@ -131,7 +209,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         if weights.dtype != torch.float32 or weights.shape != slots.shape:
             raise _invalid("topk_weights", f"must be float32 {list(slots.shape)}, got {weights.dtype} "
                                            f"{list(weights.shape)}")
-        n = self.placement.slots_per_shard
+        n = placement.slots_per_shard
         if slots.numel() and not (slots.min() >= -1 and slots.max() < n):
             raise _invalid("topk_slots", f"values must be in [-1, {n}), got [{int(slots.min())}, {int(slots.max())}]")
         return x, slots, weights
@@ -154,24 +232,28 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         return fp8_dequant(x, scales, dtype=self.dtype)
 
     # ---- load counters -------------------------------------------------------------------------
-    def _count(self, layer: int, slots: torch.Tensor) -> None:
-        served = torch.bincount(slots[slots >= 0].long(), minlength=self.placement.slots_per_shard)
+    def _count(self, held: _Held, layer: int, slots: torch.Tensor) -> None:
+        served = torch.bincount(slots[slots >= 0].long(), minlength=held.placement.slots_per_shard)
         with self._lock:
-            self._counts[self.placement.row(layer)] += served
+            held.counts[held.placement.row(layer)] += served
 
-    def token_counts(self) -> torch.Tensor:
-        """Tokens served per (MoE layer row, local slot) since start, [rows, slots_per_shard] int64."""
+    def token_counts(self, version: int | None = None) -> torch.Tensor:
+        """Tokens served per (MoE layer row, local slot) of ``version`` (default: the newest held)
+        since it was loaded, [rows, slots_per_shard] int64."""
         with self._lock:
-            return self._counts.clone()
+            return self._held[max(self._held) if version is None else version].counts.clone()
 
     def flush(self) -> None:
-        """Hand the counts since the last successful flush to ``on_flush`` (skipped when none)."""
+        """Hand each version's counts since its last successful flush to ``on_flush`` (skipped when none)."""
         with self._flush_lock:
-            delta = self.token_counts() - self._flushed
-            if self.on_flush is None or not delta.any():
-                return
-            self.on_flush(delta)
-            self._flushed += delta
+            with self._lock:
+                held = [(h, h.counts.clone()) for h in self._held.values()]
+            for version, counts in held:
+                delta = counts - version.flushed
+                if self.on_flush is None or not delta.any():
+                    continue
+                self.on_flush(version.placement, delta)
+                version.flushed += delta
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval_s):

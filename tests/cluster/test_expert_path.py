@@ -140,7 +140,7 @@ def test_both_copies_of_a_hot_expert_serve_tokens(path, config, wire_dtype):
     ids = _tokens_choosing(hot, tokens, config.n_routed_experts, k)
     weights = torch.rand(tokens, k, generator=torch.Generator().manual_seed(2))
     flushed = []
-    with shard_cluster(path, placement, on_flush=flushed.append, flush_interval_s=0.01) as cluster:
+    with shard_cluster(path, placement, on_flush=lambda _, delta: flushed.append(delta), flush_interval_s=0.01) as cluster:
         with grpc_transport(cluster.addresses) as transport:
             remote = RemoteExperts(placement, transport, wire_dtype=wire_dtype)
             out = remote.combine(remote.dispatch(layer, x, weights, ids))
@@ -321,7 +321,7 @@ def test_fp8_checkpoint_shards_keep_fp8_and_read_only_their_experts(hf_checkpoin
     with shard_cluster(fp8, placement) as cluster:
         for shard in cluster.shards:
             assert all(w.w_gate.dtype == torch.float8_e4m3fn and w.w_down_scale is not None
-                       for w in shard.weights.values())
+                       for w in shard.expert_weights(placement.version).values())
             for name in shard.reader.names_read:
                 layer, expert = int(name.split(".")[2]), int(name.split(".")[5])
                 assert expert in placement.local_experts(layer, shard.shard_id), name
@@ -338,7 +338,8 @@ def test_a_failed_flush_keeps_its_counts_for_the_next(path, config):
     placement = build_placement(config.n_routed_experts, 2, 0, config.moe_layers)
     calls = []
 
-    def on_flush(delta):
+    def on_flush(held, delta):
+        assert held is placement
         calls.append(delta.clone())
         if len(calls) == 1:
             raise ConnectionError("redis is down")

@@ -149,8 +149,9 @@ def test_load_stats_flush_and_read_round_trip(redis_client, cluster_keys):
                     expected_slots[key] = expected_slots.get(key, 0) + tokens
                     expected_load[row, expert] += tokens
     for shard in range(S):
-        assert stats.slot_load(shard) == {(layer, slot): n for (s, layer, slot), n in expected_slots.items()
+        assert stats.slot_load(shard, placement.version) == {(layer, slot): n for (s, layer, slot), n in expected_slots.items()
                                           if s == shard}
+        assert stats.slot_load(shard, placement.version + 1) == {}        # per placement version
     assert torch.equal(stats.logical_load(LAYERS, experts), expected_load)
     with pytest.raises(ValueError, match=r"counts must be \[2, 2\]"):
         stats.flush(0, placement, torch.zeros(2, 3, dtype=torch.int64))
@@ -165,7 +166,7 @@ def test_both_copies_of_a_replicated_expert_are_counted(redis_client, cluster_ke
         counts = torch.zeros(len(LAYERS), placement.slots_per_shard, dtype=torch.int64)
         counts[0, slot - shard * placement.slots_per_shard] = 5
         stats.flush(shard, placement, counts)
-        assert stats.slot_load(shard) == {(LAYERS[0], slot): 5}
+        assert stats.slot_load(shard, placement.version) == {(LAYERS[0], slot): 5}
     assert stats.logical_load(LAYERS, E)[0, 7] == 10
 
 

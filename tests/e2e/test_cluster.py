@@ -43,14 +43,14 @@ class UpCluster:
     """`epserve up` in a subprocess, with what a test needs to look inside."""
 
     def __init__(self, model_dir, attention: int, shards: int, redundant: int, micro_batch_min_tokens: int = 1,
-                 transport: str = "auto"):
+                 transport: str = "auto", flags: tuple[str, ...] = ()):
         self.port = _free_port()
         self.state_file = os.path.join(tempfile.mkdtemp(prefix="epserve-up-"), "state.json")
         command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", str(model_dir), "--dtype", "float32",
                    "--attention", str(attention), "--expert-shards", str(shards),
                    "--redundant-experts", str(redundant), "--port", str(self.port),
                    "--micro-batch-min-tokens", str(micro_batch_min_tokens), "--transport", transport,
-                   "--state-file", self.state_file]
+                   "--state-file", self.state_file, *flags]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         state = wait_ready(self.state_file, self.process, timeout_s=240)
         self.redis = redis.Redis.from_url(state["redis_url"])
