@@ -12,8 +12,9 @@ advance when a step completes, and sampling is keyed by (seed, position). So the
 runs again, after a backoff (``BACKOFF_S``, doubling up to ``MAX_BACKOFF_S``) that gives a restarted
 shard time to register; a request that was running in more than ``step_retries`` failed steps fails
 with the error and frees its KV. Commands (submits, aborts) are served during the backoff.
-``between_steps`` runs in the loop thread before every step (and at least every 0.5 s when idle):
-the attention service takes a new placement version there.
+``between_steps`` runs in the loop thread before every step (and at least every 0.5 s when idle,
+or at once on ``wake``): the attention service takes a new placement version there, and when it
+did, a step that failed runs again without waiting out its backoff.
 """
 from __future__ import annotations
 
@@ -50,10 +51,10 @@ class Outputs(Protocol):
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_step: Callable[[dict[str, list[int]]], None] | None = None,
-                 *, step_retries: int, between_steps: Callable[[], None] | None = None):
+                 *, step_retries: int, between_steps: Callable[[], bool] | None = None):
         self.engine = engine
         self.on_step = on_step
-        self.between_steps = between_steps             # called in the loop thread before each step
+        self.between_steps = between_steps             # loop thread, before each step: True if it changed something
         self.step_retries = step_retries
         self._failed_steps: dict[str, int] = {}        # request id -> failed steps it was running in
         self._failures_in_a_row = 0
@@ -97,6 +98,10 @@ class EngineLoop:
             self._commands.put(("abort", request_id))
         return known
 
+    def wake(self) -> None:
+        """Run ``between_steps`` now, even while backing off after a failed step."""
+        self._commands.put(("wake",))
+
     def load(self) -> dict:
         """Counters for admission; read without locking (ints, updated by the loop thread)."""
         stats = dict(self.engine.stats())
@@ -110,8 +115,8 @@ class EngineLoop:
     # ---- the loop thread -----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped.is_set():
-            if self.between_steps is not None:
-                self.between_steps()
+            if self.between_steps is not None and self.between_steps():
+                self._retry_at = 0.0                                            # a failed step may work now
             idle = not self.engine.has_unfinished()
             wait = 0.5 if idle else self._retry_at - time.monotonic()          # > 0: backing off
             try:

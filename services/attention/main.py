@@ -54,7 +54,8 @@ def run(config: AttentionConfig) -> int:
     info = lambda: {**loop.load(), **static, "placement_version": experts.placement.version}  # noqa: E731
     heartbeat = registry.register("attention", config.replica_id, config.advertised(server.port), info())
     threading.Thread(target=_report_load, args=(heartbeat, info, stop), daemon=True).start()
-    threading.Thread(target=_follow_placement, args=(PlacementStore(client, keys), experts, stop), daemon=True).start()
+    threading.Thread(target=_follow_placement, args=(PlacementStore(client, keys), experts, loop, stop),
+                     daemon=True).start()
     log.info("attention replica %s serving on %s (placement v%d, expert transport %s)", config.replica_id,
              server.address, placement.version, kinds)
     stop.wait()
@@ -87,13 +88,17 @@ def _live_shard_endpoint(registry: Registry, shard: int, version: int) -> ShardE
                  if s.service_id == str(shard) and version in s.info.get("placement_versions", ())), None)
 
 
-def _follow_placement(store: PlacementStore, experts: RemoteExperts, stop: threading.Event) -> None:
-    """Stage each newly committed placement version for the engine loop's next step boundary."""
-    while not stop.wait(0.2):
+def _follow_placement(store: PlacementStore, experts: RemoteExperts, loop: EngineLoop, stop: threading.Event) -> None:
+    """Stage each newly committed placement version for the engine loop's next step boundary (at once if
+    it is backing off after a failed step: the new version may be what the step needs)."""
+    staged = None
+    while not stop.wait(0.1):
         try:
             version = current_version(store.client, store.keys)
-            if version is not None and version > experts.placement.version:
+            if version is not None and version > experts.placement.version and version != staged:
                 experts.stage(store.get(version))
+                staged = version
+                loop.wake()
         except Exception:                                # noqa: BLE001 - Redis away: keep the placement
             log.warning("attention: reading the current placement failed", exc_info=True)
 

@@ -80,13 +80,15 @@ class RemoteExperts(ExpertBackend):
         with self._lock:
             self._staged = placement
 
-    def at_step_boundary(self) -> None:
+    def at_step_boundary(self) -> bool:
         """Take the staged placement, if any: the engine loop calls this between steps, so that every
-        micro-batch and MoE layer of one step uses one placement version."""
+        micro-batch and MoE layer of one step uses one placement version. Whether it switched."""
         with self._lock:
             staged, self._staged = self._staged, None
-        if staged is not None and staged.version > self.placement.version:
-            self.placement = staged
+        if staged is None or staged.version <= self.placement.version:
+            return False
+        self.placement = staged
+        return True
 
     def dispatch(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> _Handle:
         """x [T, D], topk_weights [T, K] float32, topk_ids [T, K] logical -> handle for combine."""

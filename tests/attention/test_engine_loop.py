@@ -24,10 +24,13 @@ class FlakyExperts(ExpertBackend):
 
     def __init__(self, experts: LocalExperts, failing: set[int]):
         self.experts, self.failing, self.calls = experts, failing, 0
+        self.on_failure = None
 
     def dispatch(self, layer, x, topk_weights, topk_ids):
         self.calls += 1
         if self.calls in self.failing:
+            if self.on_failure is not None:
+                self.on_failure()
             raise ConnectionError(f"expert shard 1: the shard closed the connection (call {self.calls})")
         return self.experts.dispatch(layer, x, topk_weights, topk_ids)
 
@@ -41,14 +44,17 @@ def reference():
     return [s.output_ids for s in engine.generate(PROMPTS, PARAMS)]
 
 
-def run(failing: set[int], step_retries: int, monkeypatch) -> tuple[dict, FlakyExperts]:
-    monkeypatch.setattr(engine_loop, "BACKOFF_S", 0.01)                  # keep the test quick
+def run(failing: set[int], step_retries: int, monkeypatch, backoff_s: float = 0.01,
+        between_steps=None, on_failure=None) -> tuple[dict, FlakyExperts]:
+    monkeypatch.setattr(engine_loop, "BACKOFF_S", backoff_s)
+    monkeypatch.setattr(engine_loop, "MAX_BACKOFF_S", max(backoff_s, engine_loop.MAX_BACKOFF_S))
     engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
     flaky = FlakyExperts(engine.model.model.layers[1].mlp.backend, failing)
     for layer in engine.model.model.layers:
         if hasattr(layer.mlp, "backend"):
             layer.mlp.backend = flaky
-    loop = EngineLoop(engine, step_retries=step_retries).start()
+    loop = EngineLoop(engine, step_retries=step_retries, between_steps=between_steps).start()
+    flaky.on_failure = on_failure and (lambda: on_failure(loop))
     outputs = {f"r{i}": queue.Queue() for i in range(len(PROMPTS))}
     for (request_id, out), prompt in zip(outputs.items(), PROMPTS):
         loop.submit(request_id, prompt, PARAMS, out)
@@ -74,6 +80,25 @@ def test_failed_steps_run_again_and_give_the_same_tokens(reference, monkeypatch)
     results, flaky = run({3, 4, 5, 20}, step_retries=8, monkeypatch=monkeypatch)  # 3 failed steps in a row, then 1
     assert [results[f"r{i}"] for i in range(len(PROMPTS))] == reference
     assert flaky.calls > 20
+
+
+def test_a_new_placement_runs_a_failed_step_again_without_waiting_out_its_backoff(reference, monkeypatch):
+    """The backoff is an hour; the failing dispatch stages a placement and wakes the loop (as the attention
+    service does when a fail-over placement is committed): the step runs again at once."""
+    staged = []
+
+    def between_steps():
+        switched = bool(staged)
+        staged.clear()
+        return switched
+
+    def on_failure(loop):
+        staged.append("v2")
+        loop.wake()
+
+    results, _ = run({3}, step_retries=8, monkeypatch=monkeypatch, backoff_s=3600, between_steps=between_steps,
+                     on_failure=on_failure)
+    assert [results[f"r{i}"] for i in range(len(PROMPTS))] == reference
 
 
 def test_a_request_fails_after_too_many_failed_steps(monkeypatch):
