@@ -58,6 +58,7 @@ BENCHES = {
     "wire": Bench("--batch 32 --steps 16", "--batch 32 --steps 16", 300, 90),
     "transport": Bench("--iters 20", "--iters 20", 300, 90),
     "placement": Bench("", "", 300, 60),
+    "live_placement": Bench("", "--new-tokens 200", 600, 120),
     "micro_batches": Bench("--seqs 32,64,128,256 --steps 20", "--seqs 32,64,128 --steps 20", 600, 120),
     "cluster": Bench("--concurrency 1,8,32 --repeats 3", "--concurrency 1,8,32 --repeats 2", 900, 180),
 }
