@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import operator
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,34 +37,40 @@ Timeout = float | None | ClientDefault
 class Settings:
     """Everything a channel and its calls need, validated once by :func:`settings`."""
 
-    target: str
+    targets: tuple[str, ...]            # routers: the first, then the others for resumed streams
     credentials: grpc.ChannelCredentials | None
     options: tuple[tuple[str, Any], ...]
     metadata: tuple[tuple[str, str], ...]
     timeout: float | None
+    resume_attempts: int
 
-    def open(self, module: Any) -> Any:
-        """A channel from ``module`` (``grpc`` or ``grpc.aio``): secure when TLS was asked for."""
+    def open(self, module: Any, target: str) -> Any:
+        """A channel to ``target`` from ``module`` (``grpc`` or ``grpc.aio``): secure when TLS was asked for."""
         if self.credentials is None:
-            return module.insecure_channel(self.target, options=self.options)
-        return module.secure_channel(self.target, self.credentials, options=self.options)
+            return module.insecure_channel(target, options=self.options)
+        return module.secure_channel(target, self.credentials, options=self.options)
 
     def deadline(self, timeout: Timeout) -> float | None:
         """The gRPC ``timeout`` of one call: its own, or the client's when not given."""
         return self.timeout if isinstance(timeout, ClientDefault) else timeout
 
 
-def settings(target: str, *, api_key: str | None, tls: bool, root_certificates: bytes | None,
+def settings(target: str | Sequence[str], *, api_key: str | None, tls: bool, root_certificates: bytes | None,
              timeout: float | None, max_retries: int, initial_backoff: float, max_backoff: float,
-             options: Sequence[tuple[str, Any]]) -> Settings:
+             options: Sequence[tuple[str, Any]], resume_attempts: int = 8) -> Settings:
     """Validates the client's arguments and turns them into channel options, credentials, metadata."""
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target must be a host:port or a non-empty list of them, got {target!r}")
+    if resume_attempts < 0:
+        raise ValueError(f"resume_attempts must be >= 0, got {resume_attempts}")
     if root_certificates is not None and not tls:
         raise ValueError("root_certificates given without tls=True")
     credentials = grpc.ssl_channel_credentials(root_certificates) if tls else None
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     config = service_config(max_retries, initial_backoff, max_backoff)
     channel_options = (("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config)), *options)
-    return Settings(target, credentials, channel_options, metadata, timeout)
+    return Settings(targets, credentials, channel_options, metadata, timeout, resume_attempts)
 
 
 def service_config(max_retries: int, initial_backoff: float, max_backoff: float) -> dict:
@@ -133,14 +140,18 @@ class StreamState:
     def __init__(self, request_id: str | None):
         self.request_id = request_id or None
         self.result: GenerateResult | None = None
+        self.received = 0                      # token ids in the chunks so far (where a resume starts)
+        self.answered = False                  # a response arrived (the server knows the request)
 
     def feed(self, response: pb.GenerateResponse) -> StreamChunk | None:
         """The chunk in ``response``, or None for ``complete``; raises the typed error for ``error``."""
         self.request_id = response.request_id or self.request_id
+        self.answered = True
         kind = response.WhichOneof("response")
         if self.result is not None:
             raise self.protocol_error(f"{kind or 'empty'} message after complete")
         if kind == "chunk":
+            self.received += len(response.chunk.token_ids)
             return StreamChunk(self.request_id or "", list(response.chunk.token_ids), response.chunk.text)
         if kind == "complete":
             self.result = self._result(response.complete)
@@ -165,3 +176,39 @@ class StreamState:
             raise self.protocol_error(f"finish_reason {complete.finish_reason} in complete")
         usage = Usage(complete.usage.prompt_tokens, complete.usage.completion_tokens)
         return GenerateResult(self.request_id or "", list(complete.token_ids), complete.text, reason, usage)
+
+
+@dataclass
+class Resumer:
+    """When and how a broken ``Generate`` stream is resumed, for both clients.
+
+    A stream that fails with UNAVAILABLE after its first response (its router died or restarted) is
+    called again with the request id the server named and ``resume_from`` = the tokens received, on the next
+    router of the client's list, after a backoff (0.25 s doubling to 2 s), up to
+    ``Settings.resume_attempts`` times; the deadline is the first call's.
+    """
+
+    request: pb.GenerateRequest
+    settings: Settings
+    deadline_at: float | None              # time.monotonic() when the call's deadline passes
+    attempts: int = 0
+
+    def resumable(self, error: grpc.RpcError, state: StreamState) -> bool:
+        """Whether to resume after ``error``: UNAVAILABLE once the server has answered (before that,
+        gRPC's retry policy retries) and named the request, attempts left, not finished."""
+        return (error.code() == grpc.StatusCode.UNAVAILABLE and self.attempts < self.settings.resume_attempts
+                and state.result is None and state.answered and bool(state.request_id))
+
+    def next(self, state: StreamState) -> tuple[pb.GenerateRequest, float, float | None, int]:
+        """-> (the request to send, seconds to wait first, its timeout, the index of the router to call)."""
+        self.attempts += 1
+        request = pb.GenerateRequest()
+        request.CopyFrom(self.request)
+        request.request_id, request.resume_from = state.request_id, state.received
+        timeout = None if self.deadline_at is None else max(0.0, self.deadline_at - time.monotonic())
+        return request, min(0.25 * 2 ** (self.attempts - 1), 2.0), timeout, self.attempts % len(self.settings.targets)
+
+
+def resumer(request: pb.GenerateRequest, settings: Settings, timeout: float | None) -> Resumer:
+    """The resume policy of a new stream."""
+    return Resumer(request, settings, None if timeout is None else time.monotonic() + timeout)

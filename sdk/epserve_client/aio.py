@@ -1,7 +1,8 @@
 """Asyncio client of ``epserve.v1.GenerationService`` (``grpc.aio``); same API as :class:`Client`, awaited."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -22,9 +23,11 @@ class AsyncGenerateStream(AsyncIterator[StreamChunk]):
     unfinished is cancelled when it is garbage-collected.
     """
 
-    def __init__(self, call: Any, request_id: str | None):
+    def __init__(self, call: Any, request_id: str | None, resumer: _wire.Resumer | None = None,
+                 reopen: Callable[[Any, float | None, int], Any] | None = None):
         self._call = call
         self._state = _wire.StreamState(request_id)
+        self._resumer, self._reopen = resumer, reopen     # reopen(request, timeout, router index) -> call
         self._done = False  # no more chunks will come
         self._cancelled = False  # the caller cancelled before the end
 
@@ -73,7 +76,15 @@ class AsyncGenerateStream(AsyncIterator[StreamChunk]):
 
     async def _next_chunk(self) -> StreamChunk | None:
         while True:
-            response = await self._call.read()
+            try:
+                response = await self._call.read()
+            except grpc.RpcError as error:
+                if self._cancelled or self._resumer is None or not self._resumer.resumable(error, self._state):
+                    raise
+                request, wait, timeout, index = self._resumer.next(self._state)
+                await asyncio.sleep(wait)
+                self._call = self._reopen(request, timeout, index)
+                continue
             if response is grpc.aio.EOF:
                 self._state.finish()
                 return None
@@ -88,14 +99,22 @@ class AsyncClient:
     Create it inside a running event loop (``grpc.aio`` binds the channel to it).
     """
 
-    def __init__(self, target: str, *, api_key: str | None = None, tls: bool = False,
+    def __init__(self, target: str | Sequence[str], *, api_key: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, timeout: float | None = 60.0, max_retries: int = 4,
-                 initial_backoff: float = 0.1, max_backoff: float = 2.0, options: Sequence[tuple[str, Any]] = ()):
+                 initial_backoff: float = 0.1, max_backoff: float = 2.0, options: Sequence[tuple[str, Any]] = (),
+                 resume_attempts: int = 8):
         self._settings = _wire.settings(
             target, api_key=api_key, tls=tls, root_certificates=root_certificates, timeout=timeout,
-            max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff, options=options)
-        self._channel = self._settings.open(grpc.aio)
-        self._stub = GenerationServiceStub(self._channel)
+            max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff, options=options,
+            resume_attempts=resume_attempts)
+        self._channels: dict[int, Any] = {}
+        self._stub = self._router(0)
+
+    def _router(self, index: int) -> GenerationServiceStub:
+        """The stub of router ``index`` of the target list (its channel opened on first use)."""
+        if index not in self._channels:
+            self._channels[index] = self._settings.open(grpc.aio, self._settings.targets[index])
+        return GenerationServiceStub(self._channels[index])
 
     async def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float | None = None,
                        top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
@@ -120,9 +139,13 @@ class AsyncClient:
         request = _wire.generate_request(
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id)
-        call = self._stub.Generate(request, timeout=self._settings.deadline(timeout),
-                                   metadata=self._settings.metadata)
-        return AsyncGenerateStream(call, request_id)
+        deadline = self._settings.deadline(timeout)
+        resumer = _wire.resumer(request, self._settings, deadline)
+        call = self._stub.Generate(request, timeout=deadline, metadata=self._settings.metadata)
+        return AsyncGenerateStream(call, request_id, resumer, self._reopen)
+
+    def _reopen(self, request: pb.GenerateRequest, timeout: float | None, index: int) -> Any:
+        return self._router(index).Generate(request, timeout=timeout, metadata=self._settings.metadata)
 
     async def model_info(self, *, timeout: Timeout = CLIENT_DEFAULT) -> ModelInfo:
         """What the cluster serves: model, vocabulary, context, replicas and shards."""
@@ -134,8 +157,9 @@ class AsyncClient:
         return response.found
 
     async def close(self) -> None:
-        """Closes the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        """Closes the channels; calls in flight are cancelled."""
+        for channel in self._channels.values():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

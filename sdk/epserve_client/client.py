@@ -1,7 +1,8 @@
 """Blocking client of ``epserve.v1.GenerationService``."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -22,9 +23,12 @@ class GenerateStream(Iterator[StreamChunk]):
     unfinished is cancelled when it is garbage-collected.
     """
 
-    def __init__(self, call: Any, request_id: str | None):
+    def __init__(self, call: Any, request_id: str | None, resumer: _wire.Resumer | None = None,
+                 reopen: Callable[[Any, float | None, int], Any] | None = None):
         self._call = call
         self._state = _wire.StreamState(request_id)
+        self._resumer, self._reopen = resumer, reopen     # reopen(request, timeout, router index) -> call
+        self._cancelled = False
         self._chunks = self._read()
 
     @property
@@ -41,6 +45,7 @@ class GenerateStream(Iterator[StreamChunk]):
 
     def cancel(self) -> None:
         """Cancels the call; iterating afterwards raises :class:`~epserve_client.Cancelled`."""
+        self._cancelled = True
         self._call.cancel()
 
     def __next__(self) -> StreamChunk:
@@ -54,13 +59,20 @@ class GenerateStream(Iterator[StreamChunk]):
 
     def _read(self) -> Iterator[StreamChunk]:
         try:
-            for response in self._call:
-                chunk = self._state.feed(response)
-                if chunk is not None:
-                    yield chunk
-            self._state.finish()
-        except grpc.RpcError as error:
-            raise error_from_rpc(error, self._state.request_id) from error
+            while True:
+                try:
+                    for response in self._call:
+                        chunk = self._state.feed(response)
+                        if chunk is not None:
+                            yield chunk
+                    self._state.finish()
+                    return
+                except grpc.RpcError as error:
+                    if self._cancelled or self._resumer is None or not self._resumer.resumable(error, self._state):
+                        raise error_from_rpc(error, self._state.request_id) from error
+                    request, wait, timeout, index = self._resumer.next(self._state)
+                    time.sleep(wait)
+                    self._call = self._reopen(request, timeout, index)
         finally:
             self._call.cancel()  # no-op once the call has finished
 
@@ -68,22 +80,34 @@ class GenerateStream(Iterator[StreamChunk]):
 class Client:
     """Blocking client of an epserve cluster's public API.
 
-    ``target`` is ``host:port`` of a router. ``api_key`` is sent as ``authorization: Bearer <key>``
-    on every call. ``tls=True`` verifies the server against ``root_certificates`` (PEM; the system
-    roots when None). ``timeout`` (seconds, None for none) is the default deadline of each call.
-    Calls failing with UNAVAILABLE are retried by gRPC up to ``max_retries`` times with exponential
-    backoff from ``initial_backoff`` to ``max_backoff`` seconds; a stream is retried only before its
-    first response. ``options`` are extra gRPC channel options.
+    ``target`` is ``host:port`` of a router, or a list of routers (calls go to the first; a resumed
+    stream to the next). ``api_key`` is sent as ``authorization: Bearer <key>`` on every call.
+    ``tls=True`` verifies the server against ``root_certificates`` (PEM; the system roots when None).
+    ``timeout`` (seconds, None for none) is the default deadline of each call. Calls failing with
+    UNAVAILABLE are retried by gRPC up to ``max_retries`` times with exponential backoff from
+    ``initial_backoff`` to ``max_backoff`` seconds, a stream only before its first response; a
+    stream that breaks later (its router died) is resumed up to ``resume_attempts`` times: called
+    again (on the next router of the list) with its request id and the number of tokens received,
+    it goes on where it was, each token once (0: off). ``options`` are extra gRPC channel
+    options.
     """
 
-    def __init__(self, target: str, *, api_key: str | None = None, tls: bool = False,
+    def __init__(self, target: str | Sequence[str], *, api_key: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, timeout: float | None = 60.0, max_retries: int = 4,
-                 initial_backoff: float = 0.1, max_backoff: float = 2.0, options: Sequence[tuple[str, Any]] = ()):
+                 initial_backoff: float = 0.1, max_backoff: float = 2.0, options: Sequence[tuple[str, Any]] = (),
+                 resume_attempts: int = 8):
         self._settings = _wire.settings(
             target, api_key=api_key, tls=tls, root_certificates=root_certificates, timeout=timeout,
-            max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff, options=options)
-        self._channel = self._settings.open(grpc)
-        self._stub = GenerationServiceStub(self._channel)
+            max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff, options=options,
+            resume_attempts=resume_attempts)
+        self._channels: dict[int, Any] = {}
+        self._stub = self._router(0)
+
+    def _router(self, index: int) -> GenerationServiceStub:
+        """The stub of router ``index`` of the target list (its channel opened on first use)."""
+        if index not in self._channels:
+            self._channels[index] = self._settings.open(grpc, self._settings.targets[index])
+        return GenerationServiceStub(self._channels[index])
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
@@ -112,9 +136,13 @@ class Client:
         request = _wire.generate_request(
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id)
-        call = self._stub.Generate(request, timeout=self._settings.deadline(timeout),
-                                   metadata=self._settings.metadata)
-        return GenerateStream(call, request_id)
+        deadline = self._settings.deadline(timeout)
+        resumer = _wire.resumer(request, self._settings, deadline)
+        call = self._stub.Generate(request, timeout=deadline, metadata=self._settings.metadata)
+        return GenerateStream(call, request_id, resumer, self._reopen)
+
+    def _reopen(self, request: pb.GenerateRequest, timeout: float | None, index: int) -> Any:
+        return self._router(index).Generate(request, timeout=timeout, metadata=self._settings.metadata)
 
     def model_info(self, *, timeout: Timeout = CLIENT_DEFAULT) -> ModelInfo:
         """What the cluster serves: model, vocabulary, context, replicas and shards."""
@@ -126,8 +154,9 @@ class Client:
         return response.found
 
     def close(self) -> None:
-        """Closes the channel; calls in flight are cancelled."""
-        self._channel.close()
+        """Closes the channels; calls in flight are cancelled."""
+        for channel in self._channels.values():
+            channel.close()
 
     def __enter__(self) -> Client:
         return self

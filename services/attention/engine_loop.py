@@ -34,6 +34,10 @@ BACKOFF_S = 0.25          # after the first failed step in a row; doubles with e
 MAX_BACKOFF_S = 2.0
 
 
+class AlreadyRunning(InvalidParam):
+    """A request id that is still running here (an abort of an earlier run of it not yet through)."""
+
+
 @dataclass
 class StepError:
     """Delivered to a request's outputs instead of an output when it could not run or its step failed."""
@@ -87,7 +91,7 @@ class EngineLoop:
         self.engine.validate(list(prompt_ids), params, list(emitted_ids))
         with self._lock:
             if request_id in self._outputs:
-                raise InvalidParam("request_id", f"{request_id!r} is already running on this replica")
+                raise AlreadyRunning("request_id", f"{request_id!r} is already running on this replica")
             self._outputs[request_id] = outputs
         self._commands.put(("add", request_id, list(prompt_ids), params, list(emitted_ids)))
 

@@ -3,9 +3,10 @@
 A router holds one ``Session`` stream per replica and submits every request it routes there on
 it. The engine loop's courier hands each step's outputs to the event loop in one go per session, and
 each session sends all of its requests' new tokens in one message: one wake-up and one message per
-step and router, not one per request. A request ends with a finished event, with ``error`` set when it was refused
-(INVALID_ARGUMENT, UNAVAILABLE while draining) or its step failed (INTERNAL); an abort, or the end
-of the session (router gone), aborts the request on the engine, which frees its KV blocks at once.
+step and router, not one per request. A request ends with a finished event, with ``error`` set
+when it was refused (INVALID_ARGUMENT, UNAVAILABLE while draining, ALREADY_EXISTS while an earlier
+run of its id is still being aborted) or its step failed (INTERNAL); an abort, or the end of the
+session (router gone), aborts the request on the engine, which frees its KV blocks at once.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Callable
 
 import grpc
 
-from epserve.services.attention.engine_loop import EngineLoop, StepError
+from epserve.services.attention.engine_loop import AlreadyRunning, EngineLoop, StepError
 from epserve.services.engine.engine import RequestOutput
 from epserve.services.engine.params import InvalidParam
 from epserve.services.params import FINISH_REASONS, sampling_from_proto
@@ -120,7 +121,8 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
             params = sampling_from_proto(request.sampling, seed=request.seed)
             self.loop.submit(request.request_id, list(request.prompt_ids), params, outputs, list(request.emitted_ids))
         except InvalidParam as err:
-            outputs.add(_refused(request.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+            code = grpc.StatusCode.ALREADY_EXISTS if isinstance(err, AlreadyRunning) else grpc.StatusCode.INVALID_ARGUMENT
+            outputs.add(_refused(request.request_id, code, str(err)))
             return
         running.add(request.request_id)
 

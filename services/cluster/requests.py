@@ -37,6 +37,16 @@ return 1
 """  # KEYS: record, token log; ARGV: comma-joined ids, how many -> 0 when the request is gone or over
 
 
+_REOPEN = """
+if not redis.call('HGET', KEYS[1], 'state') then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued')
+redis.call('HDEL', KEYS[1], 'finish_reason')
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[2])
+return 1
+"""  # KEYS: record, token log -> 0 when there is no record
+
+
 class DuplicateRequest(ValueError):
     """A record with this request id already exists."""
 
@@ -78,6 +88,7 @@ class RequestStore:
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
         self._set_state = client.register_script(_SET_STATE)
         self._append = client.register_script(_APPEND)
+        self._reopen = client.register_script(_REOPEN)
 
     def create(self, record: RequestRecord) -> None:
         """Store a new record; DuplicateRequest if its id exists (checked atomically with WATCH)."""
@@ -117,6 +128,12 @@ class RequestStore:
         if done < 0:
             raise KeyError(f"no request record {request_id!r}")
         return bool(done)
+
+    def reopen(self, request_id: str) -> None:
+        """Make the request queued again, whatever its state (a client resuming it): its token log is
+        kept, and neither expires until it ends again. KeyError when there is no such record."""
+        if not self._reopen(keys=[self.keys.request(request_id), self.keys.tokens(request_id)]):
+            raise KeyError(f"no request record {request_id!r}")
 
     def append_tokens(self, batch: dict[str, list[int]]) -> list[str]:
         """Append one engine step's new token ids per request, in one pipeline.

@@ -7,7 +7,9 @@ it) -> resolve the seed -> record the request in Redis (state, owner, prompt, pa
 a replica from admission (queue when all are full, RESOURCE_EXHAUSTED beyond the bound) ->
 submit it on the replica's shared ``Session`` stream and relay its token events as chunks, then
 one ``complete``. A cancelled or expired client call aborts the request on its replica, which frees
-its KV.
+its KV. A call with the id of an existing request (same prompt and parameters) resumes it after
+``resume_from`` tokens, from its Redis record and token log, on any router: a client whose router
+died reconnects to another (or the restarted one) and its stream goes on.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import grpc
 from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore
 from epserve.services.engine.params import InvalidParam, draw_seed
 from epserve.services.engine.tokenizer import IncrementalDecoder, Tokenizer
-from epserve.services.params import FINISH_REASON_NAMES, sampling_to_proto
+from epserve.services.params import FINISH_REASON_NAMES, FINISH_REASONS, sampling_to_proto
 from epserve.services.proto import attention_pb2, generation_pb2, generation_pb2_grpc
 from epserve.services.router.admission import Admission, NoReplicas, QueueFull, Replica
 from epserve.services.router.replica_session import ReplicaSessions, SessionBroken
@@ -61,17 +63,73 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await self._blocking(self.requests.create,
                                  RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
         except DuplicateRequest:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} already exists")
+            async for response in self._resume(request, prompt, params, context):
+                yield response
+            return
+        replica = await self._admit_or_end(request_id, context)
+        async for response in self._relay(request_id, prompt, params, seed, replica, context):
+            yield response
+
+    async def _resume(self, request, prompt: list[int], params, context):
+        """A retry of an existing request id (its client reconnected: its router or connection went away).
+        A finished request replays the tokens of its log past ``resume_from``; any other is queued again
+        (its earlier run, if one still goes, aborted) and continues from its token log on a replica,
+        with its recorded seed: the client gets every token once."""
+        request_id = request.request_id
+        record = await self._blocking(self.requests.get, request_id)
+        if record is None or record.prompt_ids != prompt or record.sampling != _params_dict(params) or (
+                params.seed is not None and params.seed != record.seed):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} exists with another "
+                                                                 f"prompt or other sampling parameters")
+        logged = await self._blocking(self.requests.tokens, request_id)
+        if request.resume_from > len(logged):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resume_from: {request.resume_from} is more "
+                                                                   f"than the {len(logged)} tokens emitted")
+        decoder = IncrementalDecoder(self.tokenizer)
+        decoder.push(logged[:request.resume_from])
+        unseen = logged[request.resume_from:]
+        chunk = generation_pb2.GenerateResponse(request_id=request_id, chunk=generation_pb2.Chunk(
+            token_ids=unseen, text=decoder.push(unseen)))
+        if record.state == "finished":
+            yield chunk
+            yield generation_pb2.GenerateResponse(request_id=request_id, complete=generation_pb2.Complete(
+                finish_reason=FINISH_REASONS.get(record.finish_reason, 0), token_ids=logged,
+                usage=generation_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=len(logged)),
+                text=self.tokenizer.decode(logged)))
+            return
+        log.info("request %s: resuming after %d tokens (%s, owner %s)", request_id, len(logged), record.state,
+                 record.owner)
+        await self._blocking(self.requests.reopen, request_id)
+        if record.state == "running" and record.owner:
+            await self._abort_on(record.owner, request_id)
+        replica = await self._admit_or_end(request_id, context)
+        if unseen:
+            yield chunk
+        async for response in self._relay(request_id, prompt, params, record.seed, replica, context, logged, decoder):
+            yield response
+
+    async def _admit_or_end(self, request_id: str, context) -> Replica:
+        """A replica for the request; when none can be had, the request fails and the call ends."""
         try:
-            replica = await self._admit(context.time_remaining())
+            return await self._admit(context.time_remaining())
         except tuple(_ADMISSION_ERRORS) as err:
             await self._blocking(self.requests.set_state, request_id, "failed")
             await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
         except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
             self._record_abort(request_id)
             raise
-        async for response in self._relay(request_id, prompt, params, seed, replica, context):
-            yield response
+
+    async def _abort_on(self, replica_id: str, request_id: str) -> None:
+        """Abort the request on replica ``replica_id`` if it is live there (best effort)."""
+        replicas = await self._blocking(self.admission.replicas)
+        replica = next((r for r in replicas if r.service_id == replica_id), None)
+        if replica is None:
+            return
+        try:
+            await self.sessions.stub(replica.address).Abort(generation_pb2.AbortRequest(request_id=request_id),
+                                                            timeout=5)
+        except grpc.RpcError as err:
+            log.warning("request %s: aborting its earlier run on %s failed: %s", request_id, replica_id, err)
 
     def _record_abort(self, request_id: str) -> None:
         """Mark the request aborted without waiting (no-op once it has ended)."""
@@ -93,12 +151,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not acquired.cancelled() and acquired.exception() is None:
             self.admission.release(acquired.result())
 
-    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context):
-        """Stream the request's tokens from ``replica``. When the replica goes away (its session breaks,
-        or it refuses as UNAVAILABLE), resubmit on a replica admission picks (the restarted one, or
-        another) with the tokens already streamed: it recomputes them and goes on, and the client sees
-        each token once (greedy and seeded sampling give the tokens an undisturbed run would)."""
-        decoder, token_ids, ended, session, resumes = IncrementalDecoder(self.tokenizer), [], False, None, 0
+    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context, emitted: list[int] = (),
+                     decoder: IncrementalDecoder | None = None):
+        """Stream the request's tokens from ``replica``, after the ``emitted`` ones (a resumed request;
+        ``decoder`` has decoded them). When the replica goes away (its session breaks, or it refuses as
+        UNAVAILABLE), resubmit on a replica admission picks (the restarted one, or another) with the
+        tokens already streamed: it recomputes them and goes on, and the client sees each token once
+        (greedy and seeded sampling give the tokens an undisturbed run would)."""
+        decoder = decoder or IncrementalDecoder(self.tokenizer)
+        token_ids, ended, session, resumes = list(emitted), False, None, 0
         try:
             events, session = await self._submit(request_id, prompt, params, seed, token_ids, replica)
             while not ended:
@@ -200,10 +261,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 def _replica_gone(event) -> bool:
-    """The replica's session broke, or the replica refused as UNAVAILABLE (draining): another may serve it."""
+    """The replica's session broke, or the replica refused as UNAVAILABLE (draining) or ALREADY_EXISTS (an
+    earlier run of the id still being aborted there): resubmitting after a backoff may succeed."""
     if isinstance(event, SessionBroken):
         return event.code != grpc.StatusCode.CANCELLED
-    return event.HasField("error") and _status_code(event.error.code) == grpc.StatusCode.UNAVAILABLE
+    return event.HasField("error") and _status_code(event.error.code) in (grpc.StatusCode.UNAVAILABLE,
+                                                                         grpc.StatusCode.ALREADY_EXISTS)
 
 
 def _details(event) -> str:

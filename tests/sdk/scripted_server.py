@@ -2,7 +2,8 @@
 
 It "generates" tokens 100, 101, ... (text ``<100><101>...``) in chunks, records every call with its
 request and metadata, and misbehaves as its :class:`Script` says: fail the first calls with
-UNAVAILABLE, sleep, send an in-stream ``error``, or fail after the first chunk.
+UNAVAILABLE, sleep, send an in-stream ``error``, or fail after the first chunk; a call with
+``resume_from`` streams the tokens after that many.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Script:
     chunk_delay: float = 0.0            # seconds between chunks
     stream_error: tuple[grpc.StatusCode, str] | None = None  # sent as an `error` message after the first chunk
     status_after_first_chunk: tuple[grpc.StatusCode, str] | None = None  # gRPC status after the first chunk
+    broken_streams: int = 1             # of the first this many Generate calls (the later ones go through)
     running: set[str] = field(default_factory=lambda: {"running-1"})  # ids that Abort finds
 
 
@@ -51,15 +53,17 @@ class ScriptedServicer(pb_grpc.GenerationServiceServicer):
         _validate(request, context)
         request_id = request.request_id or f"srv-{n}"
         tokens, reason = _generated(request.sampling)
+        breaks = len(self.calls_of("Generate")) <= self.script.broken_streams
         size = self.script.chunk_size
-        for start in range(0, len(tokens), size):
+        for start in range(request.resume_from, len(tokens), size):     # a resumed call: after what was received
             part = tokens[start:start + size]
             yield pb.GenerateResponse(request_id=request_id, chunk=pb.Chunk(token_ids=part, text=_text(part)))
-            if start == 0 and self.script.stream_error:
+            first = start == request.resume_from
+            if first and self.script.stream_error:
                 code, message = self.script.stream_error
                 yield pb.GenerateResponse(request_id=request_id, error=pb.Error(code=code.value[0], message=message))
                 return
-            if start == 0 and self.script.status_after_first_chunk:
+            if first and breaks and self.script.status_after_first_chunk:
                 context.abort(*self.script.status_after_first_chunk)
             _sleep(context, self.script.chunk_delay)
         prompt_tokens = len(request.token_ids.ids) if request.HasField("token_ids") else len(request.text.encode())

@@ -106,13 +106,52 @@ def test_no_retries_when_max_retries_is_zero(server):
     assert len(server.servicer.calls) == 1
 
 
-def test_stream_that_yielded_tokens_is_never_replayed(client, server):
+def test_stream_that_yielded_tokens_is_never_replayed_without_resume(server):
     server.script.status_after_first_chunk = (grpc.StatusCode.UNAVAILABLE, "replica lost")
-    stream = client.stream("x", max_tokens=6)
-    assert next(stream).token_ids == [100, 101]
-    with pytest.raises(Unavailable, match="^replica lost$"):
-        next(stream)
+    with Client(server.target, resume_attempts=0, **FAST_RETRIES) as c:
+        stream = c.stream("x", max_tokens=6)
+        assert next(stream).token_ids == [100, 101]
+        with pytest.raises(Unavailable, match="^replica lost$"):
+            next(stream)
     assert len(server.servicer.calls) == 1
+
+
+@pytest.mark.parametrize("breaks", [1, 2])
+def test_a_broken_stream_resumes_after_the_tokens_received_on_the_next_router(breaks):
+    """The first router's stream breaks after a chunk (and the second's too, with breaks=2): the client calls
+    the next router of its list with the server's request id and resume_from, and gets every token once."""
+    first, second = ScriptedServer(), ScriptedServer()
+    try:
+        for server in (first, second):
+            server.script.status_after_first_chunk = (grpc.StatusCode.UNAVAILABLE, "router gone")
+        first.script.broken_streams, second.script.broken_streams = 1, breaks - 1
+        with Client([first.target, second.target], **FAST_RETRIES) as c:
+            stream = c.stream("x", max_tokens=6)
+            received = [token for chunk in stream for token in chunk.token_ids]
+        assert received == stream.result.token_ids == [100, 101, 102, 103, 104, 105] and stream.request_id == "srv-1"
+        assert [c.request.resume_from for c in second.servicer.calls] == [2]          # the next router
+        resumed = sorted((c.request.request_id, c.request.resume_from) for c in first.servicer.calls + second.servicer.calls)
+        assert resumed == [("", 0), ("srv-1", 2), ("srv-1", 4)][:breaks + 1]
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_async_stream_resumes_and_gives_up_after_resume_attempts(server):
+    server.script.status_after_first_chunk = (grpc.StatusCode.UNAVAILABLE, "router gone")
+
+    async def main():
+        async with AsyncClient(server.target, **FAST_RETRIES) as c:
+            result = await c.generate("x", max_tokens=4, request_id="r-1")
+            assert result.token_ids == [100, 101, 102, 103]
+        server.script.broken_streams = 100
+        async with AsyncClient(server.target, resume_attempts=2, **FAST_RETRIES) as c:
+            with pytest.raises(Unavailable, match="^router gone$"):
+                await c.generate("x", max_tokens=8, request_id="r-2")
+
+    asyncio.run(main())
+    assert [(c.request.request_id, c.request.resume_from) for c in server.servicer.calls] == [
+        ("r-1", 0), ("r-1", 2), ("r-2", 0), ("r-2", 2), ("r-2", 4)]                 # 2 resumes, then it gives up
 
 
 def test_deadline_raises_deadline_exceeded(server):

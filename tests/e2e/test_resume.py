@@ -1,0 +1,94 @@
+"""A client's stream outlives its router: the SDK resumes it on the restarted router, which continues it from
+the Redis record and token log; and a call with an existing request id is a resume, never ALREADY_EXISTS."""
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from epserve_client import Client, EpserveError
+
+from epserve.services.cluster.requests import RequestStore
+from epserve.services.engine.engine import EngineConfig, LLMEngine
+from epserve.services.engine.params import SamplingParams
+from epserve.services.proto import generation_pb2, generation_pb2_grpc
+from epserve.services.up_state import find_service, read_up_state
+from tests.e2e.test_cluster import PROMPTS, UpCluster
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+MAX_TOKENS = 160
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_checkpoints):
+    return hf_checkpoints["groups_yarn"]
+
+
+@pytest.fixture(scope="module")
+def want(model_dir):
+    engine = LLMEngine.from_path(model_dir, EngineConfig(block_size=16, num_kv_blocks=512, micro_batches=1),
+                                 dtype=torch.float32)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    return [s.output_ids for s in engine.generate(PROMPTS, params)]
+
+
+@pytest.fixture(scope="module")
+def up(model_dir):
+    cluster = UpCluster(model_dir, attention=1, shards=2, redundant=0)
+    yield cluster
+    cluster.stop()
+
+
+def test_sigkill_of_the_router_mid_generation_loses_no_request(up, want):
+    """16 concurrent greedy streams; the router is SIGKILLed while they run and `epserve up` restarts it. Each
+    stream gets every token once, the single-process engine's; every record ends finished with a TTL; every
+    KV block is free afterwards."""
+    store = RequestStore(up.redis, up.registry.keys)
+    pid = up.service_pid("router", "router-0")
+
+    def stream(i: int) -> list[int]:
+        with Client(up.endpoint, timeout=240) as client:
+            s = client.stream(PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, request_id=f"rk-{i}")
+            received = [token for chunk in s for token in chunk.token_ids]
+            assert received == s.result.token_ids
+            return received
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(stream, i) for i in range(len(PROMPTS))]
+        records = lambda: [store.get(f"rk-{i}") for i in range(len(PROMPTS))]   # noqa: E731
+        wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60, "every stream under way",
+                   state=lambda: [r and r.emitted for r in records()])
+        os.kill(pid, signal.SIGKILL)
+        assert not all(f.done() for f in futures)
+        got = [f.result(timeout=240) for f in futures]
+    assert got == want
+    assert find_service(read_up_state(up.state_file), "router", "router-0")["restarts"] == 1
+    assert all(r.state == "finished" for r in records())
+    assert all(up.redis.ttl(up.registry.keys.request(f"rk-{i}")) > 0 for i in range(len(PROMPTS)))
+    wait_until(lambda: all(up.replica_load(r).kv_blocks_used == 0 for r in up.registry.live("attention")), 30,
+               "every KV block free")
+
+
+def test_a_call_with_an_existing_id_resumes_it(up, want):
+    """The same id again: a finished request replays from ``resume_from``; another prompt under it is refused."""
+    with Client(up.endpoint, timeout=120) as client:
+        first = client.generate(PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, request_id="again")
+        again = client.generate(PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, request_id="again")
+        assert first.token_ids == again.token_ids == want[1] and again.finish_reason == "length"
+        with pytest.raises(EpserveError, match="another prompt") as error:
+            client.generate(PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, request_id="again")
+        assert error.value.code == grpc.StatusCode.ALREADY_EXISTS
+    request = generation_pb2.GenerateRequest(
+        request_id="again", token_ids=generation_pb2.TokenIds(ids=PROMPTS[1]), resume_from=150,
+        sampling=generation_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    with grpc.insecure_channel(up.endpoint) as channel:
+        responses = list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
+        assert [list(r.chunk.token_ids) for r in responses[:-1]] == [want[1][150:]]
+        assert list(responses[-1].complete.token_ids) == want[1]
+        request.resume_from = MAX_TOKENS + 1
+        with pytest.raises(grpc.RpcError, match="resume_from"):
+            list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
