@@ -77,7 +77,11 @@ class AttentionConfig(EngineConfig, ModelServiceConfig):
     step_retries: int = setting(16, low=0, help="a failed engine step (an expert shard gone) runs again after a "
                                                 "backoff (0.25 s, doubling, at most 2 s: 16 retries wait about "
                                                 "28 s in all); a request that was in more failed steps fails")
-    drain_timeout: float = setting(30.0, low=0, help="on SIGTERM: seconds running requests get to finish")
+    drain_timeout: float = setting(30.0, low=0, help="on SIGTERM: seconds running requests get to finish "
+                                                     "(when no other replica can take them over)")
+    stall_timeout: float = setting(180.0, low=1, help="seconds the engine loop may have work and complete no step "
+                                                      "before health says NOT_SERVING (the liveness probe then "
+                                                      "restarts the replica)")
 
     def engine(self) -> EngineConfig:
         """The engine settings among these."""

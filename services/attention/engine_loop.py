@@ -44,6 +44,7 @@ class StepError:
 
     request_id: str
     message: str
+    handed_off: bool = False               # not a failure: the replica is leaving, another may continue it
     finished = True                        # like a final RequestOutput: nothing follows it
 
 
@@ -63,6 +64,7 @@ class EngineLoop:
         self._failed_steps: dict[str, int] = {}        # request id -> failed steps it was running in
         self._failures_in_a_row = 0
         self._retry_at = 0.0                           # monotonic time before which no step runs
+        self._progress_at = time.monotonic()           # the last step that completed, or the loop idle
         self._commands: queue.Queue = queue.Queue()
         self._outputs: dict[str, Outputs] = {}         # request id -> its outputs (courier writes)
         self._deliveries: queue.Queue = queue.Queue()  # (step tokens or None, [outputs or step errors])
@@ -102,6 +104,12 @@ class EngineLoop:
             self._commands.put(("abort", request_id))
         return known
 
+    def hand_off(self, reason: str) -> None:
+        """End every request here with a hand-off (``StepError.handed_off``): their routers resubmit them,
+        with the tokens emitted so far, to another replica. New requests are refused (``draining``)."""
+        self.draining = True
+        self._commands.put(("hand_off", reason))
+
     def wake(self) -> None:
         """Run ``between_steps`` now, even while backing off after a failed step."""
         self._commands.put(("wake",))
@@ -111,6 +119,12 @@ class EngineLoop:
         stats = dict(self.engine.stats())
         stats["draining"] = self.draining
         return stats
+
+    def stalled_s(self) -> float:
+        """Seconds the loop has had work without completing a step (0 when idle or stepping)."""
+        if not self.engine.has_unfinished():
+            return 0.0
+        return time.monotonic() - self._progress_at
 
     def in_flight(self) -> int:
         with self._lock:
@@ -122,6 +136,8 @@ class EngineLoop:
             if self.between_steps is not None and self.between_steps():
                 self._retry_at = 0.0                                            # a failed step may work now
             idle = not self.engine.has_unfinished()
+            if idle:
+                self._progress_at = time.monotonic()
             wait = 0.5 if idle else self._retry_at - time.monotonic()          # > 0: backing off
             try:
                 command = self._commands.get(timeout=wait) if wait > 0 else self._commands.get_nowait()
@@ -147,6 +163,10 @@ class EngineLoop:
             output = self.engine.abort(command[1])
             if output is not None:
                 self._deliver(output)
+        elif command[0] == "hand_off":
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+                self._deliver(StepError(request_id, command[1], handed_off=True))
 
     def _step(self) -> None:
         try:
@@ -155,6 +175,7 @@ class EngineLoop:
             self._step_failed(err)
             return
         self._failures_in_a_row = 0
+        self._progress_at = time.monotonic()
         if self._failed_steps:
             self._failed_steps = {r: n for r, n in self._failed_steps.items() if r in self.engine.requests}
         if outputs:

@@ -10,6 +10,8 @@ import logging
 import threading
 import time
 
+import redis
+
 from epserve.services.attention.engine_loop import EngineLoop
 from epserve.services.attention.remote_experts import RemoteExperts
 from epserve.services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
@@ -54,12 +56,13 @@ def run(config: AttentionConfig) -> int:
     info = lambda: {**loop.load(), **static, "placement_version": experts.placement.version}  # noqa: E731
     heartbeat = registry.register("attention", config.replica_id, config.advertised(server.port), info())
     threading.Thread(target=_report_load, args=(heartbeat, info, stop), daemon=True).start()
+    threading.Thread(target=watch_progress, args=(loop, server, config.stall_timeout, stop), daemon=True).start()
     threading.Thread(target=_follow_placement, args=(PlacementStore(client, keys), experts, loop, stop),
                      daemon=True).start()
     log.info("attention replica %s serving on %s (placement v%d, expert transport %s)", config.replica_id,
              server.address, placement.version, kinds)
     stop.wait()
-    _drain(loop, server, config.drain_timeout)
+    _drain(loop, server, config, registry, announce=lambda: heartbeat.update(info()))
     heartbeat.stop()
     server.stop(grace=2)
     loop.stop()
@@ -103,15 +106,43 @@ def _follow_placement(store: PlacementStore, experts: RemoteExperts, loop: Engin
             log.warning("attention: reading the current placement failed", exc_info=True)
 
 
+def watch_progress(loop: EngineLoop, server, stall_s: float, stop: threading.Event, every_s: float = 1.0) -> None:
+    """Health NOT_SERVING while the engine loop has work and has completed no step for ``stall_s`` (a
+    hung engine: Kubernetes' liveness probe restarts it); SERVING again if it recovers."""
+    stalled = False
+    while not stop.wait(every_s):
+        now = loop.stalled_s() > stall_s
+        if now != stalled and not loop.draining:
+            stalled = now
+            log.log(logging.ERROR if stalled else logging.INFO, "engine loop %s", "stalled: reporting NOT_SERVING"
+                    if stalled else "progressing again: SERVING")
+            server.set_serving(not stalled)
+
+
 def _report_load(heartbeat, info, stop: threading.Event) -> None:
+    """Refresh the registry entry's load every 0.5 s; Redis being away only skips refreshes."""
     while not stop.wait(0.5):
-        heartbeat.update(info())
+        try:
+            heartbeat.update(info())
+        except redis.RedisError as err:
+            log.warning("attention: reporting load failed: %s", err)
 
 
-def _drain(loop: EngineLoop, server, timeout_s: float) -> None:
-    """Stop admitting (health NOT_SERVING, registry says draining) and let running requests finish."""
+def _drain(loop: EngineLoop, server, config: AttentionConfig, registry: Registry, announce) -> None:
+    """Stop admitting (health NOT_SERVING, registry says draining). When another replica serves, hand every
+    running request off to it (its router resumes it there with the tokens so far); else let them finish
+    within ``drain_timeout``."""
     loop.draining = True
+    try:
+        announce()                                       # routers stop choosing it at once
+    except redis.RedisError as err:                      # they learn it when its entry expires
+        log.warning("attention replica %s: announcing the drain failed: %s", config.replica_id, err)
     server.enter_graceful_shutdown()
-    deadline = time.monotonic() + timeout_s
+    others = [r for r in registry.live("attention") if r.service_id != config.replica_id and not r.info.get("draining")]
+    if others and loop.in_flight():
+        log.info("attention replica %s: draining, handing %d requests to %s", config.replica_id, loop.in_flight(),
+                 [r.service_id for r in others])
+        loop.hand_off(f"replica {config.replica_id} is draining (SIGTERM): resume on another")
+    deadline = time.monotonic() + config.drain_timeout
     while loop.in_flight() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -149,8 +149,9 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
 
 
 def _event(item: RequestOutput | StepError) -> attention_pb2.TokenEvent:
-    if isinstance(item, StepError):
-        return _refused(item.request_id, grpc.StatusCode.INTERNAL, item.message)
+    if isinstance(item, StepError):     # a hand-off is UNAVAILABLE: the router resumes it elsewhere
+        code = grpc.StatusCode.UNAVAILABLE if item.handed_off else grpc.StatusCode.INTERNAL
+        return _refused(item.request_id, code, item.message)
     return attention_pb2.TokenEvent(
         request_id=item.request_id, token_ids=item.new_token_ids, finished=item.finished,
         finish_reason=FINISH_REASONS.get(item.finish_reason, 0),

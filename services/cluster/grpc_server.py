@@ -64,9 +64,20 @@ class AioGrpcServer:
     health: aio_health.HealthServicer
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
+    service_names: tuple[str, ...] = ()
 
     def enter_graceful_shutdown(self) -> None:
         asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), self.loop).result()
+
+    def set_serving(self, serving: bool) -> None:
+        """Health of the server ("") and of every service it serves: SERVING or NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def set_all():
+            for name in ("", *self.service_names):
+                await self.health.set(name, status)
+
+        asyncio.run_coroutine_threadsafe(set_all(), self.loop).result()
 
     def stop(self, grace: float | None = None) -> None:
         """As ``GrpcServer.stop``, then end the event loop and its thread."""
@@ -136,4 +147,4 @@ def start_aio_grpc_server(register: Callable[[grpc.aio.Server], None], service_n
         loop.close()
         raise
     host = address.rsplit(":", 1)[0]
-    return AioGrpcServer(server, port, f"{host}:{port}", health_servicer, loop, thread)
+    return AioGrpcServer(server, port, f"{host}:{port}", health_servicer, loop, thread, tuple(service_names))

@@ -32,19 +32,31 @@ _APPEND = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'finished' or state == 'aborted' or state == 'failed' then return 0 end
 redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'emitted', ARGV[2])
 return 1
-"""  # KEYS: record, token log; ARGV: comma-joined ids, how many -> 0 when the request is gone or over
+"""  # KEYS: record, token log; ARGV: comma-joined ids, how many, TTL -> 0 when the request is gone or over
 
 
 _REOPEN = """
 if not redis.call('HGET', KEYS[1], 'state') then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'queued')
 redis.call('HDEL', KEYS[1], 'finish_reason')
-redis.call('PERSIST', KEYS[1])
-redis.call('PERSIST', KEYS[2])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
-"""  # KEYS: record, token log -> 0 when there is no record
+"""  # KEYS: record, token log; ARGV: TTL -> 0 when there is no record
+
+_REFUSE = """
+if tonumber(redis.call('HGET', KEYS[1], 'emitted') or '0') == 0 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'failed')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""  # KEYS: record, token log; ARGV: TTL -> 0 deleted (nothing ran), 1 kept as failed
 
 
 class DuplicateRequest(ValueError):
@@ -82,13 +94,15 @@ def _check_state(state: str) -> None:
 
 
 class RequestStore:
-    """Request records (hashes) and token logs (streams); both expire ``ttl_s`` after the request ends."""
+    """Request records (hashes) and token logs (streams): both expire ``ttl_s`` after the request ends,
+    and ``open_ttl_s`` after creation (or the last token) when nothing ends them (a router gone for good)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int = 3600):
-        self.client, self.keys, self.ttl_s = client, keys, ttl_s
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int = 3600, open_ttl_s: int = 86400):
+        self.client, self.keys, self.ttl_s, self.open_ttl_s = client, keys, ttl_s, open_ttl_s
         self._set_state = client.register_script(_SET_STATE)
         self._append = client.register_script(_APPEND)
         self._reopen = client.register_script(_REOPEN)
+        self._refuse = client.register_script(_REFUSE)
 
     def create(self, record: RequestRecord) -> None:
         """Store a new record; DuplicateRequest if its id exists (checked atomically with WATCH)."""
@@ -101,8 +115,7 @@ class RequestStore:
                     raise DuplicateRequest(f"request {record.request_id!r} already exists")
                 pipe.multi()
                 pipe.hset(key, mapping=record.to_fields())
-                if record.state in TERMINAL_STATES:
-                    pipe.expire(key, self.ttl_s)
+                pipe.expire(key, self.ttl_s if record.state in TERMINAL_STATES else self.open_ttl_s)
                 pipe.execute()
             except redis.WatchError:
                 raise DuplicateRequest(f"request {record.request_id!r} already exists") from None
@@ -131,9 +144,13 @@ class RequestStore:
 
     def reopen(self, request_id: str) -> None:
         """Make the request queued again, whatever its state (a client resuming it): its token log is
-        kept, and neither expires until it ends again. KeyError when there is no such record."""
-        if not self._reopen(keys=[self.keys.request(request_id), self.keys.tokens(request_id)]):
+        kept; both expire ``open_ttl_s`` from now unless it ends. KeyError when there is no such record."""
+        if not self._reopen(keys=[self.keys.request(request_id), self.keys.tokens(request_id)], args=[self.open_ttl_s]):
             raise KeyError(f"no request record {request_id!r}")
+
+    def refuse(self, request_id: str) -> None:
+        """A request admission refused: forgotten (prompt and all) when it never emitted a token, else failed."""
+        self._refuse(keys=[self.keys.request(request_id), self.keys.tokens(request_id)], args=[self.ttl_s])
 
     def append_tokens(self, batch: dict[str, list[int]]) -> list[str]:
         """Append one engine step's new token ids per request, in one pipeline.
@@ -145,7 +162,7 @@ class RequestStore:
         pipe = self.client.pipeline(transaction=False)
         for rid, ids in batch.items():
             self._append(keys=[self.keys.request(rid), self.keys.tokens(rid)],
-                         args=[",".join(str(int(t)) for t in ids), len(ids)], client=pipe)
+                         args=[",".join(str(int(t)) for t in ids), len(ids), self.open_ttl_s], client=pipe)
         results = pipe.execute() if batch else []
         return [rid for rid, appended in zip(batch, results) if not appended]
 

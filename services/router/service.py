@@ -109,11 +109,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             yield response
 
     async def _admit_or_end(self, request_id: str, context) -> Replica:
-        """A replica for the request; when none can be had, the request fails and the call ends."""
+        """A replica for the request; when none can be had, the call ends and the request is forgotten
+        (no prompt stays in Redis), or failed when it had emitted tokens (a resumed one)."""
         try:
             return await self._admit(context.time_remaining())
         except tuple(_ADMISSION_ERRORS) as err:
-            await self._blocking(self.requests.set_state, request_id, "failed")
+            await self._blocking(self.requests.refuse, request_id)
             await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
         except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
             self._record_abort(request_id)

@@ -1,17 +1,22 @@
 """The attention replica's engine loop: a failed step runs again (same tokens), and gives up on a request
-only after ``step_retries`` failed steps."""
+only after ``step_retries`` failed steps; a loop that stops progressing is reported NOT_SERVING."""
 import queue
+import threading
 
+import grpc
 import pytest
 import torch
 
 from epserve.services.attention import engine_loop
 from epserve.services.attention.engine_loop import EngineLoop, StepError
+from epserve.services.attention.main import watch_progress
+from epserve.services.cluster.grpc_server import start_aio_grpc_server
 from epserve.services.engine.config import EngineConfig
 from epserve.services.engine.engine import LLMEngine
 from epserve.services.engine.params import SamplingParams
 from epserve.services.model.moe import ExpertBackend, LocalExperts
 from epserve.services.model.tiny import tiny_model_path
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -134,3 +139,50 @@ def test_a_resumed_request_near_the_context_limit_is_accepted():
     loop.submit("r", PROMPTS[0], params, queue.Queue(), emitted_ids=[5, 6, 7])
     with pytest.raises(ValueError, match="emitted_ids"):
         loop.submit("r2", PROMPTS[0], SamplingParams(max_tokens=3), queue.Queue(), emitted_ids=[5, 6, 7])
+
+
+class BlockingExperts(FlakyExperts):
+    """In-process experts whose dispatch waits until ``release`` is set (a hung engine)."""
+
+    def __init__(self, experts: LocalExperts):
+        super().__init__(experts, set())
+        self.release = threading.Event()
+
+    def dispatch(self, layer, x, topk_weights, topk_ids):
+        self.release.wait(60)
+        return super().dispatch(layer, x, topk_weights, topk_ids)
+
+
+def test_a_stalled_loop_reports_not_serving_until_it_progresses_again():
+    """The replica's health (what the liveness probe asks) follows the engine loop's progress."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
+    blocking = BlockingExperts(engine.model.model.layers[1].mlp.backend)
+    for layer in engine.model.model.layers:
+        if hasattr(layer.mlp, "backend"):
+            layer.mlp.backend = blocking
+    loop = EngineLoop(engine, step_retries=0).start()
+    server = start_aio_grpc_server(lambda s: None, ["epserve.v1.AttentionService"])
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_progress, args=(loop, server, 0.3, stop, 0.05))
+    watcher.start()
+
+    def status():
+        with grpc.insecure_channel(server.address) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+    try:
+        assert loop.stalled_s() == 0.0
+        out = queue.Queue()
+        loop.submit("r0", PROMPTS[0], PARAMS, out)
+        wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
+        assert loop.stalled_s() > 0.3
+        blocking.release.set()
+        wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 30, "SERVING again")
+    finally:
+        blocking.release.set()
+        stop.set()
+        watcher.join(timeout=10)
+        loop.stop()
+        server.stop(None)

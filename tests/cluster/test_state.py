@@ -186,7 +186,7 @@ def test_request_create_get_and_states(redis_client, cluster_keys):
     assert requests.set_state("r1", "running", owner="attention-0")
     running = requests.get("r1")
     assert (running.state, running.owner, running.finish_reason) == ("running", "attention-0", None)
-    assert redis_client.ttl(cluster_keys.request("r1")) == -1                      # live: never expires
+    assert 0 < redis_client.ttl(cluster_keys.request("r1")) <= requests.open_ttl_s  # live: expires a day on
     with pytest.raises(ValueError, match="request state"):
         requests.set_state("r1", "paused")
     with pytest.raises(KeyError, match="nope"):
@@ -220,6 +220,25 @@ def test_ended_requests_expire_and_stay_ended(redis_client, cluster_keys):
     assert not requests.set_state("cancelled", "running", owner="attention-1")    # an ended request stays ended
     assert requests.append_tokens({"cancelled": [9], "done": [9]}) == ["cancelled", "done"]
     assert requests.get("cancelled").state == "aborted" and requests.tokens("cancelled") == [7, 8]
+
+
+def test_reopen_and_refuse(redis_client, cluster_keys):
+    requests = RequestStore(redis_client, cluster_keys, ttl_s=600, open_ttl_s=7200)
+    for rid in ("ran", "never"):
+        requests.create(record(rid, "running"))
+    requests.append_tokens({"ran": [7, 8]})
+    assert 600 < redis_client.ttl(cluster_keys.tokens("ran")) <= 7200                # the log expires too
+    requests.set_state("ran", "aborted", finish_reason="abort")
+    requests.reopen("ran")                                                     # a client resumes it
+    reopened = requests.get("ran")
+    assert (reopened.state, reopened.finish_reason, requests.tokens("ran")) == ("queued", None, [7, 8])
+    assert 600 < redis_client.ttl(cluster_keys.request("ran")) <= 7200
+    with pytest.raises(KeyError, match="nope"):
+        requests.reopen("nope")
+    requests.refuse("never")                                                   # nothing ran: nothing kept
+    assert requests.get("never") is None and not redis_client.exists(cluster_keys.tokens("never"))
+    requests.refuse("ran")
+    assert requests.get("ran").state == "failed" and requests.tokens("ran") == [7, 8]
 
 
 def test_logical_load_over_a_sliding_window(redis_client, cluster_keys):

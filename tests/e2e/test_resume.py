@@ -92,3 +92,30 @@ def test_a_call_with_an_existing_id_resumes_it(up, want):
         request.resume_from = MAX_TOKENS + 1
         with pytest.raises(grpc.RpcError, match="resume_from"):
             list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
+
+
+def test_sigterm_hands_a_replica_s_requests_to_the_other_replica(model_dir, want):
+    """With two replicas, SIGTERM of one mid-generation: it hands its requests off (their routers resume
+    them on the other with the tokens so far) instead of finishing them; every stream gets the
+    single-process tokens and no request fails."""
+    up = UpCluster(model_dir, attention=2, shards=2, redundant=0)
+    try:
+        pid = up.service_pid("attention", "attention-0")
+        store = RequestStore(up.redis, up.registry.keys)
+        with Client(up.endpoint, timeout=240) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
+            futures = [pool.submit(lambda i=i: client.generate(PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0,
+                                                               ignore_eos=True, request_id=f"tm-{i}").token_ids)
+                       for i in range(len(PROMPTS))]
+            records = lambda: [store.get(f"tm-{i}") for i in range(len(PROMPTS))]   # noqa: E731
+            wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60, "every stream under way",
+                       state=lambda: [r and r.emitted for r in records()])
+            assert "attention-0" in {r.owner for r in records()}
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: all(r.owner != "attention-0" or r.state == "finished" for r in records()), 60,
+                       "every open request handed to attention-1", state=lambda: [(r.owner, r.state) for r in records()])
+            assert not all(f.done() for f in futures)                      # handed off, not finished there
+            got = [f.result(timeout=240) for f in futures]
+        assert got == want
+        assert all(r.state == "finished" for r in records())
+    finally:
+        up.stop()
