@@ -78,6 +78,7 @@ def engine_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], new_tokens:
 def start_cluster(args, state_file: str) -> tuple[subprocess.Popen, dict[int, str]]:
     """``epserve up`` started and ready; -> (its process, pid -> role of every process of the cluster)."""
     command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", args.model, "--port", str(args.port),
+               "--http-port", str(args.port + 1),
                "--attention", str(args.attention), "--expert-shards", str(args.expert_shards),
                "--redundant-experts", str(args.redundant_experts), "--micro-batches", str(args.micro_batches),
                "--micro-batch-min-tokens", str(args.micro_batch_min_tokens), "--transport", args.transport,

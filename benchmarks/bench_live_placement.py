@@ -113,6 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     state_file = os.path.join(tempfile.mkdtemp(prefix="bench-live-"), "up.json")
     command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", args.model, "--port", str(args.port),
+               "--http-port", str(args.port + 1),
                "--expert-shards", str(args.expert_shards), "--redundant-experts", str(args.redundant_experts),
                "--rebalance-interval", "0", "--restart-delay", "600", "--state-file", state_file]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)

@@ -59,6 +59,9 @@ class RouterConfig(ServiceConfig):
         None, help="file of API keys, one per line: clients must send 'authorization: Bearer KEY'")
     tls_cert: str | None = setting(None, help="PEM certificate chain: serve TLS (with --tls-key)")
     tls_key: str | None = setting(None, help="PEM private key of --tls-cert")
+    http_port: int | None = setting(None, low=0, high=65535, help="serve the OpenAI-compatible HTTP API "
+                                                                  "(/v1/completions, /v1/chat/completions) on this "
+                                                                  "port (0: any free port; default: not served)")
     resume_attempts: int = setting(8, low=0, help="times one request is resubmitted, with the tokens it has "
                                                   "streamed, after its attention replica went away (0.25 s "
                                                   "backoff doubling to 2 s: 8 attempts span about 10 s)")
@@ -118,6 +121,8 @@ class UpConfig:
     expert_shards: int = setting(2, low=1, help="expert shard services")
     redundant_experts: int = setting(2, low=0, help="extra slots for copies of hot experts")
     port: int = setting(50051, low=0, high=65535, help="the router's port (the public endpoint)")
+    http_port: int = setting(8000, low=1, high=65535, help="the router's OpenAI-compatible HTTP port")
+    api_keys_file: str | None = same_as(RouterConfig, "api_keys_file")
     micro_batches: int = same_as(EngineConfig, "micro_batches")
     micro_batch_min_tokens: int = same_as(EngineConfig, "micro_batch_min_tokens")
     transport: str = same_as(AttentionConfig, "transport")
@@ -142,7 +147,8 @@ class UpConfig:
                 + [AttentionConfig(**model, replica_id=f"attention-{replica}", micro_batches=self.micro_batches,
                                    micro_batch_min_tokens=self.micro_batch_min_tokens, transport=self.transport)
                    for replica in range(self.attention)]
-                + [RouterConfig(**common, port=self.port, router_id="router-0")])
+                + [RouterConfig(**common, port=self.port, http_port=self.http_port, api_keys_file=self.api_keys_file,
+                                router_id="router-0")])
 
 
 def serve_command(config: ServiceConfig) -> list[str]:

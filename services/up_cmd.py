@@ -46,10 +46,12 @@ def run_up(config: UpConfig) -> int:
         signal.signal(sig, lambda *_: stop.update(signal=True))
     with EmbeddedRedis() as redis_server:
         cluster = f"up-{uuid.uuid4().hex[:8]}"
-        state = UpState(redis_server, cluster, f"127.0.0.1:{config.port}", config.state_file)
+        state = UpState(redis_server, cluster, f"127.0.0.1:{config.port}", config.state_file,
+                        f"http://127.0.0.1:{config.http_port}/v1")
         try:
             _start_cluster(config, state, stop)
-            print(f"epserve up: {config.model} serving at {state.endpoint} "
+            print(f"epserve up: {config.model} serving at {state.endpoint} (gRPC) and {state.http_endpoint} "
+                  f"(OpenAI-compatible HTTP) "
                   f"({config.attention} attention, {config.expert_shards} expert shards, "
                   f"{config.redundant_experts} redundant experts; state in {redis_server.url} "
                   f"cluster {cluster}). Ctrl-C stops it.", flush=True)

@@ -1,6 +1,6 @@
 """What ``epserve up`` runs, where: its services' kind, id, pid, address and restarts, as a JSON file.
 
-    {"endpoint": "127.0.0.1:50051", "redis_url": "redis://127.0.0.1:PORT/0", "cluster": "up-1a2b3c4d",
+    {"endpoint": "127.0.0.1:50051", "http_endpoint": "http://127.0.0.1:8000/v1", "redis_url": "redis://127.0.0.1:PORT/0", "cluster": "up-1a2b3c4d",
      "pid": PID of epserve up, "ready": true once the endpoint answers its health check,
      "services": [{"kind": "redis", "id": "0", "pid": ..., "address": "127.0.0.1:PORT", "restarts": 0},
                   {"kind": "expert", "id": "0", "pid": ..., "address": "127.0.0.1:PORT", "restarts": 0},
@@ -38,8 +38,10 @@ class UpService:
 class UpState:
     """The services of one ``epserve up``, kept in step with the registry and written to ``path``."""
 
-    def __init__(self, redis_server: EmbeddedRedis, cluster: str, endpoint: str, path: str | None):
+    def __init__(self, redis_server: EmbeddedRedis, cluster: str, endpoint: str, path: str | None,
+                 http_endpoint: str | None = None):
         self.redis_server, self.cluster, self.endpoint, self.path = redis_server, cluster, endpoint, path
+        self.http_endpoint = http_endpoint            # the OpenAI API's base URL
         self.registry = Registry(redis.Redis.from_url(redis_server.url), Keys(cluster))
         self.services: list[UpService] = []
         self.ready = False
@@ -89,7 +91,7 @@ class UpState:
             return
         redis_entry = {"kind": "redis", "id": "0", "pid": self.redis_server.pid,
                        "address": f"127.0.0.1:{self.redis_server.port}", "restarts": 0}
-        state = {"endpoint": self.endpoint, "redis_url": self.redis_url, "cluster": self.cluster, "pid": os.getpid(),
+        state = {"endpoint": self.endpoint, "http_endpoint": self.http_endpoint, "redis_url": self.redis_url, "cluster": self.cluster, "pid": os.getpid(),
                  "ready": self.ready,
                  "services": [redis_entry] + [{"kind": s.kind, "id": s.service_id, "pid": s.process.pid,
                                                "address": s.address, "restarts": s.restarts} for s in self.services]}

@@ -1,8 +1,12 @@
 """``epserve serve router``: the public API (config -> tokenizer + limits -> serve -> register -> SIGTERM)."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -16,6 +20,8 @@ from epserve.services.lifecycle import start_service
 from epserve.services.model.catalog import checkpoint_dir
 from epserve.services.router.admission import Admission
 from epserve.services.router.auth import ApiKeyInterceptor, read_api_keys
+from epserve.services.router.chat import ChatTemplate
+from epserve.services.router.openai_api import OpenAIApi
 from epserve.services.router.service import SERVICE_NAME, GenerationServicer, add_to_server
 from epserve.services.router.validation import Limits
 
@@ -39,14 +45,55 @@ def run(config: RouterConfig) -> int:
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}",
                                    max_message_bytes=2 * config.max_request_bytes, credentials=_tls_credentials(config),
                                    interceptors=interceptors, max_concurrent_rpcs=config.max_concurrent_rpcs)
+    http = None if config.http_port is None else serve_http(
+        OpenAIApi(servicer, served_model_name(config.model), ChatTemplate.for_checkpoint(checkpoint_dir(config.model)),
+                  read_api_keys(config.api_keys_file) if config.api_keys_file else None).app(),
+        server.loop, config.host, config.http_port)
     router_id = config.router_id or uuid.uuid4().hex[:8]
-    heartbeat = registry.register("router", router_id, config.advertised(server.port), {})
-    log.info("router %s serving on %s", router_id, server.address)
+    info = {} if http is None else {"http_address": config.advertised(http.port)}
+    heartbeat = registry.register("router", router_id, config.advertised(server.port), info)
+    log.info("router %s serving on %s%s", router_id, server.address,
+             "" if http is None else f", OpenAI-compatible HTTP on {config.host}:{http.port}")
     stop.wait()
     heartbeat.stop()
+    if http is not None:
+        http.stop()
     server.stop(grace=5)
     servicer.close()
     return 0
+
+
+def served_model_name(model: str) -> str:
+    """The model's id on the OpenAI API: "tiny", or a checkpoint directory's name (no local path)."""
+    return Path(model).name if model != "tiny" else model
+
+
+@dataclass
+class HttpServer:
+    server: object               # uvicorn.Server
+    port: int
+    future: concurrent.futures.Future
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.future.result(timeout=30)
+
+
+def serve_http(app, loop: asyncio.AbstractEventLoop, host: str, port: int) -> HttpServer:
+    """Serve ``app`` with uvicorn on ``loop`` (the gRPC server's: its handlers call the servicer there)."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        raise RuntimeError(f"--http-port: cannot bind {host}:{port}: {err}") from None
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    future = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), loop)
+    return HttpServer(server, sock.getsockname()[1], future)
 
 
 def _tls_credentials(config: RouterConfig) -> grpc.ServerCredentials | None:

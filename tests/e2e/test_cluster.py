@@ -50,7 +50,7 @@ class UpCluster:
                    "--attention", str(attention), "--expert-shards", str(shards),
                    "--redundant-experts", str(redundant), "--port", str(self.port),
                    "--micro-batch-min-tokens", str(micro_batch_min_tokens), "--transport", transport,
-                   "--state-file", self.state_file, *flags]
+                   "--state-file", self.state_file, "--http-port", str(_free_port()), *flags]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         state = wait_ready(self.state_file, self.process, timeout_s=240)
         self.redis = redis.Redis.from_url(state["redis_url"])

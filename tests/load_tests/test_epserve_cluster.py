@@ -27,17 +27,21 @@ VLLM_FIELDS = (
 )
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Up:
     """`epserve up --model tiny` in a subprocess on a free port, with a state file."""
 
     def __init__(self, state_file: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port, http_port = _free_port(), _free_port()
         self.state_file = state_file
         self.process = subprocess.Popen(
             [sys.executable, "-m", "epserve.services.cli", "up", "--model", "tiny", "--port", str(self.port),
-             "--state-file", str(state_file)], stdin=subprocess.DEVNULL)
+             "--http-port", str(http_port), "--state-file", str(state_file)], stdin=subprocess.DEVNULL)
         self.endpoint = wait_ready(state_file, self.process, timeout_s=240)["endpoint"]
 
     def stop(self) -> None:
