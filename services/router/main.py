@@ -48,7 +48,7 @@ def run(config: RouterConfig) -> int:
     http = None if config.http_port is None else serve_http(
         OpenAIApi(servicer, served_model_name(config.model), ChatTemplate.for_checkpoint(checkpoint_dir(config.model)),
                   read_api_keys(config.api_keys_file) if config.api_keys_file else None).app(),
-        server.loop, config.host, config.http_port)
+        server.loop, config.host, config.http_port, config.tls_cert, config.tls_key)
     router_id = config.router_id or uuid.uuid4().hex[:8]
     info = {} if http is None else {"http_address": config.advertised(http.port)}
     heartbeat = registry.register("router", router_id, config.advertised(server.port), info)
@@ -79,8 +79,10 @@ class HttpServer:
         self.future.result(timeout=30)
 
 
-def serve_http(app, loop: asyncio.AbstractEventLoop, host: str, port: int) -> HttpServer:
-    """Serve ``app`` with uvicorn on ``loop`` (the gRPC server's: its handlers call the servicer there)."""
+def serve_http(app, loop: asyncio.AbstractEventLoop, host: str, port: int, tls_cert: str | None = None,
+               tls_key: str | None = None) -> HttpServer:
+    """Serve ``app`` with uvicorn on ``loop`` (the gRPC server's: its handlers call the servicer there);
+    HTTPS with the router's certificate when it has one."""
     import socket
 
     import uvicorn
@@ -91,7 +93,8 @@ def serve_http(app, loop: asyncio.AbstractEventLoop, host: str, port: int) -> Ht
         sock.bind((host, port))
     except OSError as err:
         raise RuntimeError(f"--http-port: cannot bind {host}:{port}: {err}") from None
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                           ssl_certfile=tls_cert, ssl_keyfile=tls_key))
     future = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), loop)
     return HttpServer(server, sock.getsockname()[1], future)
 

@@ -308,6 +308,17 @@ def test_network_policy_opens_internal_ports_to_the_release_only(release):
     open_rules = [r for r in router_policy.spec.ingress if _value(release, "router.port") in {p.port for p in r.ports}]
     (public,) = open_rules
     assert (public.var_from or []) == [_peer(p) for p in _value(release, "networkPolicy.routerFrom")]
+    assert _value(release, "router.httpPort") in {p.port for p in public.ports}            # the OpenAI API
+
+
+def test_the_router_serves_the_openai_api_on_its_http_port(release):
+    (router,) = _pod(release, "demo-epserve-router").containers
+    http_port = _value(release, "router.httpPort")
+    assert f"--http-port={http_port}" in router.args
+    assert {(p.name, p.container_port) for p in router.ports} >= {("http", http_port)}
+    service = release.get("Service", "-router")
+    assert {(p.name, p.port, p.target_port) for p in service.spec.ports} >= {
+        ("http", _value(release, "router.service.httpPort"), "http")}
 
 
 def _pod(release: Release, name: str):
