@@ -23,7 +23,7 @@ CHART_SET = {  # config field -> the chart values (or pod facts) it comes from
     "port": "<service>.port", "advertise_host": "the pod IP", "device": "<service>.gpus", "dtype": "model.dtype",
     "expert_shards": "expert.replicas", "redundant_experts": "placement.redundantExperts",
     "load_profile": "placement.loadProfile", "router_id": "the pod name", "replica_id": "the pod name",
-    "shard_id": "the pod ordinal", "http_port": "router.httpPort", "api_keys_file": "auth.*", "tls_cert": "tls.*", "tls_key": "tls.*",
+    "shard_id": "the pod ordinal", "http_port": "router.httpPort", "metrics_port": "serviceMonitor.port", "api_keys_file": "auth.*", "tls_cert": "tls.*", "tls_key": "tls.*",
 }
 JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
 

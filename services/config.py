@@ -6,6 +6,7 @@
         ├── AttentionConfig  ``epserve serve attention`` (and every EngineConfig setting)
         └── ExpertConfig     ``epserve serve expert``
     UpConfig                 ``epserve up``: the cluster's shape; its services take their defaults here
+                             (and serve /metrics on free ports, advertised in the registry)
 
 Flags come from the fields (``epserve.services.flags``); ``epserve up`` and the Ray Serve app build
 these objects and start ``epserve serve KIND`` with ``to_argv(config)``; the Helm chart renders
@@ -34,6 +35,8 @@ class ServiceConfig:
     advertise_host: str | None = setting(
         None, help="host other services use to reach this one (default: --host; the pod IP on Kubernetes)")
     verbose: bool = setting(False, help="libraries log at INFO too")
+    metrics_port: int | None = setting(None, low=0, high=65535, help="serve Prometheus metrics at /metrics on this "
+                                                                      "port (0: any free port; default: not served)")
 
     def advertised(self, port: int) -> str:
         return f"{self.advertise_host or self.host}:{port}"
@@ -139,7 +142,7 @@ class UpConfig:
 
     def services(self, redis: str, cluster: str) -> list[ServiceConfig]:
         """The configs of every service, in start order: expert shards, attention replicas, the router."""
-        common = dict(redis=redis, cluster=cluster, model=self.model, verbose=self.verbose)
+        common = dict(redis=redis, cluster=cluster, model=self.model, verbose=self.verbose, metrics_port=0)
         model = dict(common, device=self.device, dtype=self.dtype, expert_shards=self.expert_shards,
                      redundant_experts=self.redundant_experts)
         return ([ExpertConfig(**model, shard_id=shard, rebalance_interval=self.rebalance_interval)

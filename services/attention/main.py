@@ -25,7 +25,9 @@ from epserve.services.cluster.local_transport import slot_bytes_for
 from epserve.services.cluster.transport import ExpertTransport, ShardEndpoint
 from epserve.services.config import AttentionConfig
 from epserve.services.engine.engine import LLMEngine
+from epserve.services import metrics
 from epserve.services.lifecycle import start_service
+from epserve.services.metrics import serve_metrics
 from epserve.services.model.tiny import resolve_model
 from epserve.services.model_service import device_and_dtype, service_placement
 
@@ -53,6 +55,10 @@ def run(config: AttentionConfig) -> int:
     kinds = "+".join(sorted({transport.kind(shard) for shard in transport.endpoints}))
     static = {"max_num_seqs": config.max_num_seqs, "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
               "expert_transport": kinds}
+    metrics_port = serve_metrics(config.host, config.metrics_port)
+    if metrics_port is not None:
+        static["metrics_address"] = config.advertised(metrics_port)
+        _export_load(loop)
     info = lambda: {**loop.load(), **static, "placement_version": experts.placement.version}  # noqa: E731
     heartbeat = registry.register("attention", config.replica_id, config.advertised(server.port), info())
     threading.Thread(target=_report_load, args=(heartbeat, info, stop), daemon=True).start()
@@ -117,6 +123,17 @@ def watch_progress(loop: EngineLoop, server, stall_s: float, stop: threading.Eve
             log.log(logging.ERROR if stalled else logging.INFO, "engine loop %s", "stalled: reporting NOT_SERVING"
                     if stalled else "progressing again: SERVING")
             server.set_serving(not stalled)
+
+
+def _export_load(loop: EngineLoop) -> None:
+    """The engine's load as Prometheus gauges, read at each scrape."""
+    def kv_usage() -> float:
+        load = loop.load()
+        return load["kv_blocks_used"] / max(1, load["kv_blocks_total"])
+
+    metrics.KV_USAGE.set_function(kv_usage)
+    metrics.ENGINE_RUNNING.set_function(lambda: loop.load()["running"])
+    metrics.ENGINE_WAITING.set_function(lambda: loop.load()["waiting"])
 
 
 def _report_load(heartbeat, info, stop: threading.Event) -> None:

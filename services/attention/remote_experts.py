@@ -26,6 +26,7 @@ from epserve.services.cluster.expert_batch import ExpertBatch
 from epserve.services.cluster.expert_channel import ExpertShardError
 from epserve.services.cluster.placement import Placement
 from epserve.services.cluster.transport import ExpertTransport
+from epserve.services.metrics import DISPATCH
 from epserve.services.model.moe import ExpertBackend
 
 WIRE_DTYPES = ("model", "fp8")
@@ -58,6 +59,8 @@ class _Handle:
     dtype: torch.dtype
     device: torch.device
     parts: list[tuple[int, torch.Tensor, Future]]   # (shard, rows [R] int64 on CPU, future of its output)
+    layer: int = -1
+    sent_at: float = 0.0                         # time.perf_counter() when the batches went out
 
 
 class RemoteExperts(ExpertBackend):
@@ -109,7 +112,7 @@ class RemoteExperts(ExpertBackend):
                                 local_by_shard[i, rows], weights_by_shard[i, rows])
             parts.append((shard, rows, self.transport.send(shard, batch)))
         self.stats.add(x.shape[0], sum(len(rows) for _, rows, _ in parts))
-        return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts)
+        return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts, layer, time.perf_counter())
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [T, D] -> what goes on the wire, on the CPU: (x, None) or (e4m3 [T, D], scales [T, ceil(D/128)])."""
@@ -123,6 +126,7 @@ class RemoteExperts(ExpertBackend):
         out = torch.zeros(handle.shape, dtype=torch.float32)
         for shard, rows, future in handle.parts:
             output = self._wait(shard, future)                                # [R, D]
+            DISPATCH.labels(str(shard), str(handle.layer)).observe(time.perf_counter() - handle.sent_at)
             if tuple(output.shape) != (len(rows), handle.shape[1]):
                 raise RuntimeError(f"expert shard {shard} returned output of shape {list(output.shape)}, "
                                    f"expected {[len(rows), handle.shape[1]]}")

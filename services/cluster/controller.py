@@ -34,11 +34,13 @@ from epserve.services.cluster.placement import Placement, build_placement
 from epserve.services.cluster.planner import balancedness
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.state import LoadStats, PlacementStore
+from epserve.services.metrics import BALANCEDNESS
 
 log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 3.0             # a leader that stops renewing is replaced after this long
 TICK_S = 0.5
+LOAD_EVERY_S = 5.0            # the window's load is read this often (at once for a re-plan)
 ANSWER_TTL_S = 600            # how long an answer to a rebalance request stays readable
 
 _LEAD = """
@@ -111,6 +113,7 @@ class PlacementController:
         self._lead = client.register_script(_LEAD)
         self._take = client.register_script(_TAKE)
         self._seen: set[int] = set()
+        self._load, self._load_at = None, float("-inf")
         self._next_rebalance = time.monotonic() + interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="placement-controller", daemon=True)
@@ -154,7 +157,7 @@ class PlacementController:
         request = self._take(keys=[self.keys.rebalance_request])
         request = json.loads(text(request)) if request else None
         due = self.interval_s > 0 and time.monotonic() >= self._next_rebalance
-        load = self.stats.logical_load(current.moe_layers, current.num_experts, self.window_s)
+        load = self._window_load(current, live, fresh=due or request is not None)
         decision = decide(current, live, self._seen, load, redundant=self.redundant, threshold=self.threshold,
                           rebalance=due or request is not None, force=bool(request and request.get("force")))
         if due:
@@ -166,6 +169,17 @@ class PlacementController:
         if request is not None:
             self._answer(request["token"], decision, committed)
         return decision
+
+    def _window_load(self, current: Placement, live: dict[int, float], fresh: bool) -> torch.Tensor | None:
+        """The window's load per logical expert (read at most every ``LOAD_EVERY_S`` unless ``fresh``);
+        exports the current placement's expected balancedness under it."""
+        if fresh or time.monotonic() >= self._load_at + LOAD_EVERY_S:
+            self._load = self.stats.logical_load(current.moe_layers, current.num_experts, self.window_s)
+            self._load_at = time.monotonic()
+            if self._load is not None and self._load.shape[0] == len(current.moe_layers):
+                capacity = torch.tensor([live.get(s, 1.0) for s in range(current.num_shards)], dtype=torch.float64)
+                BALANCEDNESS.set(balancedness(self._load, current.members(), capacity))
+        return self._load
 
     def switch(self, placement: Placement) -> int | None:
         """Propose ``placement``, wait for its shards to load it, commit. Its version, or None if abandoned."""

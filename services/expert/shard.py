@@ -33,6 +33,7 @@ from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_dequant
 from epserve.services.cluster.expert_batch import BadBatch, ExpertBatch, from_request
 from epserve.services.cluster.placement import EMPTY, Placement
 from epserve.services.cluster.tensor_codec import to_proto
+from epserve.services.metrics import EXPERT_TOKENS, PLACEMENT_VERSION
 from epserve.services.model.checkpoint import CheckpointReader
 from epserve.services.model.config import ModelConfig
 from epserve.services.model.moe import ExpertWeights, load_expert_weights
@@ -110,6 +111,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         counts = torch.zeros(len(placement.moe_layers), placement.slots_per_shard, dtype=torch.int64)
         with self._lock:
             self._held[placement.version] = _Held(placement, weights, slot_rows, counts, counts.clone())
+            PLACEMENT_VERSION.set(max(self._held))
 
     def _stack(self, layer: int, experts: list[int]) -> ExpertWeights:
         """The stacked weights of ``experts`` (slot order) of ``layer``: rows of held versions where
@@ -144,6 +146,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             log.exception("expert shard %d: flushing counts of v%d failed", self.shard_id, version)
         with self._lock:
             self._held.pop(version, None)
+            PLACEMENT_VERSION.set(max(self._held, default=0))
 
     # ---- RPCs ------------------------------------------------------------------------------
     def Dispatch(self, request_iterator, context):
@@ -236,6 +239,8 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         served = torch.bincount(slots[slots >= 0].long(), minlength=held.placement.slots_per_shard)
         with self._lock:
             held.counts[held.placement.row(layer)] += served
+        for slot in served.nonzero().flatten().tolist():
+            EXPERT_TOKENS.labels(str(layer), str(slot)).inc(int(served[slot]))
 
     def token_counts(self, version: int | None = None) -> torch.Tensor:
         """Tokens served per (MoE layer row, local slot) of ``version`` (default: the newest held)

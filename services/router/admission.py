@@ -67,6 +67,11 @@ class Admission:
             finally:
                 self._waiting -= 1
 
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue now."""
+        return self._waiting
+
     def release(self, replica: Replica) -> None:
         with self._cond:
             self._in_flight[replica.service_id] -= 1

@@ -17,6 +17,7 @@ from epserve.services.cluster.requests import RequestStore
 from epserve.services.config import RouterConfig
 from epserve.services.engine.tokenizer import load_tokenizer
 from epserve.services.lifecycle import start_service
+from epserve.services.metrics import WAITING, serve_metrics
 from epserve.services.model.catalog import checkpoint_dir
 from epserve.services.router.admission import Admission
 from epserve.services.router.auth import ApiKeyInterceptor, read_api_keys
@@ -51,6 +52,10 @@ def run(config: RouterConfig) -> int:
         server.loop, config.host, config.http_port, config.tls_cert, config.tls_key)
     router_id = config.router_id or uuid.uuid4().hex[:8]
     info = {} if http is None else {"http_address": config.advertised(http.port)}
+    metrics_port = serve_metrics(config.host, config.metrics_port)
+    if metrics_port is not None:
+        info["metrics_address"] = config.advertised(metrics_port)
+        WAITING.set_function(lambda: servicer.admission.waiting)
     heartbeat = registry.register("router", router_id, config.advertised(server.port), info)
     log.info("router %s serving on %s%s", router_id, server.address,
              "" if http is None else f", OpenAI-compatible HTTP on {config.host}:{http.port}")

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import grpc
 
+from epserve.services import metrics
 from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore
 from epserve.services.engine.params import InvalidParam, draw_seed
 from epserve.services.engine.tokenizer import IncrementalDecoder, Tokenizer
@@ -57,17 +59,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             prompt, params = validate_request(request, self.tokenizer, self.limits)
         except InvalidParam as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        started = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
         seed = params.seed if params.seed is not None else draw_seed()
         try:
             await self._blocking(self.requests.create,
                                  RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
         except DuplicateRequest:
-            async for response in self._resume(request, prompt, params, context):
+            async for response in _metered(self._resume(request, prompt, params, context), started):
                 yield response
             return
+        metrics.PROMPT_TOKENS.inc(len(prompt))
         replica = await self._admit_or_end(request_id, context)
-        async for response in self._relay(request_id, prompt, params, seed, replica, context):
+        async for response in _metered(self._relay(request_id, prompt, params, seed, replica, context), started):
             yield response
 
     async def _resume(self, request, prompt: list[int], params, context):
@@ -111,9 +115,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def _admit_or_end(self, request_id: str, context) -> Replica:
         """A replica for the request; when none can be had, the call ends and the request is forgotten
         (no prompt stays in Redis), or failed when it had emitted tokens (a resumed one)."""
+        queued = time.monotonic()
         try:
-            return await self._admit(context.time_remaining())
+            replica = await self._admit(context.time_remaining())
+            metrics.QUEUE_TIME.observe(time.monotonic() - queued)
+            return replica
         except tuple(_ADMISSION_ERRORS) as err:
+            metrics.REFUSED.labels(_ADMISSION_ERRORS[type(err)].name).inc()
             await self._blocking(self.requests.refuse, request_id)
             await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
         except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
@@ -259,6 +267,31 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _metered(responses, started: float):
+    """Pass ``responses`` through, recording the request's latencies, tokens and finish reason."""
+    first, tokens = None, 0
+    metrics.RUNNING.inc()
+    try:
+        async for response in responses:
+            kind = response.WhichOneof("response")
+            if kind == "chunk" and response.chunk.token_ids:
+                tokens += len(response.chunk.token_ids)
+                metrics.GENERATION_TOKENS.inc(len(response.chunk.token_ids))
+                if first is None:
+                    first = time.monotonic()
+                    metrics.TTFT.observe(first - started)
+            elif kind == "complete":
+                end = time.monotonic()
+                metrics.E2E.observe(end - started)
+                if first is not None and tokens > 1:
+                    metrics.TPOT.observe((end - first) / (tokens - 1))
+                metrics.SUCCESS.labels(FINISH_REASON_NAMES.get(response.complete.finish_reason, "stop")).inc()
+            yield response
+    finally:
+        metrics.RUNNING.dec()
+        await responses.aclose()              # a client gone: the relay's own clean-up (abort on the replica)
 
 
 def _replica_gone(event) -> bool:

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "epserve"
+DASHBOARD = CHART / "dashboards" / "epserve.json"
 KUBE_VERSIONS = ("1.28.0", "1.33.0")          # the chart's kubeVersion floor, and a recent release
 CRD_KINDS = {"ServiceMonitor"}                # not in the Kubernetes schemas
 POD_IP, ORDINAL = "10.1.2.3", 3
@@ -309,6 +310,28 @@ def test_network_policy_opens_internal_ports_to_the_release_only(release):
     (public,) = open_rules
     assert (public.var_from or []) == [_peer(p) for p in _value(release, "networkPolicy.routerFrom")]
     assert _value(release, "router.httpPort") in {p.port for p in public.ports}            # the OpenAI API
+
+
+def test_metrics_are_served_scraped_and_charted(release):
+    """With the ServiceMonitor on, every service gets --metrics-port and a metrics port its Service names;
+    with the dashboard on, its ConfigMap carries the sidecar label and the dashboard's JSON."""
+    if not _value(release, "serviceMonitor.enabled"):
+        assert not release.of_kind("ServiceMonitor") and ("ConfigMap", "demo-epserve-dashboard") not in release.objects
+        return
+    port = _value(release, "serviceMonitor.port")
+    for pod in release.of_kind("Deployment") + release.of_kind("StatefulSet"):
+        if pod.metadata.name.endswith("-redis"):
+            continue
+        (container,) = [c for c in pod.spec.template.spec.containers]
+        assert f"--metrics-port={port}" in container.args and ("metrics", port) in {
+            (p.name, p.container_port) for p in container.ports}
+    (monitor,) = release.of_kind("ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    if not _value(release, "grafanaDashboard.enabled"):
+        return
+    dashboard = release.get("ConfigMap", "-dashboard")
+    assert dashboard.metadata.labels["grafana_dashboard"] == "1"
+    assert json.loads(dashboard.data["epserve.json"]) == json.loads(DASHBOARD.read_text())
 
 
 def test_the_router_serves_the_openai_api_on_its_http_port(release):

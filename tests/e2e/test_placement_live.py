@@ -14,6 +14,7 @@ from epserve_client import Client
 
 from epserve.services.cluster.requests import RequestStore
 from epserve.services.cluster.state import LoadStats, PlacementStore
+from epserve.services.cluster.tensor_codec import from_proto
 from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.engine.params import SamplingParams
 from tests.e2e.test_cluster import PROMPTS, UpCluster
@@ -50,14 +51,28 @@ def generate_concurrently(up: UpCluster, max_tokens: int, tag: str, while_runnin
         return [f.result(timeout=240) for f in futures]
 
 
-def measured_balancedness(up: UpCluster, placement) -> float:
-    """Mean over MoE layers of mean / max tokens per shard, as the shards counted them under ``placement``."""
-    stats, rows = LoadStats(up.redis, up.registry.keys), len(placement.moe_layers)
-    served = torch.zeros(rows, placement.num_shards)
+def measured_balancedness(served: torch.Tensor) -> float:
+    """Mean over MoE layers of mean / max tokens per shard; ``served [rows, S]``."""
+    return float((served.mean(dim=1) / served.max(dim=1).values).mean())
+
+
+def flushed_tokens(up: UpCluster, placement) -> torch.Tensor:
+    """[rows, S] tokens each shard served under ``placement``, as flushed to Redis (all of a released version)."""
+    stats, served = LoadStats(up.redis, up.registry.keys), torch.zeros(len(placement.moe_layers), placement.num_shards)
     for shard in range(placement.num_shards):
         for (layer, _), tokens in stats.slot_load(shard, placement.version).items():
             served[placement.row(layer), shard] += tokens
-    return float((served.mean(dim=1) / served.max(dim=1).values).mean())
+    return served
+
+
+def live_tokens(up: UpCluster, placement) -> torch.Tensor:
+    """[rows, S] tokens each shard served under ``placement``, its newest version, counted now (GetShardInfo)."""
+    served = torch.zeros(len(placement.moe_layers), placement.num_shards)
+    for service in up.registry.live("expert"):
+        info = up.shard_info(service)
+        assert info.placement_version == placement.version
+        served[:, info.shard_id] = from_proto(info.tokens_per_slot).sum(dim=1).float()
+    return served
 
 
 def test_a_rebalance_during_generation_switches_live_and_changes_no_token(model_dir):
@@ -81,7 +96,8 @@ def test_a_rebalance_during_generation_switches_live_and_changes_no_token(model_
         wait_until(lambda: all(s.info["placement_versions"] == [second.version] for s in up.registry.live("expert")),
                    60, "the old version released", state=lambda: [s.info for s in up.registry.live("expert")])
         assert generate_concurrently(up, short, "round3") == [w[:short] for w in want]
-        before, after = measured_balancedness(up, first), measured_balancedness(up, second)
+        before = measured_balancedness(flushed_tokens(up, first))      # v1 was released: flushed in full
+        after = measured_balancedness(live_tokens(up, second))
         assert after > before, (before, after)
     finally:
         up.stop()

@@ -106,6 +106,9 @@ checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha25
 - --host=0.0.0.0
 - --port={{ .port }}
 - --advertise-host=$(POD_IP)
+{{- if .metrics.enabled }}
+- --metrics-port={{ .metrics.port }}
+{{- end }}
 {{- end }}
 
 {{/* A service's `settings` as its flags: camelCase name -> --kebab-case=value; booleans --name / --no-name;
