@@ -62,6 +62,9 @@ class RouterConfig(ServiceConfig):
         None, help="file of API keys, one per line: clients must send 'authorization: Bearer KEY'")
     tls_cert: str | None = setting(None, help="PEM certificate chain: serve TLS (with --tls-key)")
     tls_key: str | None = setting(None, help="PEM private key of --tls-cert")
+    rate_limit: float = setting(0.0, low=0, help="requests per second each API key may start, averaged (a token "
+                                                 "bucket in Redis: one limit for all routers; 0: none)")
+    rate_burst: int = setting(20, low=1, help="requests an API key may start at once above --rate-limit")
     http_port: int | None = setting(None, low=0, high=65535, help="serve the OpenAI-compatible HTTP API "
                                                                   "(/v1/completions, /v1/chat/completions) on this "
                                                                   "port (0: any free port; default: not served)")
@@ -126,6 +129,8 @@ class UpConfig:
     port: int = setting(50051, low=0, high=65535, help="the router's port (the public endpoint)")
     http_port: int = setting(8000, low=1, high=65535, help="the router's OpenAI-compatible HTTP port")
     api_keys_file: str | None = same_as(RouterConfig, "api_keys_file")
+    rate_limit: float = same_as(RouterConfig, "rate_limit")
+    rate_burst: int = same_as(RouterConfig, "rate_burst")
     micro_batches: int = same_as(EngineConfig, "micro_batches")
     micro_batch_min_tokens: int = same_as(EngineConfig, "micro_batch_min_tokens")
     transport: str = same_as(AttentionConfig, "transport")
@@ -151,7 +156,7 @@ class UpConfig:
                                    micro_batch_min_tokens=self.micro_batch_min_tokens, transport=self.transport)
                    for replica in range(self.attention)]
                 + [RouterConfig(**common, port=self.port, http_port=self.http_port, api_keys_file=self.api_keys_file,
-                                router_id="router-0")])
+                                rate_limit=self.rate_limit, rate_burst=self.rate_burst, router_id="router-0")])
 
 
 def serve_command(config: ServiceConfig) -> list[str]:

@@ -19,6 +19,7 @@ All keys live under ``epserve:{cluster}:``. What each holds:
   sliding window sums the last ones), expiring after ``LoadStats.KEEP_BUCKETS`` buckets;
   ``slot_load:{shard}`` hash ``"{version}:{moe_layer}:{slot}"`` -> tokens served by that physical
   slot of placement ``version``.
+- ``ratelimit:{tenant}`` hash with TTL: an API key's token bucket (``router.rate_limit``).
 - ``balancer:lease`` string with TTL: the id of the placement controller that leads (``controller``).
 """
 from __future__ import annotations
@@ -87,6 +88,9 @@ class Keys:
 
     def slot_load(self, shard: int) -> str:
         return f"{self.prefix}:slot_load:{shard}"
+
+    def rate_limit(self, tenant: str) -> str:
+        return f"{self.prefix}:ratelimit:{tenant or '-'}"
 
     @property
     def balancer_lease(self) -> str:

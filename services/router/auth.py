@@ -1,9 +1,12 @@
 """API keys on the public API: ``authorization: Bearer KEY`` metadata checked by an interceptor.
 
-Health checks and reflection stay open (Kubernetes probes carry no key).
+Health checks and reflection stay open (Kubernetes probes carry no key). A key is an identity, its
+tenant (``tenant_of``): request ids live in the tenant's namespace (``namespaced``), so only the
+key that started a request can abort or resume it, and rate limits are per tenant.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
@@ -19,6 +22,18 @@ def read_api_keys(path: str | Path) -> list[str]:
     if not keys:
         raise ValueError(f"--api-keys-file: {path} holds no key")
     return keys
+
+
+def tenant_of(metadata) -> str:
+    """The caller's tenant: a short hash of its API key (never the key itself), "" without one."""
+    header = dict(metadata or ()).get("authorization", "")
+    token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+    return hashlib.sha256(token.encode()).hexdigest()[:16] if token else ""
+
+
+def namespaced(tenant: str, request_id: str) -> str:
+    """The id a tenant's request has inside the cluster (Redis records, replicas)."""
+    return f"{tenant}.{request_id}" if tenant else request_id
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

@@ -23,6 +23,7 @@ from epserve.services.router.admission import Admission
 from epserve.services.router.auth import ApiKeyInterceptor, read_api_keys
 from epserve.services.router.chat import ChatTemplate
 from epserve.services.router.openai_api import OpenAIApi
+from epserve.services.router.rate_limit import RateLimiter
 from epserve.services.router.service import SERVICE_NAME, GenerationServicer, add_to_server
 from epserve.services.router.validation import Limits
 
@@ -35,13 +36,14 @@ def run(config: RouterConfig) -> int:
     tokenizer = load_tokenizer(checkpoint_dir(config.model), vocab_size=model.vocab_size,
                                bos_token_id=model.bos_token_id, eos_token_ids=model.eos_token_ids)
     registry = Registry(client, keys)
-    model_info = {"model": config.model, "vocab_size": model.vocab_size, "max_context": model.max_position_embeddings,
+    model_info = {"model": served_model_name(config.model), "vocab_size": model.vocab_size, "max_context": model.max_position_embeddings,
                   "kv_cache_bytes_per_token": model.kv_bytes_per_token(2), "eos_token_ids": list(model.eos_token_ids)}
     servicer = GenerationServicer(
         model_name=config.model, tokenizer=tokenizer, admission=Admission(registry, max_queue=config.max_queue),
         limits=Limits(model.vocab_size, model.max_position_embeddings, config.max_request_bytes),
         requests=RequestStore(client, keys), placement_summary=lambda: current_summary(client, keys),
-        model_info=model_info, resume_attempts=config.resume_attempts)
+        model_info=model_info, resume_attempts=config.resume_attempts, tenants=bool(config.api_keys_file),
+        rate_limiter=RateLimiter(client, keys, config.rate_limit, config.rate_burst) if config.rate_limit else None)
     interceptors = [ApiKeyInterceptor(read_api_keys(config.api_keys_file))] if config.api_keys_file else []
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}",
                                    max_message_bytes=2 * config.max_request_bytes, credentials=_tls_credentials(config),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTI
                grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
                grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
                grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                409: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
@@ -74,12 +77,13 @@ class ChatRequest(_Sampling):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=_error_body(self.status, self.message, self.param))
+        return JSONResponse(status_code=self.status, content=_error_body(self.status, self.message, self.param),
+                            headers=self.headers)
 
 
 def _error_body(status: int, message: str, param: str | None) -> dict:
@@ -100,14 +104,20 @@ class _Abort(Exception):
         if param in ("token_ids", "text", "input"):
             param = prompt_field
             details = f"{prompt_field}:{self.details.split(':', 1)[1]}"
-        return ApiError(HTTP_STATUS.get(self.code, 500), details, param)
+        retry = re.search(r"retry after ([0-9.]+) s", details)
+        headers = {"retry-after": str(math.ceil(float(retry.group(1))))} if retry else None
+        return ApiError(HTTP_STATUS.get(self.code, 500), details, param, headers)
 
 
 class HttpContext:
     """The part of a gRPC servicer context ``Generate`` uses, for a call that came over HTTP."""
 
-    def __init__(self, timeout_s: float | None):
+    def __init__(self, timeout_s: float | None, authorization: str):
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._metadata = (("authorization", authorization),)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
 
     async def abort(self, code: grpc.StatusCode, details: str):
         raise _Abort(code, details)
@@ -152,7 +162,7 @@ class OpenAIApi:
         generate = self._request(body, body.max_tokens if body.max_tokens is not None else 16)
         prompt = self.servicer.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
         generate.token_ids.ids.extend(prompt)
-        return await self._respond(body, generate, chat=False)
+        return await self._respond(body, generate, request, chat=False)
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         self._authorise(request)
@@ -163,7 +173,7 @@ class OpenAIApi:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         generate = self._request(body, max_tokens if max_tokens is not None else 256)
         generate.token_ids.ids.extend(self.servicer.tokenizer.encode(text, add_bos=not self.chat_template.own))
-        return await self._respond(body, generate, chat=True)
+        return await self._respond(body, generate, request, chat=True)
 
     def _request(self, body: _Sampling, max_tokens: int) -> generation_pb2.GenerateRequest:
         if body.model != self.model_name:
@@ -178,9 +188,12 @@ class OpenAIApi:
                                                  top_p=body.top_p, top_k=body.top_k, seed=body.seed)
         return generation_pb2.GenerateRequest(request_id=uuid.uuid4().hex, sampling=sampling)
 
-    async def _respond(self, body: _Sampling, generate: generation_pb2.GenerateRequest, chat: bool):
+    async def _respond(self, body: _Sampling, generate: generation_pb2.GenerateRequest, request: Request, chat: bool):
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        run = _Run(self.servicer.Generate(generate, HttpContext(self.timeout_s)), StopMatcher(stops),
+        if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ApiError(400, f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters", "stop")
+        context = HttpContext(self.timeout_s, request.headers.get("authorization", ""))
+        run = _Run(self.servicer.Generate(generate, context), StopMatcher(stops),
                    len(generate.token_ids.ids), "messages" if chat else "prompt")
         first = await run.start()                       # errors before the first token become HTTP errors
         shape = _Shape(chat, generate.request_id, self.model_name, body.return_token_ids)

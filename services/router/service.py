@@ -30,6 +30,8 @@ from epserve.services.engine.tokenizer import IncrementalDecoder, Tokenizer
 from epserve.services.params import FINISH_REASON_NAMES, FINISH_REASONS, sampling_to_proto
 from epserve.services.proto import attention_pb2, generation_pb2, generation_pb2_grpc
 from epserve.services.router.admission import Admission, NoReplicas, QueueFull, Replica
+from epserve.services.router.auth import namespaced, tenant_of
+from epserve.services.router.rate_limit import RateLimiter
 from epserve.services.router.replica_session import ReplicaSessions, SessionBroken
 from epserve.services.router.validation import Limits, validate_request
 
@@ -42,8 +44,9 @@ _ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, *, model_name: str, tokenizer: Tokenizer, limits: Limits, admission: Admission,
                  requests: RequestStore, placement_summary: Callable[[], dict | None], model_info: dict,
-                 resume_attempts: int):
+                 resume_attempts: int, tenants: bool = False, rate_limiter: RateLimiter | None = None):
         self.model_name, self.tokenizer, self.limits = model_name, tokenizer, limits
+        self.tenants, self.rate_limiter = tenants, rate_limiter   # API keys are identities; their limits
         self.admission, self.requests, self.model_info = admission, requests, model_info
         self.placement_summary = placement_summary      # -> {"placement_version", "expert_shards"} or None
         self.resume_attempts = resume_attempts          # resubmissions of one request after its replica went
@@ -54,37 +57,56 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def _blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def _tenant(self, context) -> str:
+        return tenant_of(context.invocation_metadata()) if self.tenants else ""
+
     async def Generate(self, request, context):
-        try:
-            prompt, params = validate_request(request, self.tokenizer, self.limits)
+        started = time.monotonic()
+        try:                                              # tokenising text may take a while: off the loop
+            prompt, params = await self._blocking(validate_request, request, self.tokenizer, self.limits)
         except InvalidParam as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        started = time.monotonic()
-        request_id = request.request_id or uuid.uuid4().hex
+        tenant = self._tenant(context)
+        await self._check_rate(tenant, context)
+        external_id = request.request_id or uuid.uuid4().hex
+        responses = self._generate(namespaced(tenant, external_id), request, prompt, params, context)
+        async for response in _metered(responses, started):
+            response.request_id = external_id                 # the caller's id, not the tenant's namespace
+            yield response
+
+    async def _check_rate(self, tenant: str, context) -> None:
+        wait = 0.0 if self.rate_limiter is None else await self._blocking(self.rate_limiter.wait_s, tenant)
+        if wait > 0:
+            metrics.REFUSED.labels(grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"rate limit: {self.rate_limiter.rate:g} requests/s per API key (bursts of "
+                f"{self.rate_limiter.burst}); retry after {wait:.2f} s"))
+
+    async def _generate(self, request_id: str, request, prompt: list[int], params, context):
+        """A new request (recorded, admitted, relayed), or the resume of an existing one with this id."""
         seed = params.seed if params.seed is not None else draw_seed()
         try:
             await self._blocking(self.requests.create,
                                  RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
         except DuplicateRequest:
-            async for response in _metered(self._resume(request, prompt, params, context), started):
+            async for response in self._resume(request_id, request, prompt, params, context):
                 yield response
             return
         metrics.PROMPT_TOKENS.inc(len(prompt))
         replica = await self._admit_or_end(request_id, context)
-        async for response in _metered(self._relay(request_id, prompt, params, seed, replica, context), started):
+        async for response in self._relay(request_id, prompt, params, seed, replica, context):
             yield response
 
-    async def _resume(self, request, prompt: list[int], params, context):
+    async def _resume(self, request_id: str, request, prompt: list[int], params, context):
         """A retry of an existing request id (its client reconnected: its router or connection went away).
         A finished request replays the tokens of its log past ``resume_from``; any other is queued again
         (its earlier run, if one still goes, aborted) and continues from its token log on a replica,
         with its recorded seed: the client gets every token once."""
-        request_id = request.request_id
         record = await self._blocking(self.requests.get, request_id)
         if record is None or record.prompt_ids != prompt or record.sampling != _params_dict(params) or (
                 params.seed is not None and params.seed != record.seed):
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} exists with another "
-                                                                 f"prompt or other sampling parameters")
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} exists with "
+                                                                 f"another prompt or other sampling parameters")
         logged = await self._blocking(self.requests.tokens, request_id)
         if request.resume_from > len(logged):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resume_from: {request.resume_from} is more "
@@ -254,7 +276,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return generation_pb2.ModelInfo(request_id=request.request_id, **info)
 
     async def Abort(self, request, context):
-        record = await self._blocking(self.requests.get, request.request_id)
+        """Abort a running request of the caller's (another key's request with that id is not found)."""
+        request_id = namespaced(self._tenant(context), request.request_id)
+        record = await self._blocking(self.requests.get, request_id)
         if record is None or not record.owner or record.state not in ("queued", "running"):
             return generation_pb2.AbortResponse(request_id=request.request_id, found=False)
         replicas = await self._blocking(self.admission.replicas)
@@ -262,7 +286,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if replica is None:
             return generation_pb2.AbortResponse(request_id=request.request_id, found=False)
         reply = await self.sessions.stub(replica.address).Abort(
-            generation_pb2.AbortRequest(request_id=request.request_id), timeout=10)
+            generation_pb2.AbortRequest(request_id=request_id), timeout=10)
         return generation_pb2.AbortResponse(request_id=request.request_id, found=reply.found)
 
     def close(self) -> None:

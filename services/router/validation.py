@@ -9,6 +9,7 @@ from epserve.services.params import sampling_from_proto
 from epserve.services.proto import generation_pb2
 
 MAX_REQUEST_ID_CHARS = 128
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ def validate_request(request: generation_pb2.GenerateRequest, tokenizer: Tokeniz
     prompt = _prompt_ids(request, tokenizer, limits)
     if not request.HasField("sampling"):
         raise InvalidParam("sampling", "is required (sampling.max_tokens at least)")
+    if len(request.sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidParam("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got "
+                                                      f"{len(request.sampling.stop_token_ids)}")
     try:
         params = sampling_from_proto(request.sampling)
         params.validate(vocab_size=limits.vocab_size, max_new_tokens_allowed=limits.max_context - len(prompt))
