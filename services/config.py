@@ -86,6 +86,9 @@ class AttentionConfig(EngineConfig, ModelServiceConfig):
     step_retries: int = setting(16, low=0, help="a failed engine step (an expert shard gone) runs again after a "
                                                 "backoff (0.25 s, doubling, at most 2 s: 16 retries wait about "
                                                 "28 s in all); a request that was in more failed steps fails")
+    max_waiting: int = setting(64, low=0, help="requests that may wait here beyond a full batch (--max-num-seqs); "
+                                               "more are refused (RESOURCE_EXHAUSTED) and their router tries another "
+                                               "replica, so that several routers cannot overfill one")
     drain_timeout: float = setting(30.0, low=0, help="on SIGTERM: seconds running requests get to finish "
                                                      "(when no other replica can take them over)")
     stall_timeout: float = setting(180.0, low=1, help="seconds the engine loop may have work and complete no step "

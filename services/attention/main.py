@@ -50,7 +50,8 @@ def run(config: AttentionConfig) -> int:
                                  backend=experts)
     loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens, step_retries=config.step_retries,
                       between_steps=experts.at_step_boundary).start()
-    servicer = AttentionServicer(loop, config.replica_id, lambda: experts.placement.version)
+    servicer = AttentionServicer(loop, config.replica_id, lambda: experts.placement.version,
+                                 max_in_flight=config.max_num_seqs + config.max_waiting)
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}")
     kinds = "+".join(sorted({transport.kind(shard) for shard in transport.endpoints}))
     static = {"max_num_seqs": config.max_num_seqs, "kv_bytes_per_token": engine.runner.kv_bytes_per_token,

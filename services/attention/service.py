@@ -4,8 +4,8 @@ A router holds one ``Session`` stream per replica and submits every request it r
 it. The engine loop's courier hands each step's outputs to the event loop in one go per session, and
 each session sends all of its requests' new tokens in one message: one wake-up and one message per
 step and router, not one per request. A request ends with a finished event, with ``error`` set
-when it was refused (INVALID_ARGUMENT, UNAVAILABLE while draining, ALREADY_EXISTS while an earlier
-run of its id is still being aborted) or its step failed (INTERNAL); an abort, or the end of the
+when it was refused (INVALID_ARGUMENT, UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full,
+ALREADY_EXISTS while an earlier run of its id is still being aborted) or its step failed (INTERNAL); an abort, or the end of the
 session (router gone), aborts the request on the engine, which frees its KV blocks at once.
 """
 from __future__ import annotations
@@ -79,10 +79,11 @@ class SessionOutputs:
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
-    def __init__(self, loop: EngineLoop, replica_id: str, placement_version: Callable[[], int]):
+    def __init__(self, loop: EngineLoop, replica_id: str, placement_version: Callable[[], int], max_in_flight: int):
         self.loop = loop
         self.replica_id = replica_id
         self.placement_version = placement_version
+        self.max_in_flight = max_in_flight             # running + waiting here, from every router together
 
     async def Session(self, request_iterator, context):
         outputs = SessionOutputs(asyncio.get_running_loop())
@@ -116,6 +117,11 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         if self.loop.draining:
             outputs.add(_refused(request.request_id, grpc.StatusCode.UNAVAILABLE,
                                  f"replica {self.replica_id} is draining"))
+            return
+        if self.loop.in_flight() >= self.max_in_flight:
+            outputs.add(_refused(request.request_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"replica {self.replica_id} is full: {self.loop.in_flight()} requests running or "
+                                 f"waiting (at most {self.max_in_flight})"))
             return
         try:
             params = sampling_from_proto(request.sampling, seed=request.seed)

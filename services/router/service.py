@@ -318,13 +318,16 @@ async def _metered(responses, started: float):
         await responses.aclose()              # a client gone: the relay's own clean-up (abort on the replica)
 
 
+_RESUBMITTABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 def _replica_gone(event) -> bool:
-    """The replica's session broke, or the replica refused as UNAVAILABLE (draining) or ALREADY_EXISTS (an
-    earlier run of the id still being aborted there): resubmitting after a backoff may succeed."""
+    """The replica's session broke, or the replica refused as UNAVAILABLE (draining), ALREADY_EXISTS (an
+    earlier run of the id still being aborted there) or RESOURCE_EXHAUSTED (full: other routers filled
+    it): resubmitting after a backoff, maybe elsewhere, may succeed."""
     if isinstance(event, SessionBroken):
         return event.code != grpc.StatusCode.CANCELLED
-    return event.HasField("error") and _status_code(event.error.code) in (grpc.StatusCode.UNAVAILABLE,
-                                                                         grpc.StatusCode.ALREADY_EXISTS)
+    return event.HasField("error") and _status_code(event.error.code) in _RESUBMITTABLE
 
 
 def _details(event) -> str:
