@@ -66,7 +66,8 @@ def add_run_parser(commands) -> None:
     t.add_argument("--target", choices=("epserve", "openai"), default="epserve")
     t.add_argument("--endpoint", help="epserve: HOST:PORT (default 127.0.0.1:50051); openai: base URL "
                                       "(default http://127.0.0.1:8000)")
-    t.add_argument("--path", default="/v1/completions", help="openai: the completions path")
+    t.add_argument("--path", default="/v1/completions",
+                   help="openai: /v1/completions, or /v1/chat/completions (text prompts: --workload sharegpt)")
     t.add_argument("--model", help="openai: model name (default: the first of /v1/models)")
     t.add_argument("--api-key", help="default $EPSERVE_API_KEY or $OPENAI_API_KEY")
     t.add_argument("--extra-body", type=_arg(json.loads), default={},
@@ -128,6 +129,9 @@ def run_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0")
     if args.fault:
         args.fault = dataclasses.replace(args.fault, signal=args.fault_signal)
+    if args.target == "openai" and args.path.endswith("/chat/completions") and args.workload != "sharegpt":
+        raise UsageError(f"--path {args.path} sends text messages: use --workload sharegpt (random and prefix "
+                         f"prompts are token ids)")
     args.endpoint = args.endpoint or ("127.0.0.1:50051" if args.target == "epserve" else "http://127.0.0.1:8000")
     args.label = args.label or args.target
     if args.ignore_eos is None:

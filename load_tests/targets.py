@@ -113,8 +113,12 @@ class OpenAITarget:
             raise TargetError("CONNECTION_ERROR", message) from None
 
     async def stream(self, spec: RequestSpec, reply: Reply, seed: int) -> AsyncIterator[int]:
-        payload = {"model": self.model_id, "prompt": spec.prompt, "max_tokens": spec.output_len, "stream": True,
+        payload = {"model": self.model_id, "max_tokens": spec.output_len, "stream": True,
                    "stream_options": {"include_usage": True}, "seed": seed}
+        if self.path.endswith("/chat/completions"):          # text prompts only (checked by the command line)
+            payload["messages"] = [{"role": "user", "content": spec.prompt}]
+        else:
+            payload["prompt"] = spec.prompt
         if self.sampling.temperature is not None:
             payload["temperature"] = self.sampling.temperature
         if self.sampling.ignore_eos:
@@ -146,11 +150,13 @@ class OpenAITarget:
 
 
 def _tokens_in(choice: dict) -> int:
+    """Tokens in one streamed choice: its token ids when the server sends them, else 1 per non-empty text
+    (a completion's ``text``, a chat chunk's ``delta.content``)."""
     if choice.get("token_ids") is not None:
         return len(choice["token_ids"])
     if (choice.get("logprobs") or {}).get("tokens") is not None:
         return len(choice["logprobs"]["tokens"])
-    return 1 if choice.get("text") else 0
+    return 1 if choice.get("text") or (choice.get("delta") or {}).get("content") else 0
 
 
 def _raise_for_error(event: dict) -> None:

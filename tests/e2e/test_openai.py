@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP API of `epserve up`, through the official `openai` package."""
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -109,3 +111,19 @@ def test_a_client_that_goes_away_frees_its_kv(client, up):
     stream.close()
     wait_until(lambda: all(up.replica_load(r).kv_blocks_used == 0 for r in up.registry.live("attention")), 60,
                "the abandoned request's KV freed")
+
+
+def test_the_load_test_harness_measures_chat_completions(up, tmp_path):
+    """`epserve loadtest run --target openai --path /v1/chat/completions` against epserve's own HTTP API."""
+    from epserve.load_tests.cli import main
+    from epserve.services.up_state import read_up_state
+
+    dataset = tmp_path / "chat.json"
+    assert main(["sharegpt", "--num", "20", "--out", str(dataset)]) == 0
+    base_url = read_up_state(up.state_file)["http_endpoint"].removesuffix("/v1")
+    assert main(["run", "--target", "openai", "--endpoint", base_url, "--path", "/v1/chat/completions",
+                 "--api-key", KEY, "--workload", "sharegpt", "--dataset", str(dataset), "--output-len", "8",
+                 "--ignore-eos", "--request-rate", "20", "--num-prompts", "8", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("openai-*.json")
+    result = json.loads(path.read_text())
+    assert (result["completed"], result["failed"]) == (8, 0) and result["total_output_tokens"] == 64

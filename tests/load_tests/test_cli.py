@@ -27,6 +27,7 @@ def test_bad_option_is_an_argparse_error(args, message, capsys):
     (["--target", "openai", "--fault", "router@1"], "--fault needs --target epserve"),
     (["--fault", "router@1", "--request-rate", "1,2"], "one run at a time"),
     (["--num-prompts", "0"], "--num-prompts"),
+    (["--target", "openai", "--path", "/v1/chat/completions"], "--workload sharegpt"),
 ])
 def test_inconsistent_options_exit_2(args, message, capsys):
     assert main(["run", *args]) == 2
