@@ -42,10 +42,22 @@ class Service:
     model: ModelConfig
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A client with explicit timeouts that retries a command through a short outage (a Redis restart:
+    about 1.5 s of backoff in all) before raising; callers on the token path do not wait on Redis."""
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0,
+                                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 5),
+                                retry_on_error=[RedisConnectionError, RedisTimeoutError])
+
+
 def start_service(config: ServiceConfig) -> Service:
     """Logging, shutdown signals, Redis and the model's config (call from the main thread)."""
     setup_logging(config.verbose)
     stop = shutdown_event()
-    client = redis.Redis.from_url(config.redis)
+    client = redis_client(config.redis)
     client.ping()
     return Service(stop, client, Keys(config.cluster), model_config(config.model))

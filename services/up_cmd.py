@@ -1,6 +1,6 @@
 """``epserve up``: a whole cluster on this machine, each service its own process, on loopback.
 
-Embedded Redis -> S expert shards -> N attention replicas (they wait for the shards) -> the router
+Embedded Redis (append-only file, restarted when it dies) -> S expert shards -> N attention replicas (they wait for the shards) -> the router
 on ``--port``. Prints the endpoint once every service answers its health check. On Ctrl-C or
 SIGTERM every child gets SIGTERM (then SIGKILL after a grace period), Redis stops and its
 temporary directory goes; children also die with this process (PR_SET_PDEATHSIG). A service that
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import uuid
+
+import redis
 
 from epserve.services.cluster.redis_server import EmbeddedRedis
 from epserve.services.config import UpConfig, kind_of, serve_command, service_id
@@ -44,7 +46,7 @@ def run_up(config: UpConfig) -> int:
     stop = {"signal": False}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.update(signal=True))
-    with EmbeddedRedis() as redis_server:
+    with EmbeddedRedis(persistent=True) as redis_server:
         cluster = f"up-{uuid.uuid4().hex[:8]}"
         state = UpState(redis_server, cluster, f"127.0.0.1:{config.port}", config.state_file,
                         f"http://127.0.0.1:{config.http_port}/v1")
@@ -80,6 +82,11 @@ def _supervise(state: UpState, stop: dict, restart_delay_s: float) -> int:
     keeps exiting."""
     exited: dict[int, float] = {}                     # pid -> when it was seen gone
     while not stop["signal"]:
+        if not state.redis_server.alive():
+            print("epserve up: redis exited; restarting it (its append-only file keeps the cluster's state)",
+                  file=sys.stderr, flush=True)
+            state.redis_server.restart()
+            state.changed()
         for service in state.services:
             if service.process.poll() is None:
                 continue
@@ -92,7 +99,10 @@ def _supervise(state: UpState, stop: dict, restart_delay_s: float) -> int:
             print(f"epserve up: {name} exited with status {service.process.returncode}; restarting",
                   file=sys.stderr, flush=True)
             state.restarted(service, _spawn(list(service.process.args)))
-        state.refresh()
+        try:
+            state.refresh()
+        except redis.RedisError:                      # Redis restarting: look again next round
+            pass
         time.sleep(0.2)
     return 0
 

@@ -78,6 +78,10 @@ class UpState:
         if changed:
             self._write()
 
+    def changed(self) -> None:
+        """Write the file again (Redis was restarted: a new pid)."""
+        self._write()
+
     def set_ready(self) -> None:
         self.ready = True
         self._write()
@@ -90,9 +94,9 @@ class UpState:
         if not self.path:
             return
         redis_entry = {"kind": "redis", "id": "0", "pid": self.redis_server.pid,
-                       "address": f"127.0.0.1:{self.redis_server.port}", "restarts": 0}
-        state = {"endpoint": self.endpoint, "http_endpoint": self.http_endpoint, "redis_url": self.redis_url, "cluster": self.cluster, "pid": os.getpid(),
-                 "ready": self.ready,
+                       "address": f"127.0.0.1:{self.redis_server.port}", "restarts": self.redis_server.restarts}
+        state = {"endpoint": self.endpoint, "http_endpoint": self.http_endpoint, "redis_url": self.redis_url,
+                 "cluster": self.cluster, "pid": os.getpid(), "ready": self.ready,
                  "services": [redis_entry] + [{"kind": s.kind, "id": s.service_id, "pid": s.process.pid,
                                                "address": s.address, "restarts": s.restarts} for s in self.services]}
         staging = f"{self.path}.tmp"

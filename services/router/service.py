@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import grpc
+import redis
 
 from epserve.services import metrics
 from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore
@@ -37,6 +38,7 @@ from epserve.services.router.validation import Limits, validate_request
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "epserve.v1.GenerationService"
+LOG_CATCH_UP_S = 5.0         # a resume waits this long for a token log behind what its client received
 _ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: grpc.StatusCode.UNAVAILABLE,
                      TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -57,6 +59,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def _blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def _note(self, fn, *args):
+        """A record update that must not fail the request when Redis is away (it is only bookkeeping)."""
+        try:
+            return await self._blocking(fn, *args)
+        except redis.RedisError as err:
+            log.warning("%s%s: Redis is away (%s); the record lags", fn.__name__, args[:2], err)
+            return None
+
     def _tenant(self, context) -> str:
         return tenant_of(context.invocation_metadata()) if self.tenants else ""
 
@@ -75,7 +85,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             yield response
 
     async def _check_rate(self, tenant: str, context) -> None:
-        wait = 0.0 if self.rate_limiter is None else await self._blocking(self.rate_limiter.wait_s, tenant)
+        wait = 0.0 if self.rate_limiter is None else await self._note(self.rate_limiter.wait_s, tenant) or 0.0
         if wait > 0:
             metrics.REFUSED.labels(grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, (
@@ -92,6 +102,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             async for response in self._resume(request_id, request, prompt, params, context):
                 yield response
             return
+        except redis.RedisError as err:                  # served without a record: it cannot be resumed
+            log.warning("request %s: recording it failed (%s); serving it without a record", request_id, err)
         metrics.PROMPT_TOKENS.inc(len(prompt))
         replica = await self._admit_or_end(request_id, context)
         async for response in self._relay(request_id, prompt, params, seed, replica, context):
@@ -108,6 +120,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} exists with "
                                                                  f"another prompt or other sampling parameters")
         logged = await self._blocking(self.requests.tokens, request_id)
+        deadline = time.monotonic() + LOG_CATCH_UP_S            # the log is written asynchronously
+        while request.resume_from > len(logged) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            logged = await self._blocking(self.requests.tokens, request_id)
         if request.resume_from > len(logged):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resume_from: {request.resume_from} is more "
                                                                    f"than the {len(logged)} tokens emitted")
@@ -144,7 +160,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             return replica
         except tuple(_ADMISSION_ERRORS) as err:
             metrics.REFUSED.labels(_ADMISSION_ERRORS[type(err)].name).inc()
-            await self._blocking(self.requests.refuse, request_id)
+            await self._note(self.requests.refuse, request_id)
             await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
         except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
             self._record_abort(request_id)
@@ -216,7 +232,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 if event.finished:
                     ended = True
                     reason = FINISH_REASON_NAMES.get(event.finish_reason, "stop")
-                    await self._blocking(self.requests.set_state, request_id,
+                    await self._note(self.requests.set_state, request_id,
                                          "aborted" if reason == "abort" else "finished", None, reason)
                     yield _complete(request_id, event, token_ids, self.tokenizer.decode(token_ids))
         except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or its deadline passed
@@ -230,7 +246,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def _submit(self, request_id, prompt, params, seed, emitted: list[int], replica: Replica):
         """Record the owner and submit on the replica's session; -> (its event queue, the session)."""
-        await self._blocking(self.requests.set_state, request_id, "running", replica.service_id)
+        await self._note(self.requests.set_state, request_id, "running", replica.service_id)
         session = self.sessions.get(replica.address)
         events = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
                                                             sampling=sampling_to_proto(params), seed=seed,
@@ -249,7 +265,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             except tuple(_ADMISSION_ERRORS) as err:
                 if resumes < self.resume_attempts and isinstance(err, NoReplicas):
                     continue                             # the only replica restarting: not registered yet
-                await self._blocking(self.requests.set_state, request_id, "failed")
+                await self._note(self.requests.set_state, request_id, "failed")
                 await context.abort(_ADMISSION_ERRORS[type(err)], f"resuming after its replica went away: {err}")
 
     async def _replica_failed(self, request_id: str, replica: Replica, failure, context):
@@ -259,7 +275,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             code, details = failure.code, failure.details
         else:
             code, details = _status_code(failure.error.code), failure.error.message
-        await self._blocking(self.requests.set_state, request_id, "failed")
+        await self._note(self.requests.set_state, request_id, "failed")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             await context.abort(code, details)
         log.warning("request %s failed on replica %s: %s", request_id, replica.service_id, details)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -119,3 +120,27 @@ def test_sigterm_hands_a_replica_s_requests_to_the_other_replica(model_dir, want
         assert all(r.state == "finished" for r in records())
     finally:
         up.stop()
+
+
+def test_a_redis_restart_mid_generation_loses_no_request(up, want):
+    """Redis is SIGKILLed while 16 greedy streams run; `epserve up` restarts it from its append-only file.
+    Tokens keep flowing (the token log is written asynchronously and catches up), every stream gets the
+    single-process tokens, and every record ends finished with its whole token log."""
+    store = RequestStore(up.redis, up.registry.keys)
+    with Client(up.endpoint, timeout=240) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(lambda i=i: client.generate(PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0,
+                                                           ignore_eos=True, request_id=f"rd-{i}").token_ids)
+                   for i in range(len(PROMPTS))]
+        records = lambda: [store.get(f"rd-{i}") for i in range(len(PROMPTS))]   # noqa: E731
+        wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60, "every stream under way",
+                   state=lambda: [r and r.emitted for r in records()])
+        time.sleep(1.2)                                  # the records are in the append-only file (fsync 1 s)
+        os.kill(find_service(read_up_state(up.state_file), "redis", "0")["pid"], signal.SIGKILL)
+        assert not all(f.done() for f in futures)
+        got = [f.result(timeout=240) for f in futures]
+    assert got == want
+    assert find_service(read_up_state(up.state_file), "redis", "0")["restarts"] == 1
+    wait_until(lambda: all(r.state == "finished" for r in records()), 30, "every record finished",
+               state=lambda: [r.state for r in records()])
+    wait_until(lambda: all(store.tokens(f"rd-{i}") == want[i] for i in range(len(PROMPTS))), 30,
+               "every token log complete")

@@ -99,10 +99,11 @@ def fault_run(up, tmp_path, service: str) -> tuple[dict, dict]:
     return result, fault
 
 
-@pytest.mark.parametrize("service", ["expert:1", "attention:0", "router"])
-def test_killing_a_shard_a_replica_or_the_router_loses_no_request(up, tmp_path, service):
+@pytest.mark.parametrize("service", ["expert:1", "attention:0", "router", "redis"])
+def test_killing_a_shard_a_replica_the_router_or_redis_loses_no_request(up, tmp_path, service):
     """A shard: the replica runs its failed steps again once the shard is back. A replica: the router
     resubmits its requests, with their tokens so far, once it is back. The router: the SDK resumes
-    each open stream on the restarted router, which continues it from Redis (epserve up restarts all)."""
+    each open stream on the restarted router, which continues it from Redis. Redis: services retry
+    through its restart, the token log catches up (epserve up restarts them all)."""
     result, fault = fault_run(up, tmp_path, service)
     assert fault["failed_requests"] == result["failed"] == 0 and result["completed"] == 24
