@@ -55,17 +55,27 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.sessions = ReplicaSessions()
         # requests waiting in the admission queue each hold a thread; Redis calls need a few more
         self._pool = ThreadPoolExecutor(admission.max_queue + 16, thread_name_prefix="router-blocking")
+        self._records = ThreadPoolExecutor(1, thread_name_prefix="router-records")
 
     async def _blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _note(self, fn, *args):
-        """A record update that must not fail the request when Redis is away (it is only bookkeeping)."""
+        """A Redis read the request can do without (its answer None) when Redis is away."""
         try:
             return await self._blocking(fn, *args)
         except redis.RedisError as err:
-            log.warning("%s%s: Redis is away (%s); the record lags", fn.__name__, args[:2], err)
+            log.warning("%s%s: Redis is away (%s)", fn.__name__, args[:2], err)
             return None
+
+    def _record(self, fn, *args) -> None:
+        """A record update, off the token path: queued to one writer thread (in order), never awaited,
+        so that a slow or absent Redis delays the record, not a token or a request's end."""
+        def logged(future: Future) -> None:
+            if not future.cancelled() and isinstance(future.exception(), redis.RedisError):
+                log.warning("%s%s: Redis is away (%s); the record lags", fn.__name__, args[:2], future.exception())
+
+        self._records.submit(fn, *args).add_done_callback(logged)
 
     def _tenant(self, context) -> str:
         return tenant_of(context.invocation_metadata()) if self.tenants else ""
@@ -160,7 +170,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             return replica
         except tuple(_ADMISSION_ERRORS) as err:
             metrics.REFUSED.labels(_ADMISSION_ERRORS[type(err)].name).inc()
-            await self._note(self.requests.refuse, request_id)
+            self._record(self.requests.refuse, request_id)
             await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
         except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
             self._record_abort(request_id)
@@ -180,7 +190,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def _record_abort(self, request_id: str) -> None:
         """Mark the request aborted without waiting (no-op once it has ended)."""
-        self._pool.submit(self.requests.set_state, request_id, "aborted")
+        self._record(self.requests.set_state, request_id, "aborted")
 
     async def _admit(self, timeout_s: float | None) -> Replica:
         """A replica from admission (on a thread: it may wait in the queue). A cancelled caller
@@ -232,7 +242,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 if event.finished:
                     ended = True
                     reason = FINISH_REASON_NAMES.get(event.finish_reason, "stop")
-                    await self._note(self.requests.set_state, request_id,
+                    self._record(self.requests.set_state, request_id,
                                          "aborted" if reason == "abort" else "finished", None, reason)
                     yield _complete(request_id, event, token_ids, self.tokenizer.decode(token_ids))
         except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or its deadline passed
@@ -246,7 +256,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def _submit(self, request_id, prompt, params, seed, emitted: list[int], replica: Replica):
         """Record the owner and submit on the replica's session; -> (its event queue, the session)."""
-        await self._note(self.requests.set_state, request_id, "running", replica.service_id)
+        self._record(self.requests.set_state, request_id, "running", replica.service_id)
         session = self.sessions.get(replica.address)
         events = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
                                                             sampling=sampling_to_proto(params), seed=seed,
@@ -265,7 +275,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             except tuple(_ADMISSION_ERRORS) as err:
                 if resumes < self.resume_attempts and isinstance(err, NoReplicas):
                     continue                             # the only replica restarting: not registered yet
-                await self._note(self.requests.set_state, request_id, "failed")
+                self._record(self.requests.set_state, request_id, "failed")
                 await context.abort(_ADMISSION_ERRORS[type(err)], f"resuming after its replica went away: {err}")
 
     async def _replica_failed(self, request_id: str, replica: Replica, failure, context):
@@ -275,7 +285,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             code, details = failure.code, failure.details
         else:
             code, details = _status_code(failure.error.code), failure.error.message
-        await self._note(self.requests.set_state, request_id, "failed")
+        self._record(self.requests.set_state, request_id, "failed")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             await context.abort(code, details)
         log.warning("request %s failed on replica %s: %s", request_id, replica.service_id, details)
@@ -307,6 +317,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._records.shutdown(wait=False)             # what is queued is written while Redis answers
 
 
 async def _metered(responses, started: float):
