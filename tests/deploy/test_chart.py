@@ -431,6 +431,7 @@ def test_builtin_redis_keeps_an_append_only_file_behind_a_password(chart):
     container = redis.spec.template.spec.containers[0]
     args = " ".join(container.args)
     assert "--appendonly yes" in args and "--appendfsync everysec" in args and "--dir /data" in args
+    assert "--maxmemory 3gb --maxmemory-policy volatile-lru" in args     # ended requests go before live ones
     env = release.env("redis", container)
     assert _expand(args, env).endswith("--requirepass fixed-pass")
     assert [t.metadata.name for t in redis.spec.volume_claim_templates] == ["data"]
