@@ -89,12 +89,16 @@ def analyse(records: list[RequestRecord], killed_at_s: float, bin_s: float, thre
             time_to_recover = float((below[0] + back[0]) * bin_s) if len(back) else None
     after = [r for r in records if r.start_time + r.end >= t and not r.success]
     in_flight = [r for r in records if r.start_time <= t < r.start_time + r.end]
+    stalls = [next_chunk - t for r in in_flight
+              if (next_chunk := next((r.start_time + c for c in r.chunk_times if r.start_time + c > t), None))]
     return {
         "failed_requests": sum(not r.success for r in records),
         "failed_after_fault": len(after),
         "errors_by_status_after_fault": errors_by_status(after),
         "in_flight_at_fault": len(in_flight),
         "in_flight_failed": sum(not r.success for r in in_flight),
+        "stall_p50_s": float(np.median(stalls)) if stalls else None,      # fault to the next token of a
+        "stall_max_s": float(max(stalls)) if stalls else None,            # request in flight at the fault
         "sent_after_fault": sum(r.start_time >= t for r in records),
         "succeeded_after_fault": sum(r.start_time >= t and r.success for r in records),
         "baseline_output_tokens_per_s": baseline,

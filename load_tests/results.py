@@ -121,6 +121,8 @@ def format_fault(fault: dict) -> list[str]:
     rows = [("Killed:", f"{fault['service']} (pid {fault['pid']}, {fault['signal']}) at {fault['killed_at_s']:.2f} s"),
             ("Failed requests (all / after the kill):", f"{fault['failed_requests']} / {fault['failed_after_fault']}"),
             ("In flight at the kill (failed):", f"{fault['in_flight_at_fault']} ({fault['in_flight_failed']})"),
+            ("Stall, kill to next token (p50 / max s):",
+             f"{_fmt(fault.get('stall_p50_s'))} / {_fmt(fault.get('stall_max_s'))}"),
             ("Sent after the kill (succeeded):", f"{fault['sent_after_fault']} ({fault['succeeded_after_fault']})"),
             ("Errors after the kill:", json.dumps(fault["errors_by_status_after_fault"])),
             ("Baseline output tok/s:", _fmt(fault["baseline_output_tokens_per_s"])),

@@ -127,6 +127,18 @@ def test_recovery_time_is_the_start_of_the_first_bin_back_after_the_dip():
     assert fault["sent_after_fault"] == 11 and fault["succeeded_after_fault"] == 8
 
 
+def test_the_stall_is_the_fault_to_the_next_token_of_requests_in_flight():
+    def record(index, start, chunks):
+        return RequestRecord(index, start, 0.0, 8, len(chunks), len(chunks), list(chunks), [1] * len(chunks),
+                             end=chunks[-1])
+
+    records = [record(0, 9.0, [0.5, 1.5, 3.2]), record(1, 9.5, [0.2, 0.4, 2.5, 2.6]), record(2, 11.0, [0.1, 0.2])]
+    fault = analyse(records, 10.0, 1.0, 0.8)
+    assert fault["in_flight_at_fault"] == 2
+    assert (fault["stall_p50_s"], fault["stall_max_s"]) == (pytest.approx(1.25), pytest.approx(2.0))  # 0.5 and 2.0
+    assert analyse(records[2:], 10.0, 1.0, 0.8)["stall_max_s"] is None
+
+
 def test_a_later_noisy_bin_does_not_undo_the_recovery():
     records = [r for r in steady_records(10, 13) if not 16 <= r.start_time < 17]    # one quiet second later
     assert analyse(records, 10.0, 1.0, 0.8)["time_to_recover_s"] == pytest.approx(3.0)
