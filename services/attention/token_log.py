@@ -32,10 +32,6 @@ class TokenLogWriter:
                 self._pending.setdefault(request_id, []).extend(ids)
             self._cond.notify()
 
-    def pending(self) -> int:
-        with self._cond:
-            return sum(len(ids) for ids in self._pending.values())
-
     def stop(self, timeout_s: float = 5.0) -> None:
         """Write what is queued (up to ``timeout_s``), then stop."""
         with self._cond:
