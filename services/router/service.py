@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -39,6 +40,7 @@ from epserve.services.router.validation import Limits, validate_request
 log = logging.getLogger(__name__)
 SERVICE_NAME = "epserve.v1.GenerationService"
 LOG_CATCH_UP_S = 5.0         # a resume waits this long for a token log behind what its client received
+RECORD_RETRY_S = 30.0        # a record update is retried this long while Redis is away
 _ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: grpc.StatusCode.UNAVAILABLE,
                      TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -55,7 +57,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.sessions = ReplicaSessions()
         # requests waiting in the admission queue each hold a thread; Redis calls need a few more
         self._pool = ThreadPoolExecutor(admission.max_queue + 16, thread_name_prefix="router-blocking")
-        self._records = ThreadPoolExecutor(1, thread_name_prefix="router-records")
+        self._records: queue.SimpleQueue = queue.SimpleQueue()     # record updates, written in order by a
+        threading.Thread(target=self._write_records, name="router-records", daemon=True).start()   # daemon
 
     async def _blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -70,12 +73,25 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def _record(self, fn, *args) -> None:
         """A record update, off the token path: queued to one writer thread (in order), never awaited,
-        so that a slow or absent Redis delays the record, not a token or a request's end."""
-        def logged(future: Future) -> None:
-            if not future.cancelled() and isinstance(future.exception(), redis.RedisError):
-                log.warning("%s%s: Redis is away (%s); the record lags", fn.__name__, args[:2], future.exception())
+        so that a slow or absent Redis delays the record, not a token or a request's end; retried for
+        ``RECORD_RETRY_S`` (a Redis restart) before it is given up."""
+        def write():
+            deadline = time.monotonic() + RECORD_RETRY_S
+            while True:
+                try:
+                    return fn(*args)
+                except redis.RedisError as err:
+                    if time.monotonic() >= deadline:
+                        log.warning("%s%s: Redis is away (%s); the record update is lost", fn.__name__, args[:2],
+                                    err)
+                        return None
+                    time.sleep(0.25)
 
-        self._records.submit(fn, *args).add_done_callback(logged)
+        self._records.put(write)
+
+    def _write_records(self) -> None:
+        while (write := self._records.get()) is not None:
+            write()
 
     def _tenant(self, context) -> str:
         return tenant_of(context.invocation_metadata()) if self.tenants else ""
@@ -317,7 +333,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._records.shutdown(wait=False)             # what is queued is written while Redis answers
+        self._records.put(None)                        # what is queued first is written while Redis answers
 
 
 async def _metered(responses, started: float):
