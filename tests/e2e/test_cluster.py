@@ -44,13 +44,13 @@ class UpCluster:
 
     def __init__(self, model_dir, attention: int, shards: int, redundant: int, micro_batch_min_tokens: int = 1,
                  transport: str = "auto", flags: tuple[str, ...] = ()):
-        self.port = _free_port()
+        self.port, http_port = free_ports(2)
         self.state_file = os.path.join(tempfile.mkdtemp(prefix="epserve-up-"), "state.json")
         command = [sys.executable, "-m", "epserve.services.cli", "up", "--model", str(model_dir), "--dtype", "float32",
                    "--attention", str(attention), "--expert-shards", str(shards),
                    "--redundant-experts", str(redundant), "--port", str(self.port),
                    "--micro-batch-min-tokens", str(micro_batch_min_tokens), "--transport", transport,
-                   "--state-file", self.state_file, "--http-port", str(_free_port()), *flags]
+                   "--state-file", self.state_file, "--http-port", str(http_port), *flags]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         state = wait_ready(self.state_file, self.process, timeout_s=240)
         self.redis = redis.Redis.from_url(state["redis_url"])
@@ -77,10 +77,16 @@ class UpCluster:
         return self.process.wait(timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all held open while chosen, so that no two are the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="module")

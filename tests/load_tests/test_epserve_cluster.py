@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from epserve.load_tests.cli import main
 from epserve.load_tests.results import SCHEMA
 from epserve.services.up_state import wait_ready
+from tests.e2e.test_cluster import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -27,17 +27,11 @@ VLLM_FIELDS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Up:
     """`epserve up --model tiny` in a subprocess on a free port, with a state file."""
 
     def __init__(self, state_file: Path):
-        self.port, http_port = _free_port(), _free_port()
+        self.port, http_port = free_ports(2)
         self.state_file = state_file
         self.process = subprocess.Popen(
             [sys.executable, "-m", "epserve.services.cli", "up", "--model", "tiny", "--port", str(self.port),
