@@ -69,13 +69,18 @@ class Decision:
     after: float | None = None           # and with ``placement``
 
 
+def shard_capacity(live: dict[int, float], num_shards: int) -> torch.Tensor:
+    """[S] float64: each shard's declared capacity (1 for a shard not live)."""
+    return torch.tensor([live.get(s, 1.0) for s in range(num_shards)], dtype=torch.float64)
+
+
 def decide(current: Placement, live: dict[int, float], seen: set[int], load: torch.Tensor | None, *,
            redundant: int, threshold: float, rebalance: bool, force: bool = False) -> Decision:
     """One tick's decision (pure): ``live`` maps each live shard to its capacity, ``seen`` holds the
     shards seen live before (a shard that never came up yet is not dead), ``load [rows, E]`` the
     window's tokens per logical expert (None: none counted), ``rebalance`` whether a re-plan is due."""
     in_use = set(current.shards_in_use())
-    capacity = torch.tensor([live.get(s, 1.0) for s in range(current.num_shards)], dtype=torch.float64)
+    capacity = shard_capacity(live, current.num_shards)
     shape = (current.num_experts, current.num_shards, redundant, current.moe_layers)
 
     def on(shards, why):
@@ -177,7 +182,7 @@ class PlacementController:
             self._load = self.stats.logical_load(current.moe_layers, current.num_experts, self.window_s)
             self._load_at = time.monotonic()
             if self._load is not None and self._load.shape[0] == len(current.moe_layers):
-                capacity = torch.tensor([live.get(s, 1.0) for s in range(current.num_shards)], dtype=torch.float64)
+                capacity = shard_capacity(live, current.num_shards)
                 BALANCEDNESS.set(balancedness(self._load, current.members(), capacity))
         return self._load
 

@@ -43,6 +43,16 @@ class FlakyExperts(ExpertBackend):
         return self.experts.combine(handle)
 
 
+def engine_with(make_backend):
+    """A tiny engine whose every MoE layer uses ``make_backend(its in-process experts)``; -> (engine, backend)."""
+    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
+    backend = make_backend(engine.model.model.layers[1].mlp.backend)
+    for layer in engine.model.model.layers:
+        if hasattr(layer.mlp, "backend"):
+            layer.mlp.backend = backend
+    return engine, backend
+
+
 @pytest.fixture(scope="module")
 def reference():
     engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
@@ -53,11 +63,7 @@ def run(failing: set[int], step_retries: int, monkeypatch, backoff_s: float = 0.
         between_steps=None, on_failure=None) -> tuple[dict, FlakyExperts]:
     monkeypatch.setattr(engine_loop, "BACKOFF_S", backoff_s)
     monkeypatch.setattr(engine_loop, "MAX_BACKOFF_S", max(backoff_s, engine_loop.MAX_BACKOFF_S))
-    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
-    flaky = FlakyExperts(engine.model.model.layers[1].mlp.backend, failing)
-    for layer in engine.model.model.layers:
-        if hasattr(layer.mlp, "backend"):
-            layer.mlp.backend = flaky
+    engine, flaky = engine_with(lambda experts: FlakyExperts(experts, failing))
     loop = EngineLoop(engine, step_retries=step_retries, between_steps=between_steps).start()
     flaky.on_failure = on_failure and (lambda: on_failure(loop))
     outputs = {f"r{i}": queue.Queue() for i in range(len(PROMPTS))}
@@ -157,11 +163,7 @@ def test_a_stalled_loop_reports_not_serving_until_it_progresses_again():
     """The replica's health (what the liveness probe asks) follows the engine loop's progress."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
-    blocking = BlockingExperts(engine.model.model.layers[1].mlp.backend)
-    for layer in engine.model.model.layers:
-        if hasattr(layer.mlp, "backend"):
-            layer.mlp.backend = blocking
+    engine, blocking = engine_with(BlockingExperts)
     loop = EngineLoop(engine, step_retries=0).start()
     server = start_aio_grpc_server(lambda s: None, ["epserve.v1.AttentionService"])
     stop = threading.Event()

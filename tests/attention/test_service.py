@@ -3,17 +3,13 @@ import asyncio
 
 import grpc
 import pytest
-import torch
 
 from epserve.services.attention.engine_loop import EngineLoop
 from epserve.services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
 from epserve.services.cluster.grpc_server import start_aio_grpc_server
-from epserve.services.engine.config import EngineConfig
-from epserve.services.engine.engine import LLMEngine
-from epserve.services.model.tiny import tiny_model_path
 from epserve.services.params import sampling_to_proto
 from epserve.services.proto import attention_pb2, attention_pb2_grpc
-from tests.attention.test_engine_loop import PARAMS, PROMPTS, BlockingExperts
+from tests.attention.test_engine_loop import PARAMS, PROMPTS, BlockingExperts, engine_with
 
 pytestmark = pytest.mark.integration
 
@@ -21,11 +17,7 @@ pytestmark = pytest.mark.integration
 def test_a_full_replica_refuses_with_resource_exhausted_across_sessions():
     """Two sessions (two routers) fill a replica allowed 2 requests in flight; the third is refused, and
     once the running ones finish a new one is taken again."""
-    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
-    blocking = BlockingExperts(engine.model.model.layers[1].mlp.backend)
-    for layer in engine.model.model.layers:
-        if hasattr(layer.mlp, "backend"):
-            layer.mlp.backend = blocking
+    engine, blocking = engine_with(BlockingExperts)
     loop = EngineLoop(engine, step_retries=0).start()
     servicer = AttentionServicer(loop, "r0", lambda: 1, max_in_flight=2)
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME])

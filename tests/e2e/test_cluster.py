@@ -115,6 +115,24 @@ def generate_all(endpoint: str) -> list[list[int]]:
         return [r.token_ids for r in results]
 
 
+def generate_concurrently(up: "UpCluster", max_tokens: int, tag: str, while_running=None,
+                          timeout_s: float = 180) -> list[list[int]]:
+    """The 16 prompts at once (greedy, request ids ``{tag}-{i}``); ``while_running()`` is called once every
+    generation has streamed a token, and must leave some still running."""
+    with Client(up.endpoint, timeout=timeout_s) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(lambda i=i, p=p: client.generate(
+            p, max_tokens=max_tokens, temperature=0, ignore_eos=True, request_id=f"{tag}-{i}").token_ids)
+            for i, p in enumerate(PROMPTS)]
+        if while_running is not None:
+            store = RequestStore(up.redis, up.registry.keys)
+            records = lambda: [store.get(f"{tag}-{i}") for i in range(len(PROMPTS))]   # noqa: E731
+            wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60,
+                       "every generation under way", state=lambda: [r and r.emitted for r in records()])
+            while_running()
+            assert not all(f.done() for f in futures)                  # it happened mid-generation
+        return [f.result(timeout=240) for f in futures]
+
+
 def test_one_replica_two_shards_two_redundant_matches_single_process(cluster, expected):
     assert generate_all(cluster.endpoint) == expected
     assert [r.info["expert_transport"] for r in cluster.registry.live("attention")] == ["local"]   # auto, one host

@@ -6,18 +6,15 @@ import os
 import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from epserve_client import Client
 
-from epserve.services.cluster.requests import RequestStore
 from epserve.services.cluster.state import LoadStats, PlacementStore
 from epserve.services.cluster.tensor_codec import from_proto
 from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.engine.params import SamplingParams
-from tests.e2e.test_cluster import PROMPTS, UpCluster
+from tests.e2e.test_cluster import PROMPTS, UpCluster, generate_concurrently
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -33,22 +30,6 @@ def single_process(model_dir, max_tokens: int) -> list[list[int]]:
                                  dtype=torch.float32)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return [s.output_ids for s in engine.generate(PROMPTS, params)]
-
-
-def generate_concurrently(up: UpCluster, max_tokens: int, tag: str, while_running=None) -> list[list[int]]:
-    """The 16 prompts at once; ``while_running()`` is called once every generation has streamed a token."""
-    with Client(up.endpoint, timeout=180) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
-        futures = [pool.submit(lambda i=i, p=p: client.generate(
-            p, max_tokens=max_tokens, temperature=0, ignore_eos=True, request_id=f"{tag}-{i}").token_ids)
-            for i, p in enumerate(PROMPTS)]
-        if while_running is not None:
-            store = RequestStore(up.redis, up.registry.keys)
-            records = lambda: [store.get(f"{tag}-{i}") for i in range(len(PROMPTS))]   # noqa: E731
-            wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60,
-                       "every generation under way", state=lambda: [r and r.emitted for r in records()])
-            while_running()
-            assert not all(f.done() for f in futures)                  # it happened mid-generation
-        return [f.result(timeout=240) for f in futures]
 
 
 def measured_balancedness(served: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.engine.params import SamplingParams
 from epserve.services.proto import generation_pb2, generation_pb2_grpc
 from epserve.services.up_state import find_service, read_up_state
-from tests.e2e.test_cluster import PROMPTS, UpCluster
+from tests.e2e.test_cluster import PROMPTS, UpCluster, generate_concurrently
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -101,22 +101,16 @@ def test_sigterm_hands_a_replica_s_requests_to_the_other_replica(model_dir, want
     single-process tokens and no request fails."""
     up = UpCluster(model_dir, attention=2, shards=2, redundant=0)
     try:
-        pid = up.service_pid("attention", "attention-0")
         store = RequestStore(up.redis, up.registry.keys)
-        with Client(up.endpoint, timeout=240) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
-            futures = [pool.submit(lambda i=i: client.generate(PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0,
-                                                               ignore_eos=True, request_id=f"tm-{i}").token_ids)
-                       for i in range(len(PROMPTS))]
-            records = lambda: [store.get(f"tm-{i}") for i in range(len(PROMPTS))]   # noqa: E731
-            wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60, "every stream under way",
-                       state=lambda: [r and r.emitted for r in records()])
+        records = lambda: [store.get(f"tm-{i}") for i in range(len(PROMPTS))]   # noqa: E731
+
+        def sigterm():
             assert "attention-0" in {r.owner for r in records()}
-            os.kill(pid, signal.SIGTERM)
+            os.kill(up.service_pid("attention", "attention-0"), signal.SIGTERM)
             wait_until(lambda: all(r.owner != "attention-0" or r.state == "finished" for r in records()), 60,
                        "every open request handed to attention-1", state=lambda: [(r.owner, r.state) for r in records()])
-            assert not all(f.done() for f in futures)                      # handed off, not finished there
-            got = [f.result(timeout=240) for f in futures]
-        assert got == want
+
+        assert generate_concurrently(up, MAX_TOKENS, "tm", while_running=sigterm, timeout_s=240) == want
         wait_until(lambda: all(r.state == "finished" for r in records()), 30, "every record to end")
     finally:
         up.stop()
@@ -127,17 +121,13 @@ def test_a_redis_restart_mid_generation_loses_no_request(up, want):
     Tokens keep flowing (the token log is written asynchronously and catches up), every stream gets the
     single-process tokens, and every record ends finished with its whole token log."""
     store = RequestStore(up.redis, up.registry.keys)
-    with Client(up.endpoint, timeout=240) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
-        futures = [pool.submit(lambda i=i: client.generate(PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0,
-                                                           ignore_eos=True, request_id=f"rd-{i}").token_ids)
-                   for i in range(len(PROMPTS))]
-        records = lambda: [store.get(f"rd-{i}") for i in range(len(PROMPTS))]   # noqa: E731
-        wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60, "every stream under way",
-                   state=lambda: [r and r.emitted for r in records()])
+    records = lambda: [store.get(f"rd-{i}") for i in range(len(PROMPTS))]   # noqa: E731
+
+    def kill_redis():
         time.sleep(1.2)                                  # the records are in the append-only file (fsync 1 s)
         os.kill(find_service(read_up_state(up.state_file), "redis", "0")["pid"], signal.SIGKILL)
-        assert not all(f.done() for f in futures)
-        got = [f.result(timeout=240) for f in futures]
+
+    got = generate_concurrently(up, MAX_TOKENS, "rd", while_running=kill_redis, timeout_s=240)
     assert got == want
     assert find_service(read_up_state(up.state_file), "redis", "0")["restarts"] == 1
     wait_until(lambda: all(r.state == "finished" for r in records()), 30, "every record finished",
@@ -148,23 +138,17 @@ def test_a_redis_restart_mid_generation_loses_no_request(up, want):
 
 def test_generations_complete_while_redis_is_frozen(up, want):
     """Redis stops answering (SIGSTOP: connections hang, nothing is refused) while 16 greedy streams run and
-    stays frozen until they have all ended: the token path needs no Redis (a record update waiting on the frozen
-    Redis would hold a stream past its 20 s deadline: 6 tries of a 5 s socket timeout). Then it resumes, and the
-    records and token logs catch up."""
+    stays frozen until they have all ended: the token path needs no Redis (a record update waited on would hold
+    a stream past its 15 s deadline: 4 tries of a 5 s socket timeout). Then Redis resumes, and the records and
+    token logs catch up."""
     store = RequestStore(up.redis, up.registry.keys)
+    records = lambda: [store.get(f"fz-{i}") for i in range(len(PROMPTS))]   # noqa: E731
     redis_pid = find_service(read_up_state(up.state_file), "redis", "0")["pid"]
-    with Client(up.endpoint, timeout=20) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
-        futures = [pool.submit(lambda i=i: client.generate(PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0,
-                                                           ignore_eos=True, request_id=f"fz-{i}").token_ids)
-                   for i in range(len(PROMPTS))]
-        records = lambda: [store.get(f"fz-{i}") for i in range(len(PROMPTS))]   # noqa: E731
-        wait_until(lambda: all(r is not None and r.emitted > 0 for r in records()), 60, "every stream under way",
-                   state=lambda: [r and r.emitted for r in records()])
-        os.kill(redis_pid, signal.SIGSTOP)
-        try:
-            got = [f.result(timeout=120) for f in futures]               # all of them, Redis still frozen
-        finally:
-            os.kill(redis_pid, signal.SIGCONT)
+    try:                                                     # every stream ends with Redis still frozen
+        got = generate_concurrently(up, MAX_TOKENS, "fz", while_running=lambda: os.kill(redis_pid, signal.SIGSTOP),
+                                    timeout_s=15)
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
     assert got == want
     wait_until(lambda: all(r.state == "finished" for r in records()), 120, "every record finished",
                state=lambda: [r.state for r in records()])
