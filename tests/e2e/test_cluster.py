@@ -72,6 +72,17 @@ class UpCluster:
         with grpc.insecure_channel(service.address) as channel:
             return expert_pb2_grpc.ExpertServiceStub(channel).GetShardInfo(expert_pb2.ShardInfoRequest(), timeout=10)
 
+    def wait_requests_ended(self, request_ids: list[str], timeout_s: float = 30) -> None:
+        """Every record ends finished, with a TTL, and every live replica frees every KV block (records are
+        written off the token path, so they may trail the streams)."""
+        store = RequestStore(self.redis, self.registry.keys)
+        records = lambda: [store.get(i) for i in request_ids]   # noqa: E731
+        wait_until(lambda: all(r is not None and r.state == "finished" for r in records()), timeout_s,
+                   "every record finished", state=lambda: [r and r.state for r in records()])
+        assert all(self.redis.ttl(self.registry.keys.request(i)) > 0 for i in request_ids)
+        wait_until(lambda: all(self.replica_load(r).kv_blocks_used == 0 for r in self.registry.live("attention")),
+                   timeout_s, "every KV block free")
+
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
@@ -319,8 +330,7 @@ def test_a_killed_attention_replica_s_request_resumes_with_the_same_tokens(model
                 got += chunk.token_ids
         assert got == want and stream.result.token_ids == want
         assert find_service(read_up_state(up.state_file), "attention", "attention-0")["restarts"] == 1
-        store = RequestStore(up.redis, up.registry.keys)      # records are written off the token path
-        wait_until(lambda: store.get(stream.request_id).state == "finished", 30, "the record to end")
+        up.wait_requests_ended([stream.request_id])
     finally:
         up.stop()
 

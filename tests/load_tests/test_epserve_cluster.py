@@ -14,6 +14,7 @@ from epserve.load_tests.cli import main
 from epserve.load_tests.results import SCHEMA
 from epserve.services.up_state import wait_ready
 from tests.e2e.test_cluster import free_ports
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -30,12 +31,13 @@ VLLM_FIELDS = (
 class Up:
     """`epserve up --model tiny` in a subprocess on a free port, with a state file."""
 
-    def __init__(self, state_file: Path):
+    def __init__(self, state_file: Path, attention: int = 1):
         self.port, http_port = free_ports(2)
         self.state_file = state_file
         self.process = subprocess.Popen(
             [sys.executable, "-m", "epserve.services.cli", "up", "--model", "tiny", "--port", str(self.port),
-             "--http-port", str(http_port), "--state-file", str(state_file)], stdin=subprocess.DEVNULL)
+             "--http-port", str(http_port), "--attention", str(attention), "--state-file", str(state_file)],
+            stdin=subprocess.DEVNULL)
         self.endpoint = wait_ready(state_file, self.process, timeout_s=240)["endpoint"]
 
     def stop(self) -> None:
@@ -74,18 +76,25 @@ def test_open_loop_run_against_a_cluster_writes_the_result_file(up, tmp_path):
     assert "TTFT CDF" in report.read_text()
 
 
-def fault_run(up, tmp_path, service: str) -> tuple[dict, dict]:
-    """The fault scenario against ``up``: 24 requests at 8 req/s, ``service`` SIGKILLed at 1.5 s."""
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"           # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def fault_run(up, tmp_path, service: str, fault_signal: str = "SIGKILL") -> tuple[dict, dict]:
+    """The fault scenario against ``up``: 24 requests at 8 req/s, ``fault_signal`` sent to ``service`` at 1.5 s."""
     pids_before = set(int(p) for p in os.listdir("/proc") if p.isdigit())
     run("--endpoint", up.endpoint, "--request-rate", "8", "--num-prompts", "24", "--fault", f"{service}@1.5",
-        "--recovery-bin", "0.5", "--up-state", str(up.state_file), "--request-timeout", "60", "--out-dir", str(tmp_path))
+        "--fault-signal", fault_signal, "--recovery-bin", "0.5", "--up-state", str(up.state_file), "--request-timeout", "60", "--out-dir", str(tmp_path))
     (path,) = tmp_path.glob("*-fault-*.json")
     result = json.loads(path.read_text())
     fault = result["fault"]
     assert fault["service"] == service and fault["pid"] in pids_before
     assert fault["killed_at_s"] == pytest.approx(1.5, abs=0.2)
-    with pytest.raises(ProcessLookupError):
-        os.kill(fault["pid"], 0)
+    wait_until(lambda: not _running(fault["pid"]), 60, f"pid {fault['pid']} to exit after {fault_signal}")
     assert result["completed"] + result["failed"] == 24
     assert len(fault["timeline"]["bin_start_s"]) == len(fault["timeline"]["output_tokens_per_s"])
     assert fault["baseline_output_tokens_per_s"] > 0
@@ -101,3 +110,15 @@ def test_killing_a_shard_a_replica_the_router_or_redis_loses_no_request(up, tmp_
     through its restart, the token log catches up (epserve up restarts them all)."""
     result, fault = fault_run(up, tmp_path, service)
     assert fault["failed_requests"] == result["failed"] == 0 and result["completed"] == 24
+
+
+@pytest.mark.parametrize("fault_signal", ["SIGKILL", "SIGTERM"])
+def test_a_replica_killed_or_drained_beside_another_loses_no_request(tmp_path, fault_signal):
+    """Two replicas. SIGKILL of one: the router resumes its requests on the other. SIGTERM: the replica
+    hands its requests to the other and exits."""
+    up = Up(tmp_path / "state.json", attention=2)
+    try:
+        result, fault = fault_run(up, tmp_path / "out", "attention:0", fault_signal)
+        assert fault["failed_requests"] == result["failed"] == 0 and result["completed"] == 24
+    finally:
+        up.stop()
