@@ -1,6 +1,7 @@
 """``epserve placement plan|show``: the planner as a command, and how balanced a running cluster is.
 
-    epserve placement plan --load LOAD.json --shards S --redundant R [--capacity C0,C1,...] --out PLAN.json
+    epserve placement plan --load LOAD.json --shards S --redundant R [--capacity C0,C1,...]
+                           [--nodes N [--node-aware --groups G]] --out PLAN.json
     epserve placement show (--state-file PATH | --redis URL --cluster NAME) [--window SECONDS] [--json]
     epserve placement rebalance (--state-file PATH | --redis URL --cluster NAME) [--force] [--timeout SECONDS]
 
@@ -9,10 +10,18 @@ prints, per MoE layer, the balancedness now and what a re-plan with the same sha
 ``rebalance`` asks the cluster's placement controller to re-plan now: it switches (live, two-phase)
 when the balancedness gains at least its threshold, or with ``--force``; prints what it did.
 
-``LOAD.json``: ``{"load": [[tokens per logical expert] per MoE layer]}``. ``PLAN.json``:
+``LOAD.json``: ``{"load": [[tokens per logical expert] per MoE layer]}``, optionally with
+``"routes": [[[logical experts of token t] per token] per MoE layer]``. ``PLAN.json``:
 ``{"layers": [[[logical expert ids on shard 0], [... shard 1], ...] per layer], "balancedness": x,
 "balancedness_without_redundancy": y}``, where a copy carries load / copies of its expert and
 balancedness is the mean over layers of mean shard time / max shard time (time = load / capacity).
+
+``--nodes N``: shard s is on node s // (S / N). With routes, PLAN.json also gets
+``"cross_node_fraction"`` (network sends of hidden states / (token, expert) dispatches; a token
+sends once to each other node it needs) and ``"remote_nodes_per_token"`` (see
+``node_planner.cross_node_traffic``). ``--node-aware --groups G``:
+each of the G expert groups (E / G consecutive experts) keeps all its copies on one node, G / N
+groups per node and R / N redundant copies per node: fewer nodes per token, less balance.
 """
 from __future__ import annotations
 
@@ -30,10 +39,14 @@ def add_placement_parser(commands) -> None:
     tools = placement.add_subparsers(dest="tool", required=True, metavar="TOOL")
     p = tools.add_parser("plan", help="plan a placement from expert loads", description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", type=Path, required=True, help="JSON: {\"load\": [[tokens per expert] per layer]}")
+    p.add_argument("--load", type=Path, required=True,
+                   help="JSON: {\"load\": [[tokens per expert] per layer]}, optionally \"routes\" (see above)")
     p.add_argument("--shards", type=int, required=True, help="S: expert shards")
     p.add_argument("--redundant", type=int, default=0, help="R: extra slots for copies of hot experts")
     p.add_argument("--capacity", default=None, help="relative speed of each shard, comma-separated (default: equal)")
+    p.add_argument("--nodes", type=int, default=None, help="N: nodes, S / N shards each (contiguous)")
+    p.add_argument("--node-aware", action="store_true", help="keep each expert group on one node (needs --groups)")
+    p.add_argument("--groups", type=int, default=None, help="G: expert groups of the model's routing (DeepSeek-V3: 8)")
     p.add_argument("--out", type=Path, required=True, help="where to write PLAN.json")
     p.set_defaults(handler=run_plan)
     show = tools.add_parser("show", help="balancedness of a running cluster's placement, and of a re-plan",
@@ -116,40 +129,80 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    import torch
+    from epserve.services.cluster.node_planner import cross_node_traffic
+    from epserve.services.cluster.planner import balancedness
 
-    from epserve.services.cluster.planner import balancedness, plan
-
-    load = _read_load(args.load)
-    capacity = None
-    if args.capacity:
-        try:
-            capacity = torch.tensor([float(c) for c in args.capacity.split(",")], dtype=torch.float64)
-        except ValueError:
-            raise UsageError(f"--capacity: expected comma-separated numbers, got {args.capacity!r}") from None
+    load, routes = _read_load(args.load)
+    capacity = _read_capacity(args.capacity)
+    planner = _planner(args)
     try:
-        members = plan(load, args.shards, args.redundant, capacity)
-        baseline = plan(load, args.shards, 0, capacity)
+        members, baseline = planner(load, args.redundant, capacity), planner(load, 0, capacity)
+        traffic = cross_node_traffic(routes, members, args.nodes) if args.nodes and routes else None
     except ValueError as err:
         raise UsageError(str(err)) from None
     result = {"layers": [[[e for e in shard if e >= 0] for shard in layer] for layer in members.tolist()],
               "balancedness": round(balancedness(load, members, capacity), 6),
               "balancedness_without_redundancy": round(balancedness(load, baseline, capacity), 6)}
+    if args.nodes:
+        result.update(nodes=args.nodes, node_aware=args.node_aware)
+    if traffic is not None:
+        result.update(cross_node_fraction=round(traffic[0], 6), remote_nodes_per_token=round(traffic[1], 6))
     args.out.write_text(json.dumps(result))
     print(f"{args.out}: {load.shape[0]} layers, {args.shards} shards, {args.redundant} redundant: balancedness "
           f"{result['balancedness']:.4f} (without redundancy {result['balancedness_without_redundancy']:.4f})")
+    if args.nodes:
+        mode = f"node-aware, {args.groups} groups" if args.node_aware else "global plan"
+        print(f"{args.nodes} nodes ({mode}): " + (
+            f"cross-node fraction {traffic[0]:.4f}, {traffic[1]:.3f} remote nodes per token" if traffic is not None
+            else f'cross-node traffic needs "routes" in {args.load}'))
     return 0
 
 
+def _planner(args: argparse.Namespace):
+    """plan(load, redundant, capacity) as the flags ask: global, or each expert group on one node."""
+    from epserve.services.cluster.node_planner import node_of_shard, plan_node_aware
+    from epserve.services.cluster.planner import plan
+
+    if (args.node_aware or args.groups is not None) and not (
+            args.node_aware and args.nodes is not None and args.groups is not None):
+        raise UsageError("--node-aware and --groups go together, with --nodes")
+    if args.nodes is not None:
+        try:
+            node_of_shard(args.shards, args.nodes)
+        except ValueError as err:
+            raise UsageError(f"--nodes {args.nodes}: {err}") from None
+    if args.node_aware:
+        return lambda load, redundant, capacity: plan_node_aware(
+            load, args.shards, redundant, args.nodes, args.groups, capacity)
+    return lambda load, redundant, capacity: plan(load, args.shards, redundant, capacity)
+
+
+def _read_capacity(text: str | None):
+    import torch
+
+    if not text:
+        return None
+    try:
+        return torch.tensor([float(c) for c in text.split(",")], dtype=torch.float64)
+    except ValueError:
+        raise UsageError(f"--capacity: expected comma-separated numbers, got {text!r}") from None
+
+
 def _read_load(path: Path):
+    """LOAD.json -> (load [L, E] float64, routes: [T, K] int64 per layer, or None)."""
     import torch
 
     try:
-        rows = json.loads(path.read_text())["load"]
-        load = torch.tensor(rows, dtype=torch.float64)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"--load {path}: expected {{\"load\": [[tokens per expert] per layer]}} ({err})") from None
+        raw = json.loads(path.read_text())
+        load = torch.tensor(raw["load"], dtype=torch.float64)
+        routes = None if raw.get("routes") is None else [torch.tensor(r, dtype=torch.int64) for r in raw["routes"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"--load {path}: expected {{\"load\": [[tokens per expert] per layer]}}, optionally "
+                         f"\"routes\": [[[experts] per token] per layer] ({err})") from None
     if load.dim() != 2 or load.numel() == 0 or bool((load < 0).any()):
         raise UsageError(f"--load {path}: need one non-negative count per expert in every layer, "
                          f"all layers the same length")
-    return load
+    if routes is not None and (len(routes) != load.shape[0] or any(r.dim() != 2 or not r.numel() for r in routes)):
+        raise UsageError(f"--load {path}: \"routes\" needs, for each of the {load.shape[0]} layers, "
+                         f"the same number of experts for every token (at least one token)")
+    return load, routes

@@ -16,6 +16,7 @@ A pure function, vectorised over layers (no Python loop over experts or shards):
 Balancedness of a layer is mean shard time / max shard time (1 = perfect); of a placement, the
 mean over layers. ``capacity`` is each shard's relative speed (default all 1): a shard of
 capacity 0.5 is given half the load, and, the packing being greedy by size, the coldest experts.
+Each expert group kept on one node, and how many dispatches cross nodes: ``node_planner``.
 """
 from __future__ import annotations
 
@@ -36,13 +37,19 @@ def replicate(load: torch.Tensor, redundant: int, shards: int) -> torch.Tensor:
     return copies
 
 
+def shard_capacity(capacity: torch.Tensor | None, shards: int) -> torch.Tensor:
+    """[S] float64: each shard's relative speed, all 1 when None; checked."""
+    capacity = torch.ones(shards, dtype=torch.float64) if capacity is None else capacity.double()
+    if capacity.shape != (shards,) or not bool((capacity > 0).all()):
+        raise ValueError(f"capacity must be {shards} positive numbers, got {capacity.tolist()}")
+    return capacity
+
+
 def plan(load: torch.Tensor, shards: int, redundant: int, capacity: torch.Tensor | None = None) -> torch.Tensor:
     """The placement of every layer: [L, S, slots_per_shard] logical expert ids, EMPTY where unused."""
     load = load.double().clamp(min=0)
     layers, experts = load.shape
-    capacity = torch.ones(shards, dtype=torch.float64) if capacity is None else capacity.double()
-    if capacity.shape != (shards,) or not bool((capacity > 0).all()):
-        raise ValueError(f"capacity must be {shards} positive numbers, got {capacity.tolist()}")
+    capacity = shard_capacity(capacity, shards)
     if not 0 <= redundant <= experts * (shards - 1):
         raise ValueError(f"redundant experts must be in [0, {experts * (shards - 1)}] "
                          f"(at most one copy of an expert per shard), got {redundant}")
