@@ -83,6 +83,9 @@ class AttentionConfig(EngineConfig, ModelServiceConfig):
     wire_dtype: str = setting("model", choices=("model", "fp8"),
                               help="activations to expert shards in the model dtype, or FP8 with 1x128 scales")
     shard_wait: float = setting(300.0, low=0, help="seconds to wait for the expert shards")
+    hedge_after: float = setting(2.0, low=0, help="seconds an expert shard may take on one MoE layer before its "
+                                                  "tokens are also sent to other copies of their experts, where "
+                                                  "every one has a copy elsewhere (0: never)")
     step_retries: int = setting(16, low=0, help="a failed engine step (an expert shard gone) runs again after a "
                                                 "backoff (0.25 s, doubling, at most 2 s: 16 retries wait about "
                                                 "28 s in all); a request that was in more failed steps fails")

@@ -49,6 +49,8 @@ ENGINE_RUNNING = Gauge("epserve:engine_requests_running", "Requests the engine i
 ENGINE_WAITING = Gauge("epserve:engine_requests_waiting", "Requests waiting in the engine's scheduler")
 DISPATCH = Histogram("epserve:expert_dispatch_seconds", "One MoE layer's batch on one shard, sent to result",
                      ["shard", "layer"], buckets=DISPATCH_BUCKETS)
+REROUTED = Counter("epserve:expert_rows_rerouted", "Token rows sent again to other copies of their experts, "
+                   "because their shard failed or straggled", ["reason"])
 
 # ---- expert shard ----------------------------------------------------------------------------------
 EXPERT_TOKENS = Counter("epserve:expert_tokens", "Tokens served per MoE layer and local slot", ["layer", "slot"])

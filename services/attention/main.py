@@ -45,7 +45,7 @@ def run(config: AttentionConfig) -> int:
         _shard_endpoints(registry, config, placement), mode=config.transport,
         local_slot_bytes=slot_bytes_for(config.max_num_batched_tokens, model.hidden_size, model.num_experts_per_tok),
         resolve=lambda shard: _live_shard_endpoint(registry, shard, experts.placement.version))
-    experts = RemoteExperts(placement, transport, wire_dtype=config.wire_dtype)
+    experts = RemoteExperts(placement, transport, wire_dtype=config.wire_dtype, hedge_after_s=config.hedge_after)
     device, dtype = device_and_dtype(config)
     engine = LLMEngine.from_path(resolve_model(config.model), config.engine(), dtype=dtype, device=device,
                                  backend=experts)

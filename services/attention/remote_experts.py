@@ -11,12 +11,20 @@
 (float32 accumulation, cast to x's dtype). The model's MoE runs the shared expert between the two,
 while the shards work. A new placement version is ``stage``d from any thread and taken
 ``at_step_boundary`` (the engine loop's thread, between steps).
+
+**A shard that fails or straggles**: when a shard's stream breaks, its part of the micro-batch is sent at
+once to other copies of the same experts (redundant slots of the same placement version), and the shard
+is avoided for ``AVOID_S`` (dispatch moves its choices to other copies too). When it has not answered
+within ``hedge_after_s``, its part is also sent to other copies, whichever answers first is used, and the
+shard is avoided the same way.
+Either needs a copy elsewhere for every choice of the part; otherwise the part waits (a straggler) or
+fails the step (a dead shard: the engine runs the step again once the controller has re-placed).
 """
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -24,13 +32,14 @@ import torch
 from epserve.kernels.fp8 import fp8_quant
 from epserve.services.cluster.expert_batch import ExpertBatch
 from epserve.services.cluster.expert_channel import ExpertShardError
-from epserve.services.cluster.placement import Placement
+from epserve.services.cluster.placement import EMPTY, Placement
 from epserve.services.cluster.transport import ExpertTransport
-from epserve.services.metrics import DISPATCH
+from epserve.services.metrics import DISPATCH, REROUTED
 from epserve.services.model.moe import ExpertBackend
 
 WIRE_DTYPES = ("model", "fp8")
 WAIT_SLICE_S = 0.25          # a wait for a shard looks at a staged placement this often
+AVOID_S = 3.0                # a shard that failed or straggled gets no choice with a copy elsewhere for this long
 
 
 @dataclass
@@ -39,7 +48,8 @@ class DispatchStats:
 
     layer_calls: int = 0          # dispatch() calls (one per MoE layer per micro-batch)
     tokens: int = 0               # tokens over those calls (a token counts once per layer)
-    token_shards: int = 0         # (token, shard) pairs sent: rows over all requests
+    token_shards: int = 0         # (token, shard) pairs sent: rows over all requests, re-sent ones included
+    rerouted: int = 0             # of those, rows sent again to other copies (a failed or straggling shard)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, tokens: int, token_shards: int) -> None:
@@ -48,9 +58,27 @@ class DispatchStats:
             self.tokens += tokens
             self.token_shards += token_shards
 
+    def add_rerouted(self, rows: int) -> None:
+        with self._lock:
+            self.token_shards += rows
+            self.rerouted += rows
+
     def reset(self) -> None:
         with self._lock:
-            self.layer_calls = self.tokens = self.token_shards = 0
+            self.layer_calls = self.tokens = self.token_shards = self.rerouted = 0
+
+
+@dataclass
+class _Wire:
+    """One micro-batch of one MoE layer as it went out (CPU), kept so that a shard's part can be re-sent."""
+
+    placement: Placement
+    layer: int
+    topk_ids: torch.Tensor                       # [T, K] logical
+    slots: torch.Tensor                          # [T, K] global physical slot of each choice
+    weights: torch.Tensor                        # [T, K] float32
+    hidden: torch.Tensor                         # [T, D] model dtype or e4m3
+    scales: torch.Tensor | None                  # [T, ceil(D/128)] with e4m3
 
 
 @dataclass
@@ -59,15 +87,19 @@ class _Handle:
     dtype: torch.dtype
     device: torch.device
     parts: list[tuple[int, torch.Tensor, Future]]   # (shard, rows [R] int64 on CPU, future of its output)
-    layer: int = -1
+    wire: _Wire
     sent_at: float = 0.0                         # time.perf_counter() when the batches went out
+
+
+class _Straggling(Exception):
+    """A shard has not answered within hedge_after_s."""
 
 
 class RemoteExperts(ExpertBackend):
     """Routed experts on shards; ``wire_dtype`` "model" sends x as is, "fp8" as e4m3 + 1x128 scales."""
 
     def __init__(self, placement: Placement, transport: ExpertTransport, *, wire_dtype: str = "model",
-                 timeout_s: float | None = 60.0):
+                 timeout_s: float | None = 60.0, hedge_after_s: float | None = None):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         self.placement = placement
@@ -76,7 +108,9 @@ class RemoteExperts(ExpertBackend):
         self.transport = transport
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
+        self.hedge_after_s = hedge_after_s or None              # 0 / None: never hedge
         self.stats = DispatchStats()
+        self._avoided: dict[int, float] = {}                     # shard -> time.monotonic() its stream broke
 
     def stage(self, placement: Placement) -> None:
         """Use ``placement`` from the next step boundary on (ignored if not newer)."""
@@ -96,23 +130,47 @@ class RemoteExperts(ExpertBackend):
     def dispatch(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> _Handle:
         """x [T, D], topk_weights [T, K] float32, topk_ids [T, K] logical -> handle for combine."""
         p = self.placement
-        slots = p.to_physical(layer, topk_ids).cpu()                       # [T, K] global slot
-        shard_of = torch.div(slots, p.slots_per_shard, rounding_mode="floor")
-        local = (slots - shard_of * p.slots_per_shard).to(torch.int32)    # [T, K] slot on its shard
+        ids = topk_ids.cpu()
+        slots = p.to_physical(layer, ids)                                 # [T, K] global slot
+        avoided = self._avoided_shards()
+        if avoided:                                                       # a copy elsewhere where there is one
+            elsewhere = _other_copies(p, layer, ids, slots, avoided)
+            slots = torch.where(elsewhere >= 0, elsewhere, slots)
         hidden, scales = self._encode(x)                                  # [T, D], [T, G] or None
-        shards = torch.unique(shard_of)                                   # [S] shards touched
-        here = shard_of[None] == shards[:, None, None]                    # [S, T, K]
-        local_by_shard = torch.where(here, local, -1)                     # [S, T, K] (-1: elsewhere)
-        weights_by_shard = torch.where(here, topk_weights.float().cpu(), 0.0)
-        touched = here.any(dim=2)                                         # [S, T]
+        wire = _Wire(p, layer, ids, slots, topk_weights.float().cpu(), hidden, scales)
+        parts = self._send(wire, slots, torch.arange(x.shape[0]))
+        self.stats.add(x.shape[0], sum(len(rows) for _, rows, _ in parts))
+        return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts, wire, time.perf_counter())
+
+    def _send(self, wire: _Wire, slots: torch.Tensor, rows: torch.Tensor) -> list[tuple[int, torch.Tensor, Future]]:
+        """One ExpertBatch per shard that ``slots`` [R, K] (-1: a choice not sent now) touches, for the
+        micro-batch's ``rows`` [R] -> (shard, its rows of the micro-batch [R'], future of its output)."""
+        p = wire.placement
+        shard_of = torch.div(slots, p.slots_per_shard, rounding_mode="floor")   # -1 for -1
+        local = (slots - shard_of * p.slots_per_shard).to(torch.int32)          # [R, K] slot on its shard
+        shards = torch.unique(shard_of[slots >= 0])                             # [S] shards touched
+        here = shard_of[None] == shards[:, None, None]                          # [S, R, K]
+        local_by_shard = torch.where(here, local, -1)                           # [S, R, K] (-1: elsewhere)
+        weights_by_shard = torch.where(here, wire.weights[rows], 0.0)
+        touched = here.any(dim=2)                                               # [S, R]
         parts = []
         for i, shard in enumerate(shards.tolist()):
-            rows = touched[i].nonzero().squeeze(1)                        # [R]
-            batch = ExpertBatch(layer, p.version, hidden[rows], None if scales is None else scales[rows],
-                                local_by_shard[i, rows], weights_by_shard[i, rows])
-            parts.append((shard, rows, self.transport.send(shard, batch)))
-        self.stats.add(x.shape[0], sum(len(rows) for _, rows, _ in parts))
-        return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts, layer, time.perf_counter())
+            picked = touched[i].nonzero().squeeze(1)                            # [R'] of rows
+            mine = rows[picked]
+            batch = ExpertBatch(wire.layer, p.version, wire.hidden[mine],
+                                None if wire.scales is None else wire.scales[mine],
+                                local_by_shard[i, picked], weights_by_shard[i, picked])
+            parts.append((shard, mine, self._send_one(shard, batch)))
+        return parts
+
+    def _send_one(self, shard: int, batch: ExpertBatch) -> Future:
+        """The transport's future, or one that holds its ExpertShardError (a shard it cannot reach now)."""
+        try:
+            return self.transport.send(shard, batch)
+        except ExpertShardError as error:
+            failed: Future = Future()
+            failed.set_exception(error)
+            return failed
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [T, D] -> what goes on the wire, on the CPU: (x, None) or (e4m3 [T, D], scales [T, ceil(D/128)])."""
@@ -125,18 +183,77 @@ class RemoteExperts(ExpertBackend):
         """Wait for every shard's rows; their sum per token, [T, D] in x's dtype on x's device."""
         out = torch.zeros(handle.shape, dtype=torch.float32)
         for shard, rows, future in handle.parts:
-            output = self._wait(shard, future)                                # [R, D]
-            DISPATCH.labels(str(shard), str(handle.layer)).observe(time.perf_counter() - handle.sent_at)
-            if tuple(output.shape) != (len(rows), handle.shape[1]):
-                raise RuntimeError(f"expert shard {shard} returned output of shape {list(output.shape)}, "
-                                   f"expected {[len(rows), handle.shape[1]]}")
-            out.index_add_(0, rows, output.float())
+            for done_rows, output in self._collect(handle, shard, rows, future):
+                out.index_add_(0, done_rows, output.float())
         return out.to(device=handle.device, dtype=handle.dtype)
 
-    def _wait(self, shard: int, future: Future) -> torch.Tensor:
-        """The shard's output; ExpertShardError at once if a newer placement, staged meanwhile, drops
-        the shard (the controller's fail-over of a hung shard: the step runs again on it)."""
+    def _collect(self, handle: _Handle, shard: int, rows: torch.Tensor, future: Future) -> list[tuple]:
+        """[(rows [R], output [R, D])] of one shard's part: its own answer, or the answers of other copies of its
+        experts when its stream broke or it straggled past ``hedge_after_s`` (whichever answered first)."""
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        hedge_at = None if self.hedge_after_s is None else time.monotonic() + self.hedge_after_s
+        try:
+            answers = [(rows, self._wait(shard, future, deadline, hedge_at))]
+        except ExpertShardError:
+            self._avoided[shard] = time.monotonic()
+            again = self._resend(handle.wire, shard, rows, "failed")
+            if again is None:
+                raise
+            answers = [(r, self._wait(s, f, deadline)) for s, r, f in again]
+        except _Straggling:
+            again = self._resend(handle.wire, shard, rows, "straggling")
+            if again is None:
+                answers = [(rows, self._wait(shard, future, deadline))]
+            else:                                   # the next layers go around it too, not into its queue
+                self._avoided[shard] = time.monotonic()
+                answers = self._first_of(shard, rows, future, again, deadline)
+        DISPATCH.labels(str(shard), str(handle.wire.layer)).observe(time.perf_counter() - handle.sent_at)
+        for answered_rows, output in answers:
+            if tuple(output.shape) != (len(answered_rows), handle.shape[1]):
+                raise RuntimeError(f"expert shard {shard} returned output of shape {list(output.shape)}, "
+                                   f"expected {[len(answered_rows), handle.shape[1]]}")
+        return answers
+
+    def _resend(self, wire: _Wire, shard: int, rows: torch.Tensor, reason: str):
+        """Send ``shard``'s choices of ``rows`` [R] to other copies of their experts -> parts as ``_send``
+        gives them, or None when some choice has no copy elsewhere."""
+        slots = wire.slots[rows]                                                # [R, K]
+        on_shard = torch.div(slots, wire.placement.slots_per_shard, rounding_mode="floor") == shard
+        elsewhere = _other_copies(wire.placement, wire.layer, wire.topk_ids[rows], slots,
+                                  sorted({shard, *self._avoided_shards()}))
+        if bool((elsewhere[on_shard] < 0).any()):
+            return None
+        parts = self._send(wire, torch.where(on_shard, elsewhere, -1), rows)
+        sent = sum(len(r) for _, r, _ in parts)
+        self.stats.add_rerouted(sent)
+        REROUTED.labels(reason).inc(sent)
+        return parts
+
+    def _first_of(self, shard: int, rows: torch.Tensor, future: Future, again: list, deadline: float | None) -> list:
+        """The straggler's answer or all of ``again``'s, whichever is complete first (the other is dropped);
+        the straggler's when a re-sent part fails."""
+        others = [f for _, _, f in again]
+        while True:
+            if future.done() and future.exception() is None:
+                return [(rows, future.result())]
+            if all(f.done() for f in others):
+                if all(f.exception() is None for f in others):
+                    return [(r, f.result()) for _, r, f in again]
+                return [(rows, self._wait(shard, future, deadline))]
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"expert shard {shard} and the other copies: no response within {self.timeout_s} s")
+            wait([f for f in (future, *others) if not f.done()], timeout=WAIT_SLICE_S, return_when=FIRST_COMPLETED)
+
+    def _avoided_shards(self) -> list[int]:
+        """Shards that failed or straggled in the last AVOID_S seconds."""
+        now = time.monotonic()
+        for shard in [s for s, at in self._avoided.items() if now - at > AVOID_S]:
+            self._avoided.pop(shard, None)
+        return sorted(self._avoided)
+
+    def _wait(self, shard: int, future: Future, deadline: float | None, hedge_at: float | None = None) -> torch.Tensor:
+        """The shard's output; _Straggling after ``hedge_at``; ExpertShardError at once if a newer placement,
+        staged meanwhile, drops the shard (the controller's fail-over of a hung shard: the step runs again)."""
         while True:
             try:
                 return future.result(timeout=WAIT_SLICE_S)
@@ -145,5 +262,19 @@ class RemoteExperts(ExpertBackend):
                 if staged is not None and shard not in staged.shards_in_use():
                     raise ExpertShardError(shard, "?", f"no response, and placement v{staged.version} "
                                                        f"moved its experts elsewhere") from None
+                if hedge_at is not None and time.monotonic() > hedge_at:
+                    raise _Straggling() from None
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"expert shard {shard}: no response within {self.timeout_s} s") from None
+
+
+def _other_copies(p: Placement, layer: int, topk_ids: torch.Tensor, slots: torch.Tensor, avoid: list[int]) -> torch.Tensor:
+    """slots [N, K] -> [N, K]: for each choice on a shard in ``avoid``, the first copy of its expert on a shard
+    not in ``avoid`` (-1 where there is none); -1 for every other choice."""
+    sps = p.slots_per_shard
+    avoid_t = torch.tensor(avoid, dtype=torch.int64)
+    copies = p.logical_to_physical[p.row(layer)][topk_ids.long()]             # [N, K, M] slots, EMPTY padded
+    usable = (copies != EMPTY) & ~torch.isin(torch.div(copies, sps, rounding_mode="floor"), avoid_t)
+    first = copies.gather(2, usable.int().argmax(dim=2, keepdim=True)).squeeze(2)  # [N, K]
+    moved = torch.isin(torch.div(slots, sps, rounding_mode="floor"), avoid_t)
+    return torch.where(moved & usable.any(dim=2), first, -1)

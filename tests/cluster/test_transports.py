@@ -41,15 +41,17 @@ WAIT_S = 60
 class Shards:
     """``SHARDS`` expert shard processes of one cluster, and the registry they are in."""
 
-    def __init__(self, path, redis_url: str):
+    def __init__(self, path, redis_url: str, redundant: int = REDUNDANT):
         self.path, self.redis_url, self.cluster = path, redis_url, f"t-{uuid.uuid4().hex[:8]}"
+        self.redundant = redundant
         self.registry = Registry(redis.Redis.from_url(redis_url), Keys(self.cluster))
         self.processes = {shard: self._start(shard) for shard in range(SHARDS)}
         self.wait_registered()
 
     def _start(self, shard: int) -> subprocess.Popen:
         config = ExpertConfig(redis=self.redis_url, cluster=self.cluster, model=str(self.path), dtype="float32",
-                              device="cpu", expert_shards=SHARDS, redundant_experts=REDUNDANT, shard_id=shard)
+                              device="cpu", expert_shards=SHARDS, redundant_experts=self.redundant,
+                              shard_id=shard)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         return subprocess.Popen(serve_command(config), env=env, stdin=subprocess.DEVNULL)
 
