@@ -129,11 +129,17 @@ def generate_all(endpoint: str) -> list[list[int]]:
 def generate_concurrently(up: "UpCluster", max_tokens: int, tag: str, while_running=None,
                           timeout_s: float = 180) -> list[list[int]]:
     """The 16 prompts at once (greedy, request ids ``{tag}-{i}``); ``while_running()`` is called once every
-    generation has streamed a token, and must leave some still running."""
+    generation has streamed a token, and must leave some still running. Each stream's chunks hold every token
+    of its result once, in order."""
+    def stream(client: Client, i: int) -> list[int]:
+        chunks = client.stream(PROMPTS[i], max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                               request_id=f"{tag}-{i}")
+        received = [token for chunk in chunks for token in chunk.token_ids]
+        assert received == chunks.result.token_ids, f"{tag}-{i}: the stream's chunks differ from its result"
+        return received
+
     with Client(up.endpoint, timeout=timeout_s) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
-        futures = [pool.submit(lambda i=i, p=p: client.generate(
-            p, max_tokens=max_tokens, temperature=0, ignore_eos=True, request_id=f"{tag}-{i}").token_ids)
-            for i, p in enumerate(PROMPTS)]
+        futures = [pool.submit(stream, client, i) for i in range(len(PROMPTS))]
         if while_running is not None:
             store = RequestStore(up.redis, up.registry.keys)
             records = lambda: [store.get(f"{tag}-{i}") for i in range(len(PROMPTS))]   # noqa: E731

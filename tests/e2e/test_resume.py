@@ -92,22 +92,35 @@ def test_a_call_with_an_existing_id_resumes_it(up, want):
             list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
 
 
-def test_sigterm_hands_a_replica_s_requests_to_the_other_replica(model_dir, want):
+def test_sigkill_of_the_only_replica_loses_no_request(up, want):
+    """One replica, SIGKILLed mid-generation: `epserve up` restarts it, and the router resubmits every open
+    request to it with the tokens streamed so far; every stream gets the single-process tokens once."""
+    kill = lambda: os.kill(up.service_pid("attention", "attention-0"), signal.SIGKILL)   # noqa: E731
+    restarts = find_service(read_up_state(up.state_file), "attention", "attention-0")["restarts"]
+    assert generate_concurrently(up, MAX_TOKENS, "ak", while_running=kill, timeout_s=240) == want
+    assert find_service(read_up_state(up.state_file), "attention", "attention-0")["restarts"] == restarts + 1
+    up.wait_requests_ended([f"ak-{i}" for i in range(len(PROMPTS))])
+
+
+@pytest.mark.parametrize("fault_signal", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_replica_stopped_beside_another_loses_no_request(model_dir, want, fault_signal):
     """With two replicas, SIGTERM of one mid-generation: it hands its requests off (their routers resume
-    them on the other with the tokens so far) instead of finishing them; every stream gets the
-    single-process tokens and no request fails."""
+    them on the other with the tokens so far) instead of finishing them. SIGKILL: the routers resume them
+    on the other (or the restarted one). Either way every stream gets the single-process tokens once."""
     up = UpCluster(model_dir, attention=2, shards=2, redundant=0)
     try:
         store = RequestStore(up.redis, up.registry.keys)
         records = lambda: [store.get(f"tm-{i}") for i in range(len(PROMPTS))]   # noqa: E731
 
-        def sigterm():
+        def stop_attention_0():
             assert "attention-0" in {r.owner for r in records()}
-            os.kill(up.service_pid("attention", "attention-0"), signal.SIGTERM)
-            wait_until(lambda: all(r.owner != "attention-0" or r.state == "finished" for r in records()), 60,
-                       "every open request handed to attention-1", state=lambda: [(r.owner, r.state) for r in records()])
+            os.kill(up.service_pid("attention", "attention-0"), fault_signal)
+            if fault_signal == signal.SIGTERM:
+                wait_until(lambda: all(r.owner != "attention-0" or r.state == "finished" for r in records()), 60,
+                           "every open request handed to attention-1",
+                           state=lambda: [(r.owner, r.state) for r in records()])
 
-        assert generate_concurrently(up, MAX_TOKENS, "tm", while_running=sigterm, timeout_s=240) == want
+        assert generate_concurrently(up, MAX_TOKENS, "tm", while_running=stop_attention_0, timeout_s=240) == want
         up.wait_requests_ended([f"tm-{i}" for i in range(len(PROMPTS))])
     finally:
         up.stop()
