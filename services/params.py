@@ -1,7 +1,7 @@
-"""Conversions between the wire's SamplingParams / FinishReason and the engine's."""
+"""Conversions between the wire's SamplingParams / FinishReason / TokenLogprobs and the engine's."""
 from __future__ import annotations
 
-from epserve.services.engine.params import SamplingParams
+from epserve.services.engine.params import SamplingParams, TokenLogprobs
 from epserve.services.proto import generation_pb2
 
 FINISH_REASONS = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.FINISH_REASON_LENGTH,
@@ -23,6 +23,7 @@ def sampling_from_proto(msg: generation_pb2.SamplingParams, seed: int | None = N
         seed=seed if seed is not None else (msg.seed if msg.HasField("seed") else None),
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -32,4 +33,21 @@ def sampling_to_proto(params: SamplingParams) -> generation_pb2.SamplingParams:
                                         stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
     if params.seed is not None:
         msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
+
+
+def logprobs_to_proto(logprobs: TokenLogprobs) -> generation_pb2.TokenLogprobs:
+    return generation_pb2.TokenLogprobs(logprob=logprobs.logprob, top_token_ids=[t for t, _ in logprobs.top],
+                                        top_logprobs=[lp for _, lp in logprobs.top])
+
+
+def logprobs_to_log(logprobs: TokenLogprobs) -> list:
+    """The token log's JSON-able entry: ``[logprob, [[token id, logprob], ...]]``."""
+    return [logprobs.logprob, [list(pair) for pair in logprobs.top]]
+
+
+def logprobs_from_log(entry: list) -> generation_pb2.TokenLogprobs:
+    logprob, top = entry
+    return logprobs_to_proto(TokenLogprobs(logprob, tuple((t, lp) for t, lp in top)))

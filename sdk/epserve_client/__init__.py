@@ -24,12 +24,12 @@ from epserve_client.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from epserve_client.results import FinishReason, GenerateResult, ModelInfo, StreamChunk, Usage
+from epserve_client.results import FinishReason, GenerateResult, ModelInfo, StreamChunk, TokenLogprobs, Usage
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient", "AsyncGenerateStream", "CLIENT_DEFAULT", "Cancelled", "Client", "DeadlineExceeded",
     "EpserveError", "FinishReason", "GenerateResult", "GenerateStream", "InvalidArgument", "ModelInfo",
-    "NotFound", "ResourceExhausted", "StreamChunk", "Unavailable", "Usage", "__version__",
+    "NotFound", "ResourceExhausted", "StreamChunk", "TokenLogprobs", "Unavailable", "Usage", "__version__",
 ]

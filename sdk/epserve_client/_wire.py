@@ -12,7 +12,7 @@ import grpc
 
 from epserve_client._proto import generation_pb2 as pb
 from epserve_client.errors import EpserveError, error_for, status_code
-from epserve_client.results import FinishReason, GenerateResult, ModelInfo, StreamChunk, Usage
+from epserve_client.results import FinishReason, GenerateResult, ModelInfo, StreamChunk, TokenLogprobs, Usage
 
 SERVICE = "epserve.v1.GenerationService"
 _FINISH_REASONS: dict[int, FinishReason] = {
@@ -104,14 +104,17 @@ def _duration(seconds: float) -> str:
 
 def generate_request(prompt: str | Sequence[int], *, max_tokens: int, temperature: float | None,
                      top_p: float | None, top_k: int | None, seed: int | None, stop_token_ids: Sequence[int],
-                     ignore_eos: bool, request_id: str | None) -> pb.GenerateRequest:
+                     stop: str | Sequence[str], ignore_eos: bool, logprobs: int | None,
+                     request_id: str | None) -> pb.GenerateRequest:
     """A ``GenerateRequest``: a ``str`` prompt goes as ``text``, a sequence of ints as ``token_ids``.
 
     Unset optional sampling fields stay unset, so the server applies its defaults.
     """
     sampling = pb.SamplingParams(max_tokens=max_tokens, stop_token_ids=[operator.index(t) for t in stop_token_ids],
-                                 ignore_eos=ignore_eos, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    request = pb.GenerateRequest(request_id=request_id or "", sampling=sampling)
+                                 ignore_eos=ignore_eos, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                 logprobs=logprobs)
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    request = pb.GenerateRequest(request_id=request_id or "", sampling=sampling, stop=stops)
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
@@ -134,11 +137,13 @@ def model_info(response: pb.ModelInfo) -> ModelInfo:
 class StreamState:
     """Folds ``GenerateResponse`` messages into chunks and the final result, for both clients.
 
-    ``request_id`` is the caller's until the server's first response names it.
+    ``request_id`` is the caller's until the server's first response names it; ``logprobs``: whether
+    the request asked for them (they are gathered from the chunks for the result).
     """
 
-    def __init__(self, request_id: str | None):
+    def __init__(self, request_id: str | None, logprobs: bool = False):
         self.request_id = request_id or None
+        self.logprobs: list[TokenLogprobs] | None = [] if logprobs else None
         self.result: GenerateResult | None = None
         self.received = 0                      # token ids in the chunks so far (where a resume starts)
         self.answered = False                  # a response arrived (the server knows the request)
@@ -151,8 +156,13 @@ class StreamState:
         if self.result is not None:
             raise self.protocol_error(f"{kind or 'empty'} message after complete")
         if kind == "chunk":
-            self.received += len(response.chunk.token_ids)
-            return StreamChunk(self.request_id or "", list(response.chunk.token_ids), response.chunk.text)
+            chunk = response.chunk
+            self.received += len(chunk.token_ids)
+            logprobs = [TokenLogprobs(t, lp.logprob, list(zip(lp.top_token_ids, lp.top_logprobs)))
+                        for t, lp in zip(chunk.token_ids, chunk.logprobs)]
+            if self.logprobs is not None:
+                self.logprobs += logprobs
+            return StreamChunk(self.request_id or "", list(chunk.token_ids), chunk.text, logprobs)
         if kind == "complete":
             self.result = self._result(response.complete)
             return None
@@ -175,7 +185,8 @@ class StreamState:
         if reason is None:
             raise self.protocol_error(f"finish_reason {complete.finish_reason} in complete")
         usage = Usage(complete.usage.prompt_tokens, complete.usage.completion_tokens)
-        return GenerateResult(self.request_id or "", list(complete.token_ids), complete.text, reason, usage)
+        return GenerateResult(self.request_id or "", list(complete.token_ids), complete.text, reason, usage,
+                              self.logprobs)
 
 
 @dataclass

@@ -24,9 +24,9 @@ class AsyncGenerateStream(AsyncIterator[StreamChunk]):
     """
 
     def __init__(self, call: Any, request_id: str | None, resumer: _wire.Resumer | None = None,
-                 reopen: Callable[[Any, float | None, int], Any] | None = None):
+                 reopen: Callable[[Any, float | None, int], Any] | None = None, *, logprobs: bool = False):
         self._call = call
-        self._state = _wire.StreamState(request_id)
+        self._state = _wire.StreamState(request_id, logprobs)
         self._resumer, self._reopen = resumer, reopen     # reopen(request, timeout, router index) -> call
         self._done = False  # no more chunks will come
         self._cancelled = False  # the caller cancelled before the end
@@ -118,19 +118,21 @@ class AsyncClient:
 
     async def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float | None = None,
                        top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                       stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, request_id: str | None = None,
+                       stop_token_ids: Sequence[int] = (), stop: str | Sequence[str] = (), ignore_eos: bool = False,
+                       logprobs: int | None = None, request_id: str | None = None,
                        timeout: Timeout = CLIENT_DEFAULT) -> GenerateResult:
         """Generates to the end and returns the result; arguments as for :meth:`Client.stream`."""
         async with self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                               seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                               request_id=request_id, timeout=timeout) as stream:
+                               seed=seed, stop_token_ids=stop_token_ids, stop=stop, ignore_eos=ignore_eos,
+                               logprobs=logprobs, request_id=request_id, timeout=timeout) as stream:
             async for _ in stream:
                 pass
         return stream.result
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float | None = None,
                top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-               stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, request_id: str | None = None,
+               stop_token_ids: Sequence[int] = (), stop: str | Sequence[str] = (), ignore_eos: bool = False,
+               logprobs: int | None = None, request_id: str | None = None,
                timeout: Timeout = CLIENT_DEFAULT) -> AsyncGenerateStream:
         """Starts a generation; ``async for`` over the returned stream, then read its ``.result``.
 
@@ -138,11 +140,12 @@ class AsyncClient:
         """
         request = _wire.generate_request(
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id)
+            stop_token_ids=stop_token_ids, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs,
+            request_id=request_id)
         deadline = self._settings.deadline(timeout)
         resumer = _wire.resumer(request, self._settings, deadline)
         call = self._stub.Generate(request, timeout=deadline, metadata=self._settings.metadata)
-        return AsyncGenerateStream(call, request_id, resumer, self._reopen)
+        return AsyncGenerateStream(call, request_id, resumer, self._reopen, logprobs=logprobs is not None)
 
     def _reopen(self, request: pb.GenerateRequest, timeout: float | None, index: int) -> Any:
         return self._router(index).Generate(request, timeout=timeout, metadata=self._settings.metadata)

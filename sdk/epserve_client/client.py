@@ -24,9 +24,9 @@ class GenerateStream(Iterator[StreamChunk]):
     """
 
     def __init__(self, call: Any, request_id: str | None, resumer: _wire.Resumer | None = None,
-                 reopen: Callable[[Any, float | None, int], Any] | None = None):
+                 reopen: Callable[[Any, float | None, int], Any] | None = None, *, logprobs: bool = False):
         self._call = call
-        self._state = _wire.StreamState(request_id)
+        self._state = _wire.StreamState(request_id, logprobs)
         self._resumer, self._reopen = resumer, reopen     # reopen(request, timeout, router index) -> call
         self._cancelled = False
         self._chunks = self._read()
@@ -111,35 +111,41 @@ class Client:
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, request_id: str | None = None,
+                 stop_token_ids: Sequence[int] = (), stop: str | Sequence[str] = (), ignore_eos: bool = False,
+                 logprobs: int | None = None, request_id: str | None = None,
                  timeout: Timeout = CLIENT_DEFAULT) -> GenerateResult:
         """Generates to the end and returns the result. See :meth:`stream` for the arguments."""
         stream = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                             request_id=request_id, timeout=timeout)
+                             seed=seed, stop_token_ids=stop_token_ids, stop=stop, ignore_eos=ignore_eos,
+                             logprobs=logprobs, request_id=request_id, timeout=timeout)
         for _ in stream:
             pass
         return stream.result
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float | None = None,
                top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-               stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, request_id: str | None = None,
+               stop_token_ids: Sequence[int] = (), stop: str | Sequence[str] = (), ignore_eos: bool = False,
+               logprobs: int | None = None, request_id: str | None = None,
                timeout: Timeout = CLIENT_DEFAULT) -> GenerateStream:
         """Starts a generation and returns its chunks as they come.
 
         ``prompt``: text (tokenised by the server, BOS added) or token ids (used as given). Sampling
         fields left None take the server's defaults (temperature 1, top_p 1, top_k off, random seed).
-        ``request_id``: the router assigns one when None. ``timeout``: this call's deadline in
-        seconds (None: none); the client's when not given. When the loop ends, ``.result`` of the
-        returned stream holds the :class:`GenerateResult`.
+        ``stop``: stop strings (at most 16): the generation ends where the first appears in its text,
+        which ends before it (finish reason ``"stop"``). ``logprobs``: None for none; k in [0, 20]
+        for each token's logprob (of the model's raw distribution) and those of the k most probable
+        tokens, in each chunk's and the result's ``logprobs``. ``request_id``: the router assigns one
+        when None. ``timeout``: this call's deadline in seconds (None: none); the client's when not
+        given. When the loop ends, ``.result`` of the returned stream holds the :class:`GenerateResult`.
         """
         request = _wire.generate_request(
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id)
+            stop_token_ids=stop_token_ids, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs,
+            request_id=request_id)
         deadline = self._settings.deadline(timeout)
         resumer = _wire.resumer(request, self._settings, deadline)
         call = self._stub.Generate(request, timeout=deadline, metadata=self._settings.metadata)
-        return GenerateStream(call, request_id, resumer, self._reopen)
+        return GenerateStream(call, request_id, resumer, self._reopen, logprobs=logprobs is not None)
 
     def _reopen(self, request: pb.GenerateRequest, timeout: float | None, index: int) -> Any:
         return self._router(index).Generate(request, timeout=timeout, metadata=self._settings.metadata)

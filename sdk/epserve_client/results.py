@@ -23,8 +23,10 @@ class Usage:
 class GenerateResult:
     """A finished generation: every generated token and its text.
 
-    ``finish_reason`` is ``"stop"`` (end-of-sequence or a stop token), ``"length"`` (``max_tokens``
-    or the context limit) or ``"abort"`` (aborted by :meth:`Client.abort`).
+    ``finish_reason`` is ``"stop"`` (end-of-sequence, a stop token or a stop string: the text ends
+    before the stop string, the tokens with the one that completed it), ``"length"`` (``max_tokens``
+    or the context limit) or ``"abort"`` (aborted by :meth:`Client.abort`). ``logprobs`` is None
+    unless ``logprobs=`` was asked; then one per token of ``token_ids``.
     """
 
     request_id: str
@@ -32,15 +34,29 @@ class GenerateResult:
     text: str
     finish_reason: FinishReason
     usage: Usage
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities around one generated token, under the model's raw distribution (log_softmax of
+    its logits, before temperature, top-k and top-p)."""
+
+    token_id: int
+    logprob: float                                # of this token
+    top: list[tuple[int, float]]                  # (token id, logprob) of the most probable tokens, best first
 
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """Tokens new since the previous chunk, and their text (incomplete UTF-8 is held back by the server)."""
+    """Tokens new since the previous chunk, and their text (the server holds back incomplete UTF-8 and
+    what may be the start of a stop string); with ``logprobs=`` asked, one :class:`TokenLogprobs`
+    per token."""
 
     request_id: str
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 The service validates a request (read-only), then hands it over as a command; the loop
 thread admits it, steps the engine while there is work, and delivers each request's outputs to that
 request's queue. A courier thread does the handing over, so the loop thread goes on to the next
-step at once: after every step it passes the tokens of all requests to ``on_step`` together (the
-attention service queues them for its token-log writer, which must not block), then puts each
-output in its request's queue, in step order.
+step at once: after every step it passes the tokens of all requests (and the logprobs of those that
+asked) to ``on_step`` together (the attention service queues them for its token-log writer, which
+must not block), then puts each output in its request's queue, in step order.
 
 A step that fails (an expert shard went away, say) changes nothing: a sequence's KV and tokens only
 advance when a step completes, and sampling is keyed by (seed, position). So the same step simply
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from epserve.services.engine.engine import LLMEngine, RequestOutput
-from epserve.services.engine.params import InvalidParam, SamplingParams
+from epserve.services.engine.params import InvalidParam, SamplingParams, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,12 @@ class Outputs(Protocol):
     def put(self, item: RequestOutput | StepError) -> None: ...
 
 
+StepTokens = Callable[[dict[str, list[int]], dict[str, list[TokenLogprobs]]], None]  # (ids, logprobs) per request
+
+
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[dict[str, list[int]]], None] | None = None,
-                 *, step_retries: int, between_steps: Callable[[], bool] | None = None):
+    def __init__(self, engine: LLMEngine, on_step: StepTokens | None = None, *, step_retries: int,
+                 between_steps: Callable[[], bool] | None = None):
         self.engine = engine
         self.on_step = on_step
         self.between_steps = between_steps             # loop thread, before each step: True if it changed something
@@ -67,7 +70,7 @@ class EngineLoop:
         self._progress_at = time.monotonic()           # the last step that completed, or the loop idle
         self._commands: queue.Queue = queue.Queue()
         self._outputs: dict[str, Outputs] = {}         # request id -> its outputs (courier writes)
-        self._deliveries: queue.Queue = queue.Queue()  # (step tokens or None, [outputs or step errors])
+        self._deliveries: queue.Queue = queue.Queue()  # (a step's: publish them, [outputs or step errors])
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -179,8 +182,7 @@ class EngineLoop:
         if self._failed_steps:
             self._failed_steps = {r: n for r, n in self._failed_steps.items() if r in self.engine.requests}
         if outputs:
-            tokens = {o.request_id: o.new_token_ids for o in outputs if o.new_token_ids}
-            self._deliveries.put((tokens, outputs))
+            self._deliveries.put((True, outputs))
 
     def _step_failed(self, err: Exception) -> None:
         """Back off before the step runs again; fail the requests that were in too many failed steps."""
@@ -196,23 +198,25 @@ class EngineLoop:
                 self._deliver(StepError(seq.request_id, f"engine step failed {failed} times: {err}"))
 
     def _deliver(self, item: RequestOutput | StepError) -> None:
-        self._deliveries.put((None, [item]))
+        self._deliveries.put((False, [item]))
 
     # ---- the courier thread --------------------------------------------------------------------
     def _courier_run(self) -> None:
         while (delivery := self._deliveries.get()) is not None:
-            tokens, items = delivery
-            if tokens and self.on_step:
-                self._publish(tokens)
+            a_step, items = delivery
+            if a_step and self.on_step:
+                self._publish(items)
             for item in items:
                 try:
                     self._hand_over(item)
                 except Exception:                         # noqa: BLE001 - one consumer must not stop the others
                     log.exception("handing over the output of %s failed", item.request_id)
 
-    def _publish(self, tokens: dict[str, list[int]]) -> None:
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        tokens = {o.request_id: o.new_token_ids for o in outputs if o.new_token_ids}
+        logprobs = {o.request_id: o.logprobs for o in outputs if o.new_token_ids and o.logprobs}
         try:
-            self.on_step(tokens)
+            self.on_step(tokens, logprobs)
         except Exception:                                 # noqa: BLE001 - the token log is best effort
             log.exception("publishing step tokens failed")
 

@@ -20,7 +20,7 @@ import grpc
 from epserve.services.attention.engine_loop import AlreadyRunning, EngineLoop, StepError
 from epserve.services.engine.engine import RequestOutput
 from epserve.services.engine.params import InvalidParam
-from epserve.services.params import FINISH_REASONS, sampling_from_proto
+from epserve.services.params import FINISH_REASONS, logprobs_to_proto, sampling_from_proto
 from epserve.services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 
 SERVICE_NAME = "epserve.v1.AttentionService"
@@ -161,7 +161,8 @@ def _event(item: RequestOutput | StepError) -> attention_pb2.TokenEvent:
     return attention_pb2.TokenEvent(
         request_id=item.request_id, token_ids=item.new_token_ids, finished=item.finished,
         finish_reason=FINISH_REASONS.get(item.finish_reason, 0),
-        usage=generation_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens))
+        usage=generation_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens),
+        logprobs=[logprobs_to_proto(lp) for lp in item.logprobs or ()])
 
 
 def _refused(request_id: str, code: grpc.StatusCode, message: str) -> attention_pb2.TokenEvent:

@@ -1,7 +1,8 @@
 """Request records and token logs in Redis (no torch: the router keeps them).
 
 Each request's record holds enough to continue it elsewhere; its token log holds every token
-emitted so far. Both expire a while after the request ends.
+emitted so far (and their logprobs, for a request that asked for them). Both expire a while after
+the request ends.
 """
 from __future__ import annotations
 
@@ -31,14 +32,19 @@ return 1
 _APPEND = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'aborted' or state == 'failed' then return 0 end
-redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1])
+if ARGV[4] == '' then
+  redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1])
+else
+  redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1], 'logprobs', ARGV[4])
+end
 local ttl = tonumber(ARGV[3])
 if state == 'finished' then ttl = math.max(1, redis.call('TTL', KEYS[1])) end
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('HINCRBY', KEYS[1], 'emitted', ARGV[2])
 return 1
-"""  # KEYS: record, token log; ARGV: comma-joined ids, how many, TTL -> 0 when the request is gone or was
-# aborted or failed. A finished request still takes its last tokens: the log is written asynchronously.
+"""  # KEYS: record, token log; ARGV: comma-joined ids, how many, TTL, their logprobs as JSON ('' for none)
+# -> 0 when the request is gone or was aborted or failed. A finished request still takes its last tokens: the
+# log is written asynchronously.
 
 
 _REOPEN = """
@@ -155,24 +161,36 @@ class RequestStore:
         """A request admission refused: forgotten (prompt and all) when it never emitted a token, else failed."""
         self._refuse(keys=[self.keys.request(request_id), self.keys.tokens(request_id)], args=[self.ttl_s])
 
-    def append_tokens(self, batch: dict[str, list[int]]) -> list[str]:
+    def append_tokens(self, batch: dict[str, list[int]], logprobs: dict[str, list] | None = None) -> list[str]:
         """Append one engine step's new token ids per request, in one pipeline.
 
-        Each request's ids become one stream entry and add to its ``emitted``. Returns the ids
-        not appended because their request ended or has no record (the engine can drop them).
+        Each request's ids become one stream entry and add to its ``emitted``; ``logprobs`` has, for
+        the requests that asked for them, one JSON-able entry per id (``services.params.logprobs_to_log``),
+        kept in the same entry. Returns the ids not appended because their request ended or has no
+        record (the engine can drop them).
         """
-        batch = {rid: ids for rid, ids in batch.items() if ids}
+        batch, logprobs = {rid: ids for rid, ids in batch.items() if ids}, logprobs or {}
         pipe = self.client.pipeline(transaction=False)
         for rid, ids in batch.items():
+            entries = json.dumps(logprobs[rid]) if rid in logprobs else ""
             self._append(keys=[self.keys.request(rid), self.keys.tokens(rid)],
-                         args=[",".join(str(int(t)) for t in ids), len(ids), self.open_ttl_s], client=pipe)
+                         args=[",".join(str(int(t)) for t in ids), len(ids), self.open_ttl_s, entries], client=pipe)
         results = pipe.execute() if batch else []
         return [rid for rid, appended in zip(batch, results) if not appended]
 
     def tokens(self, request_id: str) -> list[int]:
         """Every token id emitted so far, in order (from the token log)."""
-        ids = []
+        return self.token_log(request_id)[0]
+
+    def token_log(self, request_id: str) -> tuple[list[int], list | None]:
+        """Every token id emitted so far, in order, and their logprobs entries (None unless every step
+        logged them: a request that did not ask)."""
+        ids, logprobs = [], []
         for _, entry in self.client.xrange(self.keys.tokens(request_id)):
             fields = {text(k): text(v) for k, v in entry.items()}
             ids += [int(t) for t in fields["ids"].split(",")]
-        return ids
+            if logprobs is not None and "logprobs" in fields:
+                logprobs += json.loads(fields["logprobs"])
+            else:
+                logprobs = None
+        return ids, logprobs

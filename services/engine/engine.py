@@ -3,7 +3,8 @@
 Pipeline of one ``step()`` (all in this process, on the model's device):
 ``Scheduler.schedule`` (CPU: who runs, how many tokens) -> ``ModelRunner.step`` (device: flat
 batch forward over the paged latent cache) -> ``sample`` (device: one token per finished
-prefill/decode) -> stop checks and block freeing (CPU) -> ``RequestOutput`` per request touched.
+prefill/decode, and its logprobs where asked) -> stop checks and block freeing (CPU) ->
+``RequestOutput`` per request touched.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from epserve.services.engine.block_manager import BlockManager
 from epserve.services.engine.config import EngineConfig
 from epserve.services.engine.model_runner import ModelRunner
-from epserve.services.engine.params import InvalidParam, SamplingParams, draw_seed
+from epserve.services.engine.params import InvalidParam, SamplingParams, TokenLogprobs, draw_seed
 from epserve.services.engine.scheduler import Scheduler
 from epserve.services.engine.sequence import Sequence
 from epserve.services.engine.tokenizer import Tokenizer, load_tokenizer
@@ -32,6 +33,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprobs] | None = None   # one per new token, when the request asked for logprobs
 
 
 class LLMEngine:
@@ -107,16 +109,16 @@ class LLMEngine:
         if not logits_by_id:
             return []
         seqs = [self.requests[rid] for rid in logits_by_id]
-        tokens = self.runner.sample(seqs, torch.stack(list(logits_by_id.values())))
-        return [self._append(seq, token) for seq, token in zip(seqs, tokens)]
+        tokens, logprobs = self.runner.sample(seqs, torch.stack(list(logits_by_id.values())))
+        return [self._append(seq, token, lp) for seq, token, lp in zip(seqs, tokens, logprobs)]
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.output_ids.append(token)
         reason = self._finish_reason(seq, token)
         if reason:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
-        return self._output(seq, [token])
+        return self._output(seq, [token], None if logprobs is None else [logprobs])
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -127,9 +129,9 @@ class LLMEngine:
         return None
 
     @staticmethod
-    def _output(seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+    def _output(seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, new_tokens, seq.finished, seq.finish_reason,
-                             len(seq.prompt_ids), len(seq.output_ids))
+                             len(seq.prompt_ids), len(seq.output_ids), logprobs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
         """Run prompts to completion together; returns the finished sequences in prompt order."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from epserve.services.engine.logprobs import token_logprobs
+from epserve.services.engine.params import TokenLogprobs
 from epserve.services.engine.sampling import sample
 from epserve.services.engine.scheduler import ScheduledBatch
 from epserve.services.engine.sequence import Sequence
@@ -64,10 +66,12 @@ class ModelRunner:
             tokens[g] += n
         return groups, tokens
 
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """logits [seqs, vocab] -> one token per sequence (step = tokens it has emitted so far)."""
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits [seqs, vocab] -> one token per sequence (step = tokens it has emitted so far), and its
+        logprobs for the sequences that asked (None for the others)."""
         tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
-        return tokens.tolist()
+        logprobs = token_logprobs(logits, tokens, [s.params.logprobs for s in seqs])
+        return tokens.tolist(), logprobs
 
     def _build(self, seqs: list[Sequence], chunks: list[int], num_decodes: int) -> tuple[torch.Tensor, ForwardBatch]:
         ids, positions, slots = [], [], []

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 SEED_LIMIT = 2**63  # seeds live in [0, 2**63) so they fit a signed int64 everywhere
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (``SamplingParams.logprobs``)
 
 
 class InvalidParam(ValueError):
@@ -26,6 +27,7 @@ class SamplingParams:
     seed: int | None = None  # None: the engine draws one at admission (see draw_seed)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: each sampled token's logprob and the k most probable tokens'
 
     def __post_init__(self):
         # Accept any iterable (e.g. a list from JSON) but keep the dataclass hashable.
@@ -52,6 +54,16 @@ class SamplingParams:
         for token in self.stop_token_ids:
             if not _is_int(token) or not 0 <= token < vocab_size:
                 raise InvalidParam("stop_token_ids", f"every id must be in [0, {vocab_size}), got {token!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidParam("logprobs", f"must be null or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities around one sampled token (see ``engine.logprobs`` for which distribution)."""
+
+    logprob: float                          # of the sampled token
+    top: tuple[tuple[int, float], ...]      # (token id, logprob) of the most probable tokens, best first
 
 
 def draw_seed() -> int:

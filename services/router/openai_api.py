@@ -4,10 +4,11 @@ gRPC event loop).
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming as server-sent events, with
 ``stream_options.include_usage``), ``/v1/models``, ``/health``. A request becomes a
 ``GenerateRequest`` and runs through ``GenerationServicer.Generate`` itself (validation, admission,
-the Redis record, replica resume): HTTP and gRPC behave alike. Stop strings are matched on the
-streamed text (``chat.StopMatcher``); ``n`` > 1 and ``logprobs`` are refused with a 400 naming the
-field (not implemented yet). Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
-"code"}}``, with the HTTP status of the gRPC status (400, 401, 404, 409, 429, 503, 504, 500).
+the Redis record, replica resume, stop strings): HTTP and gRPC behave alike. ``logprobs`` (completions:
+an int, the legacy shape) and ``logprobs: true`` with ``top_logprobs`` (chat) come in OpenAI's shapes
+(``openai_logprobs``); ``n`` > 1 is refused with a 400 naming the field (not implemented). Errors
+use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP status of the
+gRPC status (400, 401, 404, 409, 429, 503, 504, 500).
 """
 from __future__ import annotations
 
@@ -25,15 +26,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from epserve.services.engine.params import MAX_LOGPROBS
 from epserve.services.params import FINISH_REASON_NAMES
 from epserve.services.proto import generation_pb2
-from epserve.services.router.chat import ChatTemplate, StopMatcher
+from epserve.services.router.chat import ChatTemplate
+from epserve.services.router.openai_logprobs import LogprobsFormat
 
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
                grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
                grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
                grpc.StatusCode.DEADLINE_EXCEEDED: 504}
-MAX_STOPS, MAX_STOP_CHARS = 16, 256
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                409: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
@@ -56,14 +58,13 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
+    logprobs: int | None = None
 
 
 class ChatMessage(BaseModel):
@@ -74,6 +75,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class ApiError(Exception):
@@ -159,7 +162,7 @@ class OpenAIApi:
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._authorise(request)
-        generate = self._request(body, body.max_tokens if body.max_tokens is not None else 16)
+        generate = self._request(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
         prompt = self.servicer.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
         generate.token_ids.ids.extend(prompt)
         return await self._respond(body, generate, request, chat=False)
@@ -171,55 +174,66 @@ class OpenAIApi:
         except Exception as err:                           # noqa: BLE001 - a template error names the input
             raise ApiError(400, f"messages: the chat template cannot render them: {err}", "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        generate = self._request(body, max_tokens if max_tokens is not None else 256)
+        generate = self._request(body, max_tokens if max_tokens is not None else 256, _chat_logprobs(body))
         generate.token_ids.ids.extend(self.servicer.tokenizer.encode(text, add_bos=not self.chat_template.own))
         return await self._respond(body, generate, request, chat=True)
 
-    def _request(self, body: _Sampling, max_tokens: int) -> generation_pb2.GenerateRequest:
+    def _request(self, body: _Sampling, max_tokens: int, logprobs: int | None) -> generation_pb2.GenerateRequest:
         if body.model != self.model_name:
             raise ApiError(404, f"model: {body.model!r} is not served here (GET /v1/models lists {self.model_name!r})",
                            "model")
         if body.n != 1:
             raise ApiError(400, f"n: only 1 choice per request is supported, got {body.n}", "n")
-        if body.logprobs or body.top_logprobs:
-            raise ApiError(400, "logprobs: not supported by this server yet", "logprobs")
         sampling = generation_pb2.SamplingParams(max_tokens=max_tokens, stop_token_ids=body.stop_token_ids,
                                                  ignore_eos=body.ignore_eos, temperature=body.temperature,
-                                                 top_p=body.top_p, top_k=body.top_k, seed=body.seed)
-        return generation_pb2.GenerateRequest(request_id=uuid.uuid4().hex, sampling=sampling)
+                                                 top_p=body.top_p, top_k=body.top_k, seed=body.seed, logprobs=logprobs)
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        return generation_pb2.GenerateRequest(request_id=uuid.uuid4().hex, sampling=sampling, stop=stops)
 
     async def _respond(self, body: _Sampling, generate: generation_pb2.GenerateRequest, request: Request, chat: bool):
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
-            raise ApiError(400, f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters", "stop")
         context = HttpContext(self.timeout_s, request.headers.get("authorization", ""))
-        run = _Run(self.servicer.Generate(generate, context), StopMatcher(stops),
-                   len(generate.token_ids.ids), "messages" if chat else "prompt")
+        run = _Run(self.servicer.Generate(generate, context), len(generate.token_ids.ids),
+                   "messages" if chat else "prompt")
         first = await run.start()                       # errors before the first token become HTTP errors
-        shape = _Shape(chat, generate.request_id, self.model_name, body.return_token_ids)
+        logprobs = LogprobsFormat(self.servicer.tokenizer, chat) if generate.sampling.HasField("logprobs") else None
+        shape = _Shape(chat, generate.request_id, self.model_name, body.return_token_ids, logprobs)
         if not body.stream:
-            text, token_ids = first.text, list(first.token_ids)
+            whole = _Part(first.text, list(first.token_ids), list(first.logprobs))
             try:
                 async for part in run.rest():
-                    text, token_ids = text + part.text, token_ids + part.token_ids
+                    whole.text += part.text
+                    whole.token_ids += part.token_ids
+                    whole.logprobs += part.logprobs
             except _Abort as abort:
                 raise abort.api_error(run.prompt_field) from None
-            return shape.whole(text, token_ids, run)
+            return shape.whole(whole, run)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(shape.events(first, run, include_usage), media_type="text/event-stream")
+
+
+def _chat_logprobs(body: ChatRequest) -> int | None:
+    """The engine's ``logprobs`` of a chat request: None, or ``top_logprobs`` (0 when not given)."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"top_logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {body.top_logprobs}",
+                       "top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 @dataclass
 class _Part:
     text: str
     token_ids: list[int]
+    logprobs: list                     # generation_pb2.TokenLogprobs, one per token when asked
 
 
 class _Run:
-    """One generation's responses as text parts, stop strings applied; then its finish reason and usage."""
+    """One generation's responses as text parts (stop strings applied by ``Generate``); then its finish
+    reason and usage."""
 
-    def __init__(self, responses, stops: StopMatcher, prompt_tokens: int, prompt_field: str):
-        self.responses, self.stops, self.prompt_field = responses, stops, prompt_field
+    def __init__(self, responses, prompt_tokens: int, prompt_field: str):
+        self.responses, self.prompt_field = responses, prompt_field
         self.finish_reason, self.prompt_tokens, self.completion_tokens = "length", prompt_tokens, 0
         self._done = False
 
@@ -248,13 +262,10 @@ class _Run:
             done = response.complete
             self.finish_reason = FINISH_REASON_NAMES.get(done.finish_reason, "stop")
             self.prompt_tokens, self.completion_tokens = done.usage.prompt_tokens, done.usage.completion_tokens
-            return _Part(self.stops.flush(), [])
+            return _Part("", [], [])
         self.completion_tokens += len(response.chunk.token_ids)
-        text = self.stops.push(response.chunk.text)
-        if self.stops.stopped:                          # a stop string: end here, the replica aborts the rest
-            self._done, self.finish_reason = True, "stop"
-            await self.responses.aclose()
-        return _Part(text, list(response.chunk.token_ids))
+        chunk = response.chunk
+        return _Part(chunk.text, list(chunk.token_ids), list(chunk.logprobs))
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -269,28 +280,29 @@ class _Shape:
     request_id: str
     model: str
     return_token_ids: bool
+    logprobs: LogprobsFormat | None
 
     def _base(self, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": ("chatcmpl-" if self.chat else "cmpl-") + self.request_id, "object": kind,
                 "created": int(time.time()), "model": self.model}
 
-    def _choice(self, text: str, token_ids: list[int], finish_reason: str | None, chunk: bool) -> dict:
+    def _choice(self, part: _Part, finish_reason: str | None, chunk: bool) -> dict:
+        logprobs = self.logprobs.format(part.token_ids, part.logprobs) if self.logprobs else None
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": part.text, "logprobs": logprobs, "finish_reason": finish_reason}
         elif chunk:
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+            choice = {"index": 0, "delta": {"content": part.text} if part.text else {}, "logprobs": logprobs,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": part.text}, "logprobs": logprobs,
                       "finish_reason": finish_reason}
         if self.return_token_ids:
-            choice["token_ids"] = token_ids
+            choice["token_ids"] = part.token_ids
         return choice
 
-    def whole(self, text: str, token_ids: list[int], run: _Run) -> dict:
-        return {**self._base(False), "choices": [self._choice(text, token_ids, run.finish_reason, False)],
-                "usage": run.usage()}
+    def whole(self, part: _Part, run: _Run) -> dict:
+        return {**self._base(False), "choices": [self._choice(part, run.finish_reason, False)], "usage": run.usage()}
 
     async def events(self, first: _Part, run: _Run, include_usage: bool):
         def event(payload: dict) -> str:
@@ -305,11 +317,9 @@ class _Shape:
                 parts.append(part)
                 while len(parts) > 1:
                     sent = parts.pop(0)
-                    if sent.text or (self.return_token_ids and sent.token_ids):
-                        yield event({**self._base(True), "choices": [self._choice(sent.text, sent.token_ids, None, True)]})
-            last = parts[0]
-            yield event({**self._base(True), "choices": [self._choice(last.text, last.token_ids, run.finish_reason,
-                                                                      True)]})
+                    if sent.text or ((self.return_token_ids or self.logprobs) and sent.token_ids):
+                        yield event({**self._base(True), "choices": [self._choice(sent, None, True)]})
+            yield event({**self._base(True), "choices": [self._choice(parts[0], run.finish_reason, True)]})
             if include_usage:
                 yield event({**self._base(True), "choices": [], "usage": run.usage()})
         except _Abort as abort:

@@ -5,11 +5,13 @@ streams; a thread each would cost a wake-up per token each). What blocks (Redis,
 queue) runs on a thread pool. One ``Generate`` call: validate every field (INVALID_ARGUMENT naming
 it) -> resolve the seed -> record the request in Redis (state, owner, prompt, params, seed) -> take
 a replica from admission (queue when all are full, RESOURCE_EXHAUSTED beyond the bound) ->
-submit it on the replica's shared ``Session`` stream and relay its token events as chunks, then
-one ``complete``. A cancelled or expired client call aborts the request on its replica, which frees
-its KV. A call with the id of an existing request (same prompt and parameters) resumes it after
-``resume_from`` tokens, from its Redis record and token log, on any router: a client whose router
-died reconnects to another (or the restarted one) and its stream goes on.
+submit it on the replica's shared ``Session`` stream and relay its token events (and logprobs) as
+chunks, then one ``complete``; the text goes through a ``TextStream`` (incremental decoding, and the
+request's stop strings: the first that appears ends it). A cancelled or expired client call aborts
+the request on its replica, which frees its KV. A call with the id of an existing request (same
+prompt and parameters) resumes it after ``resume_from`` tokens, from its Redis record and token log,
+on any router: a client whose router died reconnects to another (or the restarted one) and its
+stream goes on.
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ import redis
 from epserve.services import metrics
 from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore
 from epserve.services.engine.params import InvalidParam, draw_seed
-from epserve.services.engine.tokenizer import IncrementalDecoder, Tokenizer
-from epserve.services.params import FINISH_REASON_NAMES, FINISH_REASONS, sampling_to_proto
+from epserve.services.engine.tokenizer import Tokenizer
+from epserve.services.params import FINISH_REASON_NAMES, FINISH_REASONS, logprobs_from_log, sampling_to_proto
 from epserve.services.proto import attention_pb2, generation_pb2, generation_pb2_grpc
 from epserve.services.router.admission import Admission, NoReplicas, QueueFull, Replica
 from epserve.services.router.auth import namespaced, tenant_of
 from epserve.services.router.rate_limit import RateLimiter
 from epserve.services.router.replica_session import ReplicaSessions, SessionBroken
+from epserve.services.router.text_stream import TextStream
 from epserve.services.router.validation import Limits, validate_request
 
 log = logging.getLogger(__name__)
@@ -123,7 +126,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         seed = params.seed if params.seed is not None else draw_seed()
         try:
             await self._blocking(self.requests.create,
-                                 RequestRecord(request_id, "queued", "", prompt, _params_dict(params), seed))
+                                 RequestRecord(request_id, "queued", "", prompt, _params_dict(params, request), seed))
         except DuplicateRequest:
             async for response in self._resume(request_id, request, prompt, params, context):
                 yield response
@@ -132,38 +135,44 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             log.warning("request %s: recording it failed (%s); serving it without a record", request_id, err)
         metrics.PROMPT_TOKENS.inc(len(prompt))
         replica = await self._admit_or_end(request_id, context)
-        async for response in self._relay(request_id, prompt, params, seed, replica, context):
+        stream = TextStream(self.tokenizer, request.stop)
+        async for response in self._relay(request_id, prompt, params, seed, replica, context, stream):
             yield response
 
     async def _resume(self, request_id: str, request, prompt: list[int], params, context):
         """A retry of an existing request id (its client reconnected: its router or connection went away).
         A finished request replays the tokens of its log past ``resume_from``; any other is queued again
         (its earlier run, if one still goes, aborted) and continues from its token log on a replica,
-        with its recorded seed: the client gets every token once."""
+        with its recorded seed: the client gets every token once. The tokens replayed from the log come
+        with their logprobs (the log keeps them), and stop strings are matched on them again: the text
+        and tokens end where the first run ended."""
         record = await self._blocking(self.requests.get, request_id)
-        if record is None or record.prompt_ids != prompt or record.sampling != _params_dict(params) or (
+        if record is None or record.prompt_ids != prompt or record.sampling != _params_dict(params, request) or (
                 params.seed is not None and params.seed != record.seed):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} exists with "
                                                                  f"another prompt or other sampling parameters")
-        logged = await self._blocking(self.requests.tokens, request_id)
+        logged, logprobs = await self._blocking(self.requests.token_log, request_id)
         deadline = time.monotonic() + LOG_CATCH_UP_S            # the log is written asynchronously
         while request.resume_from > len(logged) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            logged = await self._blocking(self.requests.tokens, request_id)
+            logged, logprobs = await self._blocking(self.requests.token_log, request_id)
         if request.resume_from > len(logged):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resume_from: {request.resume_from} is more "
                                                                    f"than the {len(logged)} tokens emitted")
-        decoder = IncrementalDecoder(self.tokenizer)
-        decoder.push(logged[:request.resume_from])
-        unseen = logged[request.resume_from:]
+        stream = TextStream(self.tokenizer, request.stop)
+        stream.push(logged[:request.resume_from])
+        kept, text = stream.push(logged[request.resume_from:])      # the log may go on past a stop string
+        logged = logged[:request.resume_from + kept]
         chunk = generation_pb2.GenerateResponse(request_id=request_id, chunk=generation_pb2.Chunk(
-            token_ids=unseen, text=decoder.push(unseen)))
-        if record.state == "finished":
+            token_ids=logged[request.resume_from:], text=text,
+            logprobs=[logprobs_from_log(e) for e in (logprobs or [])[request.resume_from:len(logged)]]))
+        if record.state == "finished" or stream.stopped:
+            chunk.chunk.text += stream.finish()
+            reason = "stop" if stream.stopped else record.finish_reason
+            if record.state != "finished":                          # its router stopped it, then went away
+                self._record(self.requests.set_state, request_id, "finished", None, reason)
             yield chunk
-            yield generation_pb2.GenerateResponse(request_id=request_id, complete=generation_pb2.Complete(
-                finish_reason=FINISH_REASONS.get(record.finish_reason, 0), token_ids=logged,
-                usage=generation_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=len(logged)),
-                text=self.tokenizer.decode(logged)))
+            yield self._complete(request_id, reason, prompt, logged, stream)
             return
         log.info("request %s: resuming after %d tokens (%s, owner %s)", request_id, len(logged), record.state,
                  record.owner)
@@ -171,10 +180,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if record.state == "running" and record.owner:
             await self._abort_on(record.owner, request_id)
         replica = await self._admit_or_end(request_id, context)
-        if unseen:
+        if chunk.chunk.token_ids or chunk.chunk.text:
             yield chunk
-        async for response in self._relay(request_id, prompt, params, record.seed, replica, context, logged, decoder):
+        async for response in self._relay(request_id, prompt, params, record.seed, replica, context, stream, logged):
             yield response
+
+    def _complete(self, request_id, reason: str | None, prompt, token_ids: list[int], stream: TextStream):
+        """The ``complete`` of a request that ended with ``reason`` after ``token_ids``."""
+        text = stream.text if stream.stopped else self.tokenizer.decode(token_ids)
+        return generation_pb2.GenerateResponse(request_id=request_id, complete=generation_pb2.Complete(
+            finish_reason=FINISH_REASONS.get(reason, 0), token_ids=token_ids, text=text,
+            usage=generation_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=len(token_ids))))
 
     async def _admit_or_end(self, request_id: str, context) -> Replica:
         """A replica for the request; when none can be had, the call ends and the request is forgotten
@@ -224,14 +240,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not acquired.cancelled() and acquired.exception() is None:
             self.admission.release(acquired.result())
 
-    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context, emitted: list[int] = (),
-                     decoder: IncrementalDecoder | None = None):
-        """Stream the request's tokens from ``replica``, after the ``emitted`` ones (a resumed request;
-        ``decoder`` has decoded them). When the replica goes away (its session breaks, or it refuses as
-        UNAVAILABLE), resubmit on a replica admission picks (the restarted one, or another) with the
-        tokens already streamed: it recomputes them and goes on, and the client sees each token once
-        (greedy and seeded sampling give the tokens an undisturbed run would)."""
-        decoder = decoder or IncrementalDecoder(self.tokenizer)
+    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context, stream: TextStream,
+                     emitted: list[int] = ()):
+        """Stream the request's tokens from ``replica`` through ``stream``, after the ``emitted`` ones (a
+        resumed request; ``stream`` has taken them), until the replica finishes it or a stop string
+        ends it (then its run there is aborted). When the replica goes away (its session breaks, or it
+        refuses as UNAVAILABLE), resubmit on a replica admission picks (the restarted one, or another)
+        with the tokens already streamed: it recomputes them and goes on, and the client sees each
+        token once (greedy and seeded sampling give the tokens an undisturbed run would)."""
         token_ids, ended, session, resumes = list(emitted), False, None, 0
         try:
             events, session = await self._submit(request_id, prompt, params, seed, token_ids, replica)
@@ -250,17 +266,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     response = await self._replica_failed(request_id, replica, event, context)
                     yield response
                     return
-                token_ids += event.token_ids
-                text = decoder.push(list(event.token_ids))
-                if event.token_ids:
-                    yield generation_pb2.GenerateResponse(
-                        request_id=request_id, chunk=generation_pb2.Chunk(token_ids=event.token_ids, text=text))
-                if event.finished:
-                    ended = True
-                    reason = FINISH_REASON_NAMES.get(event.finish_reason, "stop")
+                kept, text = stream.push(event.token_ids)
+                token_ids += event.token_ids[:kept]
+                if event.finished or stream.stopped:
+                    text += stream.finish()
+                if kept or text:
+                    yield generation_pb2.GenerateResponse(request_id=request_id, chunk=generation_pb2.Chunk(
+                        token_ids=event.token_ids[:kept], text=text, logprobs=event.logprobs[:kept]))
+                if event.finished or stream.stopped:
+                    ended = event.finished                # else a stop string: aborted on the replica below
+                    reason = "stop" if stream.stopped else FINISH_REASON_NAMES.get(event.finish_reason, "stop")
                     self._record(self.requests.set_state, request_id,
-                                         "aborted" if reason == "abort" else "finished", None, reason)
-                    yield _complete(request_id, event, token_ids, self.tokenizer.decode(token_ids))
+                                 "aborted" if reason == "abort" else "finished", None, reason)
+                    yield self._complete(request_id, reason, prompt, token_ids, stream)
+                    return
         except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or its deadline passed
             self._record_abort(request_id)
             raise
@@ -381,14 +400,11 @@ def _status_code(value: int) -> grpc.StatusCode:
     return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
-def _complete(request_id, event, token_ids: list[int], text: str) -> generation_pb2.GenerateResponse:
-    return generation_pb2.GenerateResponse(request_id=request_id, complete=generation_pb2.Complete(
-        finish_reason=event.finish_reason, usage=event.usage, token_ids=token_ids, text=text))
-
-
-def _params_dict(params) -> dict:
+def _params_dict(params, request) -> dict:
+    """What a resume must give again, as the record keeps it (the seed apart)."""
     return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-            "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos}
+            "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos,
+            "logprobs": params.logprobs, "stop": list(request.stop)}
 
 
 def add_to_server(servicer: GenerationServicer):

@@ -10,6 +10,7 @@ from epserve.services.proto import generation_pb2
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
+MAX_STOPS, MAX_STOP_CHARS = 16, 256          # stop strings per request, characters per stop string
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ def validate_request(request: generation_pb2.GenerateRequest, tokenizer: Tokeniz
     if len(request.sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidParam("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got "
                                                       f"{len(request.sampling.stop_token_ids)}")
+    if len(request.stop) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in request.stop):
+        raise InvalidParam("stop", f"at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
     try:
         params = sampling_from_proto(request.sampling)
         params.validate(vocab_size=limits.vocab_size, max_new_tokens_allowed=limits.max_context - len(prompt))

@@ -1,5 +1,5 @@
-"""The attention replica's token-log writer against a real Redis: steps are logged in order, and a Redis that
-is away only delays them."""
+"""The attention replica's token-log writer against a real Redis: steps are logged in order (with the logprobs
+of requests that asked), and a Redis that is away only delays them."""
 import socket
 
 import pytest
@@ -7,6 +7,8 @@ import redis
 
 from epserve.services.attention.token_log import TokenLogWriter
 from epserve.services.cluster.requests import RequestRecord, RequestStore
+from epserve.services.engine.params import TokenLogprobs
+from epserve.services.params import logprobs_from_log, logprobs_to_proto
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -32,5 +34,29 @@ def test_steps_are_logged_in_order_and_survive_an_unreachable_redis(redis_client
         writer.append({"a": [13]})
         wait_until(lambda: store.tokens("a") == [10, 11, 12, 13], 30, "a later step written")
         assert (store.get("a").emitted, store.get("b").emitted) == (4, 3)
+    finally:
+        writer.stop()
+
+
+def test_logprobs_are_logged_with_their_tokens_through_an_unreachable_redis(redis_client, cluster_keys):
+    store = RequestStore(redis_client, cluster_keys)
+    for rid in ("asked", "plain"):
+        store.create(RequestRecord(rid, "running", "attention-0", [1, 2], {}, 7))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    writer = TokenLogWriter(RequestStore(redis.Redis(port=dead_port, socket_connect_timeout=0.2), cluster_keys),
+                            retry_s=0.05)
+    first, second = TokenLogprobs(-0.5, ((10, -0.5), (3, -1.25))), TokenLogprobs(-2.0, ((4, -0.25), (11, -2.0)))
+    try:
+        writer.append({"asked": [10], "plain": [20]}, {"asked": [first]})          # Redis away: kept, retried
+        writer.append({"asked": [11], "plain": [21]}, {"asked": [second]})
+        writer.store = store
+        wait_until(lambda: store.tokens("asked") == [10, 11] and store.tokens("plain") == [20, 21], 30,
+                   "the queued steps written")
+        assert store.token_log("asked") == ([10, 11], [[-0.5, [[10, -0.5], [3, -1.25]]],
+                                                       [-2.0, [[4, -0.25], [11, -2.0]]]])
+        assert store.token_log("plain") == ([20, 21], None)
+        assert logprobs_from_log(store.token_log("asked")[1][1]) == logprobs_to_proto(second)
     finally:
         writer.stop()

@@ -1,8 +1,10 @@
-"""The OpenAI-compatible HTTP API of `epserve up`, through the official `openai` package."""
+"""The OpenAI-compatible HTTP API of `epserve up`, through the official `openai` package; and, on the same
+cluster, the gRPC API's logprobs and stop strings through the SDK."""
 from __future__ import annotations
 
 import json
 
+import grpc
 import openai
 import pytest
 
@@ -29,6 +31,11 @@ def client(up):
 
     with openai.OpenAI(base_url=read_up_state(up.state_file)["http_endpoint"], api_key=KEY, max_retries=0) as c:
         yield c
+
+
+def two_char_stop(text: str) -> int:
+    """Where a stop string of two characters starts in ``text`` (most likely two tokens: across a boundary)."""
+    return next(i for i in range(2, len(text) - 2) if "\ufffd" not in text[i:i + 2] and text[i:i + 2] not in text[:i])
 
 
 def greedy(client, **kwargs):
@@ -67,8 +74,8 @@ def test_chat_streaming_and_not_and_seeded_sampling(client):
 
 def test_stop_strings_end_the_text_across_token_boundaries(client):
     text = greedy(client).choices[0].text
-    start = next(i for i in range(2, len(text) - 2) if "\ufffd" not in text[i:i + 2] and text[i:i + 2] not in text[:i])
-    stop = text[start:start + 2]                                 # most likely two tokens: across a boundary
+    start = two_char_stop(text)
+    stop = text[start:start + 2]
     for stream in (False, True):
         result = greedy(client, stop=["never-there", stop], stream=stream)
         if stream:
@@ -84,7 +91,8 @@ def test_stop_strings_end_the_text_across_token_boundaries(client):
     (dict(top_p=1.5), openai.BadRequestError, "top_p"),
     (dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
     (dict(n=2), openai.BadRequestError, "n"),
-    (dict(logprobs=2), openai.BadRequestError, "logprobs"),
+    (dict(logprobs=21), openai.BadRequestError, "logprobs"),
+    (dict(stop=[str(i) for i in range(17)]), openai.BadRequestError, "stop"),
     (dict(model="gpt-4"), openai.NotFoundError, "model"),
     (dict(prompt=[]), openai.BadRequestError, "prompt"),
 ])
@@ -93,6 +101,113 @@ def test_bad_requests_get_openai_errors_naming_the_field(client, kwargs, error, 
     with pytest.raises(error) as raised:
         client.completions.create(**args)
     assert raised.value.body["param"] == param and param in raised.value.body["message"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_logprobs=2), dict(logprobs=False, top_logprobs=2),
+                                    dict(logprobs=True, top_logprobs=21)])
+def test_bad_chat_logprobs_name_top_logprobs(client, kwargs):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       **kwargs)
+    assert raised.value.body["param"] == "top_logprobs" and "top_logprobs" in raised.value.body["message"]
+
+
+def test_completion_logprobs_streaming_and_not_match_the_grpc_api(client, up):
+    whole = greedy(client, logprobs=3).choices[0]
+    lp = whole.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 24
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(24)]
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):   # greedy: the chosen token is the most probable
+        assert chosen <= 0 and 0 < len(top) <= 3 and max(top.values()) == pytest.approx(chosen)
+    streamed = [c.choices[0].logprobs for c in greedy(client, logprobs=3, stream=True) if c.choices]
+    assert sum((s.token_logprobs for s in streamed), []) == lp.token_logprobs
+    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+    from epserve_client import Client
+
+    with Client(up.endpoint, api_key=KEY) as grpc_client:
+        result = grpc_client.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    assert [t.token_id for t in result.logprobs] == result.token_ids == whole.model_extra["token_ids"]
+    assert [t.logprob for t in result.logprobs] == lp.token_logprobs
+    assert all(len(t.top) == 3 and t.top[0] == (t.token_id, t.logprob) for t in result.logprobs)
+
+
+def test_chat_logprobs_streaming_and_not(client):
+    messages = [{"role": "user", "content": "Hello there"}]
+    args = dict(model="tiny", messages=messages, max_tokens=12, temperature=0.8, seed=3, logprobs=True, top_logprobs=2,
+                extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args).choices[0]
+    content = whole.logprobs.content
+    assert len(content) == 12
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= max(entry.top_logprobs[1].logprob, entry.logprob) - 1e-6
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(stream=True, **args) if c.choices]
+    assert [e.logprob for s in streamed if s for e in s.content] == [e.logprob for e in content]
+    plain = client.chat.completions.create(**{**args, "logprobs": True, "top_logprobs": None}).choices[0]
+    assert [e.top_logprobs for e in plain.logprobs.content] == [[]] * 12
+    off = client.chat.completions.create(**{**args, "logprobs": None, "top_logprobs": None}).choices[0]
+    assert off.logprobs is None
+
+
+def test_grpc_stop_strings_and_bad_values(up):
+    from epserve_client import Client, InvalidArgument
+
+    with Client(up.endpoint, api_key=KEY) as grpc_client:
+        full = grpc_client.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+        text = full.text
+        start = two_char_stop(text)
+        stop = text[start:start + 2]
+        stream = grpc_client.stream(PROMPT, max_tokens=24, temperature=0, ignore_eos=True, stop=["never", stop],
+                                    logprobs=0)
+        chunks = list(stream)
+        result = stream.result
+        assert (result.text, "".join(c.text for c in chunks), result.finish_reason) == (text[:start], text[:start],
+                                                                                      "stop")
+        kept = len(result.token_ids)                        # up to the token that completes the stop string
+        assert result.token_ids == full.token_ids[:kept] and stop in full.text and kept < 24
+        assert stop not in result.text and stop in grpc_client.generate(
+            PROMPT, max_tokens=kept, temperature=0, ignore_eos=True).text
+        assert len(result.logprobs) == kept and result.usage.completion_tokens == kept
+        for kwargs, field in ((dict(logprobs=21), "sampling.logprobs"), (dict(stop=["x"] * 17), "stop"),
+                              (dict(stop=["y" * 257]), "stop")):
+            with pytest.raises(InvalidArgument, match=f"^{field}: "):
+                grpc_client.generate(PROMPT, max_tokens=4, **kwargs)
+
+
+def test_a_resumed_stream_replays_logged_tokens_with_their_logprobs_up_to_the_stop_string(up):
+    """A retry of a finished request's id with ``resume_from`` replays its token log: with the logprobs
+    the first stream had, and ending where the stop string ended it (the log may go on past it)."""
+    from epserve_client import Client
+    from epserve_client._proto import generation_pb2 as pb
+    from epserve_client._proto.generation_pb2_grpc import GenerationServiceStub
+
+    from epserve.services.cluster.requests import RequestStore
+    from epserve.services.router.auth import namespaced, tenant_of
+
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    store = RequestStore(up.redis, up.registry.keys)
+    with Client(up.endpoint, api_key=KEY) as grpc_client:
+        text = grpc_client.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True).text
+        start = two_char_stop(text)
+        stop = text[start:start + 2]
+        for request_id, stops, resume_from in (("lp-resume", [], 3), ("stop-resume", [stop], 0)):
+            first = grpc_client.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True, logprobs=2,
+                                         stop=stops, request_id=request_id)
+            record_id = namespaced(tenant_of(metadata), request_id)
+            wait_until(lambda: store.get(record_id).state == "finished", 30, "the request recorded finished")
+            request = pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=PROMPT), stop=stops,
+                                         resume_from=resume_from, sampling=pb.SamplingParams(
+                                             max_tokens=24, temperature=0, ignore_eos=True, logprobs=2))
+            with grpc.insecure_channel(up.endpoint) as channel:
+                replay, complete = GenerationServiceStub(channel).Generate(request, metadata=metadata, timeout=30)
+            assert list(replay.chunk.token_ids) == first.token_ids[resume_from:] == list(complete.complete.token_ids)[
+                resume_from:]
+            assert [lp.logprob for lp in replay.chunk.logprobs] == [lp.logprob for lp in first.logprobs[resume_from:]]
+            assert [list(lp.top_token_ids) for lp in replay.chunk.logprobs] == [
+                [t for t, _ in lp.top] for lp in first.logprobs[resume_from:]]
+            assert complete.complete.text == first.text
+        assert first.finish_reason == "stop" and complete.complete.finish_reason == pb.FINISH_REASON_STOP
+        assert replay.chunk.text == first.text == text[:start]
 
 
 def test_a_bad_key_is_401_and_the_cluster_keeps_serving(client, up):

@@ -1,6 +1,8 @@
 """A scripted ``GenerationService`` on a free loopback port, for testing the SDK against real gRPC.
 
-It "generates" tokens 100, 101, ... (text ``<100><101>...``) in chunks, records every call with its
+It "generates" tokens 100, 101, ... (text ``<100><101>...``; with ``sampling.logprobs`` = k, token t
+has logprob -t/1024 and the k alternatives t, t+1, ... of logprobs -t/1024, -(t+1)/1024, ...) in
+chunks, records every call with its
 request and metadata, and misbehaves as its :class:`Script` says: fail the first calls with
 UNAVAILABLE, sleep, send an in-stream ``error``, or fail after the first chunk; a call with
 ``resume_from`` streams the tokens after that many.
@@ -57,7 +59,8 @@ class ScriptedServicer(pb_grpc.GenerationServiceServicer):
         size = self.script.chunk_size
         for start in range(request.resume_from, len(tokens), size):     # a resumed call: after what was received
             part = tokens[start:start + size]
-            yield pb.GenerateResponse(request_id=request_id, chunk=pb.Chunk(token_ids=part, text=_text(part)))
+            yield pb.GenerateResponse(request_id=request_id, chunk=pb.Chunk(token_ids=part, text=_text(part),
+                                                                            logprobs=_logprobs(part, request.sampling)))
             first = start == request.resume_from
             if first and self.script.stream_error:
                 code, message = self.script.stream_error
@@ -121,6 +124,14 @@ def _generated(sampling) -> tuple[list[int], int]:
         if token in sampling.stop_token_ids:
             return tokens, pb.FINISH_REASON_STOP
     return tokens, pb.FINISH_REASON_LENGTH
+
+
+def _logprobs(tokens, sampling) -> list[pb.TokenLogprobs]:
+    if not sampling.HasField("logprobs"):
+        return []
+    top = range(sampling.logprobs)
+    return [pb.TokenLogprobs(logprob=-t / 1024, top_token_ids=[t + i for i in top],
+                             top_logprobs=[-(t + i) / 1024 for i in top]) for t in tokens]   # exact in float32
 
 
 def _text(tokens) -> str:

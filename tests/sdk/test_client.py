@@ -16,6 +16,7 @@ from epserve_client import (
     ModelInfo,
     ResourceExhausted,
     StreamChunk,
+    TokenLogprobs,
     Unavailable,
     Usage,
 )
@@ -77,6 +78,26 @@ def test_text_and_token_id_prompts_and_sampling_reach_the_server(client, server)
     s = ids_req.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (2, 0.5, 0.25, 4, 2**63 - 1)
     assert (list(s.stop_token_ids), s.ignore_eos) == ([9], True)
+
+
+def test_logprobs_come_per_chunk_and_in_the_result(client, server):
+    stream = client.stream([1], max_tokens=3, logprobs=2)
+    chunks = list(stream)
+    lp = [-t / 1024 for t in range(100, 103)]                     # what the scripted server sends
+    assert chunks[0].logprobs == [TokenLogprobs(100, lp[0], [(100, lp[0]), (101, lp[1])]),
+                                  TokenLogprobs(101, lp[1], [(101, lp[1]), (102, lp[2])])]
+    assert stream.result.logprobs == chunks[0].logprobs + chunks[1].logprobs
+    assert [lp.token_id for lp in stream.result.logprobs] == stream.result.token_ids
+    plain = client.generate([1], max_tokens=3)
+    assert plain.logprobs is None and not server.servicer.calls[-1].request.sampling.HasField("logprobs")
+    only_chosen = client.generate([1], max_tokens=1, logprobs=0).logprobs
+    assert only_chosen == [TokenLogprobs(100, lp[0], [])]
+
+
+def test_stop_strings_reach_the_server(client, server):
+    client.generate([1], max_tokens=2, stop=["<101>", "x"])
+    client.generate([1], max_tokens=2, stop="one")
+    assert [list(c.request.stop) for c in server.servicer.calls_of("Generate")] == [["<101>", "x"], ["one"]]
 
 
 def test_retries_unavailable_within_max_retries(server):
@@ -232,6 +253,9 @@ def test_async_client_essentials(server):
             chunks = [chunk async for chunk in stream]
             assert [ch.token_ids for ch in chunks] == [[100, 101], [102]]
             assert stream.result.text == "<100><101><102>" and stream.request_id == "srv-2"
+            result = await c.generate([1], max_tokens=1, logprobs=1, stop=["<9>"])
+            assert result.logprobs == [TokenLogprobs(100, -100 / 1024, [(100, -100 / 1024)])]
+            assert list(server.servicer.calls[-1].request.stop) == ["<9>"]
 
             assert (await c.model_info()).expert_shards == 4
             assert await c.abort("running-1") is True

@@ -54,8 +54,8 @@ def test_service_config_retries_every_method_on_unavailable():
 
 
 def test_prompt_type_decides_the_input_field():
-    common = dict(max_tokens=4, temperature=None, top_p=None, top_k=None, seed=None, stop_token_ids=(),
-                  ignore_eos=False, request_id=None)
+    common = dict(max_tokens=4, temperature=None, top_p=None, top_k=None, seed=None, stop_token_ids=(), stop=(),
+                  ignore_eos=False, logprobs=None, request_id=None)
     assert _wire.generate_request("hi", **common).WhichOneof("input") == "text"
     assert list(_wire.generate_request((3, 4), **common).token_ids.ids) == [3, 4]
     with pytest.raises(TypeError):

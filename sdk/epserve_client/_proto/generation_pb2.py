@@ -24,39 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65pserve/v1/generation.proto\x12\nepserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd2\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x13\n\x0bresume_from\x18\x05 \x01(\rB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"(\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"~\n\x08\x43omplete\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.epserve.v1.Usage\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.epserve.v1.ChunkH\x00\x12(\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x14.epserve.v1.CompleteH\x00\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.epserve.v1.ErrorH\x00\x42\n\n\x08response\")\n\x13GetModelInfoRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xde\x01\n\tModelInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12 \n\x18kv_cache_bytes_per_token\x18\x05 \x01(\x03\x12\x1a\n\x12\x61ttention_replicas\x18\x06 \x01(\x05\x12\x15\n\rexpert_shards\x18\x07 \x01(\x05\x12\x19\n\x11placement_version\x18\x08 \x01(\x03\x12\x15\n\reos_token_ids\x18\t \x03(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"2\n\rAbortResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe2\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.epserve.v1.GetModelInfoRequest\x1a\x15.epserve.v1.ModelInfo\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65pserve/v1/generation.proto\x12\nepserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf6\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xba\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x13\n\x0bresume_from\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"U\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.epserve.v1.TokenLogprobs\"~\n\x08\x43omplete\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.epserve.v1.Usage\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.epserve.v1.ChunkH\x00\x12(\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x14.epserve.v1.CompleteH\x00\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.epserve.v1.ErrorH\x00\x42\n\n\x08response\")\n\x13GetModelInfoRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xde\x01\n\tModelInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12 \n\x18kv_cache_bytes_per_token\x18\x05 \x01(\x03\x12\x1a\n\x12\x61ttention_replicas\x18\x06 \x01(\x05\x12\x15\n\rexpert_shards\x18\x07 \x01(\x05\x12\x19\n\x11placement_version\x18\x08 \x01(\x03\x12\x15\n\reos_token_ids\x18\t \x03(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"2\n\rAbortResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe2\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.epserve.v1.GetModelInfoRequest\x1a\x15.epserve.v1.ModelInfo\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1248
-  _globals['_FINISHREASON']._serialized_end=1368
+  _globals['_FINISHREASON']._serialized_start=1422
+  _globals['_FINISHREASON']._serialized_end=1542
   _globals['_TOKENIDS']._serialized_start=43
   _globals['_TOKENIDS']._serialized_end=66
   _globals['_SAMPLINGPARAMS']._serialized_start=69
-  _globals['_SAMPLINGPARAMS']._serialized_end=279
-  _globals['_GENERATEREQUEST']._serialized_start=282
-  _globals['_GENERATEREQUEST']._serialized_end=454
-  _globals['_USAGE']._serialized_start=456
-  _globals['_USAGE']._serialized_end=513
-  _globals['_CHUNK']._serialized_start=515
-  _globals['_CHUNK']._serialized_end=555
-  _globals['_COMPLETE']._serialized_start=557
-  _globals['_COMPLETE']._serialized_end=683
-  _globals['_ERROR']._serialized_start=685
-  _globals['_ERROR']._serialized_end=723
-  _globals['_GENERATERESPONSE']._serialized_start=726
-  _globals['_GENERATERESPONSE']._serialized_end=890
-  _globals['_GETMODELINFOREQUEST']._serialized_start=892
-  _globals['_GETMODELINFOREQUEST']._serialized_end=933
-  _globals['_MODELINFO']._serialized_start=936
-  _globals['_MODELINFO']._serialized_end=1158
-  _globals['_ABORTREQUEST']._serialized_start=1160
-  _globals['_ABORTREQUEST']._serialized_end=1194
-  _globals['_ABORTRESPONSE']._serialized_start=1196
-  _globals['_ABORTRESPONSE']._serialized_end=1246
-  _globals['_GENERATIONSERVICE']._serialized_start=1371
-  _globals['_GENERATIONSERVICE']._serialized_end=1597
+  _globals['_SAMPLINGPARAMS']._serialized_end=315
+  _globals['_GENERATEREQUEST']._serialized_start=318
+  _globals['_GENERATEREQUEST']._serialized_end=504
+  _globals['_USAGE']._serialized_start=506
+  _globals['_USAGE']._serialized_end=563
+  _globals['_TOKENLOGPROBS']._serialized_start=565
+  _globals['_TOKENLOGPROBS']._serialized_end=642
+  _globals['_CHUNK']._serialized_start=644
+  _globals['_CHUNK']._serialized_end=729
+  _globals['_COMPLETE']._serialized_start=731
+  _globals['_COMPLETE']._serialized_end=857
+  _globals['_ERROR']._serialized_start=859
+  _globals['_ERROR']._serialized_end=897
+  _globals['_GENERATERESPONSE']._serialized_start=900
+  _globals['_GENERATERESPONSE']._serialized_end=1064
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1066
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1107
+  _globals['_MODELINFO']._serialized_start=1110
+  _globals['_MODELINFO']._serialized_end=1332
+  _globals['_ABORTREQUEST']._serialized_start=1334
+  _globals['_ABORTREQUEST']._serialized_end=1368
+  _globals['_ABORTRESPONSE']._serialized_start=1370
+  _globals['_ABORTRESPONSE']._serialized_end=1420
+  _globals['_GENERATIONSERVICE']._serialized_start=1545
+  _globals['_GENERATIONSERVICE']._serialized_end=1771
 # @@protoc_insertion_point(module_scope)
