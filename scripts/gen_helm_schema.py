@@ -19,11 +19,13 @@ from epserve.services.flags import scalar_type, settings
 
 SCHEMA = Path(__file__).resolve().parent.parent / "helm" / "epserve" / "values.schema.json"
 CHART_SET = {  # config field -> the chart values (or pod facts) it comes from
-    "redis": "redis.* / externalRedis.*", "cluster": "cluster", "model": "model.name", "host": "0.0.0.0",
+    "redis": "redis.* / externalRedis.*", "redis_password_file": "redis.* (a Secret volume)", "cluster": "cluster", "model": "model.name", "host": "0.0.0.0",
     "port": "<service>.port", "advertise_host": "the pod IP", "device": "<service>.gpus", "dtype": "model.dtype",
     "expert_shards": "expert.replicas", "redundant_experts": "placement.redundantExperts",
     "load_profile": "placement.loadProfile", "router_id": "the pod name", "replica_id": "the pod name",
     "shard_id": "the pod ordinal", "http_port": "router.httpPort", "metrics_port": "serviceMonitor.port", "api_keys_file": "auth.*", "tls_cert": "tls.*", "tls_key": "tls.*",
+    "cluster_ca": "internalTls.*", "cluster_cert": "internalTls.*", "cluster_key": "internalTls.*",
+    "health_port": "internalTls.healthPort",
 }
 JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
 

@@ -27,7 +27,9 @@ TRANSPORTS = ("auto", "grpc", "local", "nixl")      # the attention -> expert da
 
 @dataclass(kw_only=True)
 class ServiceConfig:
-    redis: str = setting(help="Redis URL, e.g. redis://:password@redis:6379/0")
+    redis: str | None = setting(None, help="Redis URL redis://[USER@]HOST:PORT/DB (default: $EPSERVE_REDIS_URL, "
+                                           "which keeps a password in it out of the process list)")
+    redis_password_file: str | None = setting(None, help="file holding the Redis password of the URL's (ACL) user")
     cluster: str = setting("default", help="cluster name: the prefix of every Redis key")
     model: str = setting("tiny", help="'tiny' (built in, made locally) or a local checkpoint directory")
     host: str = setting("127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
@@ -37,9 +39,23 @@ class ServiceConfig:
     verbose: bool = setting(False, help="libraries log at INFO too")
     metrics_port: int | None = setting(None, low=0, high=65535, help="serve Prometheus metrics at /metrics on this "
                                                                       "port (0: any free port; default: not served)")
+    cluster_ca: str | None = setting(None, help="PEM CA certificate of the internal plane: with --cluster-cert and "
+                                                "--cluster-key, calls between services are mutual TLS and attention "
+                                                "replicas and expert shards refuse callers without a certificate it "
+                                                "signed (docs/security.md)")
+    cluster_cert: str | None = setting(None, help="PEM certificate of this service, signed by --cluster-ca, naming "
+                                                  "KIND.epserve.internal (KIND: router, attention or expert)")
+    cluster_key: str | None = setting(None, help="PEM private key of --cluster-cert")
+    health_port: int | None = setting(None, low=0, high=65535, help="also serve grpc.health.v1 alone, in plaintext, "
+                                                                    "on this port (kubelet's gRPC probes present no "
+                                                                    "client certificate; default: not served)")
 
     def advertised(self, port: int) -> str:
         return f"{self.advertise_host or self.host}:{port}"
+
+    def health_address(self) -> str | None:
+        """Where the plaintext health-only server binds (None: not served)."""
+        return None if self.health_port is None else f"{self.host}:{self.health_port}"
 
 
 @dataclass(kw_only=True)
@@ -151,18 +167,21 @@ class UpConfig:
         None, help="write every service's kind, id, pid, address and restarts here as JSON (rewritten on each change)")
     verbose: bool = setting(False, help="services log at INFO")
 
-    def services(self, redis: str, cluster: str) -> list[ServiceConfig]:
-        """The configs of every service, in start order: expert shards, attention replicas, the router."""
-        common = dict(redis=redis, cluster=cluster, model=self.model, verbose=self.verbose, metrics_port=0)
+    def services(self, credentials: dict[str, dict[str, str]], cluster: str) -> list[ServiceConfig]:
+        """The configs of every service, in start order: expert shards, attention replicas, the router.
+        ``credentials``: kind -> the settings that say where and who that kind's services are (``redis``,
+        ``redis_password_file``, ``cluster_ca``, ``cluster_cert``, ``cluster_key``)."""
+        common = dict(cluster=cluster, model=self.model, verbose=self.verbose, metrics_port=0)
         model = dict(common, device=self.device, dtype=self.dtype, expert_shards=self.expert_shards,
                      redundant_experts=self.redundant_experts)
-        return ([ExpertConfig(**model, shard_id=shard, rebalance_interval=self.rebalance_interval)
+        return ([ExpertConfig(**model, **credentials["expert"], shard_id=shard, rebalance_interval=self.rebalance_interval)
                  for shard in range(self.expert_shards)]
-                + [AttentionConfig(**model, replica_id=f"attention-{replica}", micro_batches=self.micro_batches,
+                + [AttentionConfig(**model, **credentials["attention"], replica_id=f"attention-{replica}",
+                                   micro_batches=self.micro_batches,
                                    micro_batch_min_tokens=self.micro_batch_min_tokens, transport=self.transport)
                    for replica in range(self.attention)]
-                + [RouterConfig(**common, port=self.port, http_port=self.http_port, api_keys_file=self.api_keys_file,
-                                rate_limit=self.rate_limit, rate_burst=self.rate_burst, router_id="router-0")])
+                + [RouterConfig(**common, **credentials["router"], port=self.port, http_port=self.http_port,
+                                api_keys_file=self.api_keys_file, rate_limit=self.rate_limit, rate_burst=self.rate_burst, router_id="router-0")])
 
 
 def serve_command(config: ServiceConfig) -> list[str]:

@@ -1,7 +1,9 @@
 """``epserve up``: a whole cluster on this machine, each service its own process, on loopback.
 
-Embedded Redis (append-only file, restarted when it dies) -> S expert shards -> N attention replicas (they wait for the shards) -> the router
-on ``--port``. Prints the endpoint once every service answers its health check. On Ctrl-C or
+Embedded Redis (append-only file, restarted when it dies; ACL users with random passwords, one per
+component, handed to each service in a 0600 file, never on a command line) and a throwaway CA
+(``cluster_ca``) whose certificates make every internal call mutual TLS -> S expert shards -> N
+attention replicas (they wait for the shards) -> the router on ``--port``. Prints the endpoint once every service answers its health check. On Ctrl-C or
 SIGTERM every child gets SIGTERM (then SIGKILL after a grace period), Redis stops and its
 temporary directory goes; children also die with this process (PR_SET_PDEATHSIG). A service that
 exits while the cluster runs is restarted (up to ``MAX_RESTARTS`` times each): it re-registers in
@@ -15,11 +17,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
 import redis
 
+from epserve.services.cluster.cluster_ca import write_cluster_certificates
+from epserve.services.cluster.cluster_tls import ADMIN
+from epserve.services.cluster.keys import SERVICE_KINDS, Keys
 from epserve.services.cluster.redis_server import EmbeddedRedis
 from epserve.services.config import UpConfig, kind_of, serve_command, service_id
 from epserve.services.flags import add_flags, from_args
@@ -46,16 +52,18 @@ def run_up(config: UpConfig) -> int:
     stop = {"signal": False}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.update(signal=True))
-    with EmbeddedRedis(persistent=True) as redis_server:
-        cluster = f"up-{uuid.uuid4().hex[:8]}"
+    cluster = f"up-{uuid.uuid4().hex[:8]}"
+    with (EmbeddedRedis(persistent=True, acl_keys=Keys(cluster)) as redis_server,
+          tempfile.TemporaryDirectory(prefix="epserve-up-tls-") as tls_dir):
+        certificates = write_cluster_certificates(tls_dir, (*SERVICE_KINDS, ADMIN))
         state = UpState(redis_server, cluster, f"127.0.0.1:{config.port}", config.state_file,
-                        f"http://127.0.0.1:{config.http_port}/v1")
+                        f"http://127.0.0.1:{config.http_port}/v1", admin_tls=certificates[ADMIN])
         try:
-            _start_cluster(config, state, stop)
+            _start_cluster(config, state, _credentials(redis_server, certificates), stop)
             print(f"epserve up: {config.model} serving at {state.endpoint} (gRPC) and {state.http_endpoint} "
                   f"(OpenAI-compatible HTTP) "
                   f"({config.attention} attention, {config.expert_shards} expert shards, "
-                  f"{config.redundant_experts} redundant experts; state in {redis_server.url} "
+                  f"{config.redundant_experts} redundant experts; state in Redis 127.0.0.1:{redis_server.port} "
                   f"cluster {cluster}). Ctrl-C stops it.", flush=True)
             return _supervise(state, stop, config.restart_delay)
         except (TimeoutError, RuntimeError) as err:
@@ -66,9 +74,16 @@ def run_up(config: UpConfig) -> int:
             state.remove()
 
 
-def _start_cluster(config: UpConfig, state: UpState, stop: dict) -> None:
+def _credentials(redis_server: EmbeddedRedis, certificates: dict[str, tuple[str, str, str]]) -> dict[str, dict]:
+    """kind -> its services' Redis user (URL and password file) and certificate files (CA, cert, key)."""
+    return {kind: {"redis": redis_server.user_url(kind), "redis_password_file": redis_server.password_file(kind),
+                   **dict(zip(("cluster_ca", "cluster_cert", "cluster_key"), certificates[kind]))}
+            for kind in SERVICE_KINDS}
+
+
+def _start_cluster(config: UpConfig, state: UpState, credentials: dict[str, dict], stop: dict) -> None:
     """Start the services kind by kind, each kind once the previous one is registered."""
-    services = config.services(state.redis_url, state.cluster)
+    services = config.services(credentials, state.cluster)
     for kind in ("expert", "attention", "router"):
         for service in (s for s in services if kind_of(s) == kind):
             state.add(kind, service_id(service), _spawn(serve_command(service)))

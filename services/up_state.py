@@ -1,13 +1,16 @@
 """What ``epserve up`` runs, where: its services' kind, id, pid, address and restarts, as a JSON file.
 
-    {"endpoint": "127.0.0.1:50051", "http_endpoint": "http://127.0.0.1:8000/v1", "redis_url": "redis://127.0.0.1:PORT/0", "cluster": "up-1a2b3c4d",
+    {"endpoint": "127.0.0.1:50051", "http_endpoint": "http://127.0.0.1:8000/v1", "redis_url": "redis://admin:PASSWORD@127.0.0.1:PORT/0", "cluster": "up-1a2b3c4d",
      "pid": PID of epserve up, "ready": true once the endpoint answers its health check,
      "services": [{"kind": "redis", "id": "0", "pid": ..., "address": "127.0.0.1:PORT", "restarts": 0},
                   {"kind": "expert", "id": "0", "pid": ..., "address": "127.0.0.1:PORT", "restarts": 0},
                   ..., {"kind": "router", "id": "router-0", ...}]}
 
 ``address`` is what the service registered in Redis under its own pid (null between a restart and
-the new process's registration). The file is replaced atomically whenever something in it changes.
+the new process's registration). The file is replaced atomically whenever something in it changes;
+it is mode 0600: ``redis_url`` holds the password of Redis's admin user; ``admin_tls`` names the CA,
+certificate and key files of the admin identity, which may call attention replicas and expert shards
+(``cluster_tls``; the files live in a private directory of ``epserve up`` while it runs).
 ``read_up_state`` and ``wait_ready`` are the reader's side (the harness's fault injection, tests, benchmarks).
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import redis
 
 from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.private_file import write_private
 from epserve.services.cluster.redis_server import EmbeddedRedis
 from epserve.services.cluster.registry import Registry
 
@@ -39,9 +43,10 @@ class UpState:
     """The services of one ``epserve up``, kept in step with the registry and written to ``path``."""
 
     def __init__(self, redis_server: EmbeddedRedis, cluster: str, endpoint: str, path: str | None,
-                 http_endpoint: str | None = None):
+                 http_endpoint: str | None = None, admin_tls: tuple[str, str, str] | None = None):
         self.redis_server, self.cluster, self.endpoint, self.path = redis_server, cluster, endpoint, path
         self.http_endpoint = http_endpoint            # the OpenAI API's base URL
+        self.admin_tls = admin_tls                    # (CA, cert, key) files of the admin identity
         self.registry = Registry(redis.Redis.from_url(redis_server.url), Keys(cluster))
         self.services: list[UpService] = []
         self.ready = False
@@ -97,10 +102,11 @@ class UpState:
                        "address": f"127.0.0.1:{self.redis_server.port}", "restarts": self.redis_server.restarts}
         state = {"endpoint": self.endpoint, "http_endpoint": self.http_endpoint, "redis_url": self.redis_url,
                  "cluster": self.cluster, "pid": os.getpid(), "ready": self.ready,
+                 "admin_tls": dict(zip(("ca", "cert", "key"), self.admin_tls)) if self.admin_tls else None,
                  "services": [redis_entry] + [{"kind": s.kind, "id": s.service_id, "pid": s.process.pid,
                                                "address": s.address, "restarts": s.restarts} for s in self.services]}
         staging = f"{self.path}.tmp"
-        Path(staging).write_text(json.dumps(state, indent=1))
+        write_private(staging, json.dumps(state, indent=1))
         os.replace(staging, self.path)
 
 

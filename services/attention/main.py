@@ -16,6 +16,7 @@ from epserve.services.attention.engine_loop import EngineLoop
 from epserve.services.attention.remote_experts import RemoteExperts
 from epserve.services.attention.token_log import TokenLogWriter
 from epserve.services.attention.service import SERVICE_NAME, AttentionServicer, add_to_server
+from epserve.services.cluster.cluster_tls import server_security
 from epserve.services.cluster.grpc_server import start_aio_grpc_server
 from epserve.services.cluster.placement import Placement
 from epserve.services.cluster.placement_versions import current_version
@@ -44,7 +45,7 @@ def run(config: AttentionConfig) -> int:
     transport = ExpertTransport(
         _shard_endpoints(registry, config, placement), mode=config.transport,
         local_slot_bytes=slot_bytes_for(config.max_num_batched_tokens, model.hidden_size, model.num_experts_per_tok),
-        resolve=lambda shard: _live_shard_endpoint(registry, shard, experts.placement.version))
+        resolve=lambda shard: _live_shard_endpoint(registry, shard, experts.placement.version), tls=service.tls)
     experts = RemoteExperts(placement, transport, wire_dtype=config.wire_dtype, hedge_after_s=config.hedge_after)
     device, dtype = device_and_dtype(config)
     engine = LLMEngine.from_path(resolve_model(config.model), config.engine(), dtype=dtype, device=device,
@@ -54,7 +55,8 @@ def run(config: AttentionConfig) -> int:
                       between_steps=experts.at_step_boundary).start()
     servicer = AttentionServicer(loop, config.replica_id, lambda: experts.placement.version,
                                  max_in_flight=config.max_num_seqs + config.max_waiting)
-    server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}")
+    server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}",
+                                   health_address=config.health_address(), **server_security(service.tls, aio=True))
     kinds = "+".join(sorted({transport.kind(shard) for shard in transport.endpoints}))
     static = {"max_num_seqs": config.max_num_seqs, "kv_bytes_per_token": engine.runner.kv_bytes_per_token,
               "expert_transport": kinds}

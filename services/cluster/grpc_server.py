@@ -8,6 +8,9 @@ worker thread for its whole life, so ``max_workers`` bounds concurrent streams p
 ``start_aio_grpc_server`` builds a ``grpc.aio`` server on its own event-loop thread: every call is
 a coroutine there, so many long streams fed from one producer (an engine step's tokens) cost one
 thread wake-up per batch instead of one per stream.
+
+``health_address`` also serves ``grpc.health.v1.Health`` alone, in plaintext, on a second port: for
+kubelet's gRPC probes, which cannot present the client certificate a mutual-TLS port asks for.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class GrpcServer:
     port: int
     address: str                     # host:port as bound (the port resolved when 0 was asked)
     health: health.HealthServicer
+    health_server: grpc.Server | None = None       # the plaintext health-only server, if any
+    health_port: int | None = None
 
     def enter_graceful_shutdown(self) -> None:
         """Every service NOT_SERVING (load balancers and probes stop sending); calls still served."""
@@ -52,6 +57,8 @@ class GrpcServer:
         """Mark every service NOT_SERVING, then stop; in-flight RPCs get ``grace`` seconds (None: cancelled)."""
         self.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None).wait()
 
 
 @dataclass
@@ -65,6 +72,8 @@ class AioGrpcServer:
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
     service_names: tuple[str, ...] = ()
+    health_server: grpc.aio.Server | None = None   # the plaintext health-only server, if any
+    health_port: int | None = None
 
     def enter_graceful_shutdown(self) -> None:
         asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), self.loop).result()
@@ -83,6 +92,8 @@ class AioGrpcServer:
         """As ``GrpcServer.stop``, then end the event loop and its thread."""
         self.enter_graceful_shutdown()
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
+        if self.health_server is not None:
+            asyncio.run_coroutine_threadsafe(self.health_server.stop(None), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
@@ -91,7 +102,8 @@ class AioGrpcServer:
 def start_grpc_server(register: Callable[[grpc.Server], None], service_names: list[str], *,
                       address: str = "127.0.0.1:0", max_workers: int = 64,
                       max_message_bytes: int = 64 << 20, credentials: grpc.ServerCredentials | None = None,
-                      interceptors: Sequence[grpc.ServerInterceptor] = ()) -> GrpcServer:
+                      interceptors: Sequence[grpc.ServerInterceptor] = (),
+                      health_address: str | None = None) -> GrpcServer:
     """Build, bind and start a server; ``register(server)`` adds the caller's servicers.
 
     ``service_names`` are the full names of those services (``"epserve.v1.ExpertService"``).
@@ -110,22 +122,29 @@ def start_grpc_server(register: Callable[[grpc.Server], None], service_names: li
     # raises RuntimeError when the address can't be bound
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     server.start()
+    health_server, health_port = None, None
+    if health_address is not None:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"),
+                                    options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(health_address)
+        health_server.start()
     host = address.rsplit(":", 1)[0]
-    return GrpcServer(server, port, f"{host}:{port}", health_servicer)
+    return GrpcServer(server, port, f"{host}:{port}", health_servicer, health_server, health_port)
 
 
 def start_aio_grpc_server(register: Callable[[grpc.aio.Server], None], service_names: list[str], *,
                           address: str = "127.0.0.1:0", max_message_bytes: int = 64 << 20,
                           credentials: grpc.ServerCredentials | None = None,
                           interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                          max_concurrent_rpcs: int | None = None) -> AioGrpcServer:
+                          max_concurrent_rpcs: int | None = None, health_address: str | None = None) -> AioGrpcServer:
     """As ``start_grpc_server``, for a ``grpc.aio`` server on a new event-loop thread; the caller's
     servicers have ``async`` methods and run on that loop (``AioGrpcServer.loop``)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
     thread.start()
 
-    async def build() -> tuple[grpc.aio.Server, int, aio_health.HealthServicer]:
+    async def build() -> tuple[grpc.aio.Server, int, aio_health.HealthServicer, grpc.aio.Server | None, int | None]:
         server = grpc.aio.server(interceptors=list(interceptors), maximum_concurrent_rpcs=max_concurrent_rpcs,
                                  options=[*channel_options(max_message_bytes), *KEEPALIVE_SERVER,
                                           ("grpc.so_reuseport", 0)])
@@ -137,14 +156,22 @@ def start_aio_grpc_server(register: Callable[[grpc.aio.Server], None], service_n
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         await server.start()
-        return server, port, health_servicer
+        if health_address is None:
+            return server, port, health_servicer, None, None
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(health_address)
+        await health_server.start()
+        return server, port, health_servicer, health_server, health_port
 
     try:
-        server, port, health_servicer = asyncio.run_coroutine_threadsafe(build(), loop).result()
+        server, port, health_servicer, health_server, health_port = asyncio.run_coroutine_threadsafe(
+            build(), loop).result()
     except BaseException:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
         raise
     host = address.rsplit(":", 1)[0]
-    return AioGrpcServer(server, port, f"{host}:{port}", health_servicer, loop, thread, tuple(service_names))
+    return AioGrpcServer(server, port, f"{host}:{port}", health_servicer, loop, thread, tuple(service_names),
+                         health_server, health_port)

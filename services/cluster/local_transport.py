@@ -12,7 +12,9 @@ connection. Per batch::
     replica  header -> output [R, D] copied out of the slot -> slot free -> future resolved
 
 The socket is SOCK_SEQPACKET in Linux's abstract namespace (message boundaries; no file to clean
-up): blocking reads, so waiting costs no CPU. A batch the shard refuses fails its own future with
+up): blocking reads, so waiting costs no CPU. An abstract socket has no file mode: any process in the
+network namespace may connect, so the shard admits only peers running as its own user (SO_PEERCRED)
+and closes other connections before reading a byte. A batch the shard refuses fails its own future with
 the shard's message; a connection that ends fails every pending batch and breaks the channel (the
 transport then reconnects through the registry).
 """
@@ -254,10 +256,23 @@ class LocalExpertServer:
                 connection, _ = self._socket.accept()
             except OSError:
                 return                                                # closed
+            if not self._admits(connection):
+                connection.close()
+                continue
             with self._lock:
                 self._connections.append(connection)
             threading.Thread(target=self._serve_connection, args=(connection,), daemon=True,
                              name=f"local-conn-{self.label}").start()
+
+    def _admits(self, connection: socket.socket) -> bool:
+        """A Unix-socket peer must run as this process's user (TCP peers of nixl_transport: see its docs)."""
+        if connection.family != socket.AF_UNIX:
+            return True
+        _pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                   struct.calcsize("3i")))
+        if uid != os.getuid():
+            log.warning("%s: refused a local connection from uid %d (not this process's user)", self.label, uid)
+        return uid == os.getuid()
 
     # ---- what a transport over other wires replaces (nixl_transport) ------------------------------
     def _listen(self) -> tuple[socket.socket, str]:

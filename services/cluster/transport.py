@@ -40,6 +40,8 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from epserve.services.cluster import cluster_tls
+from epserve.services.cluster.cluster_tls import ClusterTls
 from epserve.services.cluster.expert_batch import ExpertBatch, to_request
 from epserve.services.cluster.expert_channel import ExpertShardError, TransportStats
 from epserve.services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
@@ -99,10 +101,11 @@ class ShardEndpoint:
 class GrpcChannel:
     """One bidi ``Dispatch`` stream to one shard, with its reader thread."""
 
-    def __init__(self, shard: int, address: str, max_message_bytes: int, stats: TransportStats):
+    def __init__(self, shard: int, address: str, max_message_bytes: int, stats: TransportStats,
+                 tls: ClusterTls | None = None):
         self.shard, self.address, self.stats, self.max_message_bytes = shard, address, stats, max_message_bytes
         options = [*channel_options(max_message_bytes), *KEEPALIVE_CHANNEL]
-        self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = cluster_tls.channel(address, tls, "expert", options)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()      # serialised requests; None ends
         self._pending: collections.deque[tuple[str, Future]] = collections.deque()
         self._ids = itertools.count()
@@ -191,12 +194,14 @@ class ExpertTransport:
     ``resolve`` (shard id -> its current endpoint, or None) lets a send to a shard whose channel
     broke open a new one to wherever the shard is now. Local and nixl channels get
     ``local_slot_bytes`` per slot: a batch that needs more is refused (``ValueError``) before
-    anything is sent; so is a gRPC message over ``max_message_bytes``.
+    anything is sent; so is a gRPC message over ``max_message_bytes``. gRPC channels are mutual TLS
+    with ``tls`` (``cluster_tls``).
     """
 
     def __init__(self, endpoints: dict[int, ShardEndpoint], *, mode: str = "auto", local_slot_bytes: int = 8 << 20,
-                 max_message_bytes: int = 64 << 20, resolve: Callable[[int], ShardEndpoint | None] | None = None):
-        self.mode, self.stats = mode, TransportStats()
+                 max_message_bytes: int = 64 << 20, resolve: Callable[[int], ShardEndpoint | None] | None = None,
+                 tls: ClusterTls | None = None):
+        self.mode, self.stats, self._tls = mode, TransportStats(), tls
         self._local_slot_bytes, self._max_message_bytes, self._resolve = local_slot_bytes, max_message_bytes, resolve
         self._lock = threading.Lock()
         self.endpoints = dict(endpoints)
@@ -212,7 +217,7 @@ class ExpertTransport:
             return LocalChannel(shard, endpoint.local, self._local_slot_bytes, self.stats)
         if kind == "nixl":
             return nixl_transport.NixlChannel(shard, endpoint.nixl, self._local_slot_bytes, self.stats)
-        return GrpcChannel(shard, endpoint.address, self._max_message_bytes, self.stats)
+        return GrpcChannel(shard, endpoint.address, self._max_message_bytes, self.stats, self._tls)
 
     def send(self, shard: int, batch: ExpertBatch) -> Future:
         """Queue ``batch`` for ``shard``; the future resolves to its output [R, D] (CPU)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from epserve.services.cluster.cluster_tls import server_security
 from epserve.services.cluster.grpc_server import start_grpc_server
 from epserve.services.cluster import nixl_transport
 from epserve.services.cluster.local_transport import LocalExpertServer
@@ -36,7 +37,8 @@ def run(config: ExpertConfig) -> int:
                         on_flush=lambda held, delta: stats.flush(config.shard_id, held, delta),
                         flush_interval_s=config.flush_interval)
     server = start_grpc_server(lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(shard, s),
-                               [SERVICE_NAME], address=f"{config.host}:{config.port}")
+                               [SERVICE_NAME], address=f"{config.host}:{config.port}",
+                               health_address=config.health_address(), **server_security(service.tls, aio=False))
     label = f"expert shard {config.shard_id}"
     data_servers = [LocalExpertServer(shard.serve, label)]
     endpoints = {"local_endpoint": data_servers[0].name, "host": host_id()}

@@ -43,11 +43,13 @@ def run(config: RouterConfig) -> int:
         limits=Limits(model.vocab_size, model.max_position_embeddings, config.max_request_bytes),
         requests=RequestStore(client, keys), placement_summary=lambda: current_summary(client, keys),
         model_info=model_info, resume_attempts=config.resume_attempts, tenants=bool(config.api_keys_file),
-        rate_limiter=RateLimiter(client, keys, config.rate_limit, config.rate_burst) if config.rate_limit else None)
+        rate_limiter=RateLimiter(client, keys, config.rate_limit, config.rate_burst) if config.rate_limit else None,
+        replica_tls=service.tls)
     interceptors = [ApiKeyInterceptor(read_api_keys(config.api_keys_file))] if config.api_keys_file else []
     server = start_aio_grpc_server(add_to_server(servicer), [SERVICE_NAME], address=f"{config.host}:{config.port}",
                                    max_message_bytes=2 * config.max_request_bytes, credentials=_tls_credentials(config),
-                                   interceptors=interceptors, max_concurrent_rpcs=config.max_concurrent_rpcs)
+                                   interceptors=interceptors, max_concurrent_rpcs=config.max_concurrent_rpcs,
+                                   health_address=config.health_address())
     http = None if config.http_port is None else serve_http(
         OpenAIApi(servicer, served_model_name(config.model), ChatTemplate.for_checkpoint(checkpoint_dir(config.model)),
                   read_api_keys(config.api_keys_file) if config.api_keys_file else None).app(),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from epserve.services.cluster import cluster_tls
+from epserve.services.cluster.cluster_tls import ClusterTls
 from epserve.services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
 from epserve.services.proto import attention_pb2, attention_pb2_grpc, generation_pb2
 
@@ -87,14 +89,15 @@ class ReplicaSession:
 class ReplicaSessions:
     """One ``grpc.aio`` channel and session per attention replica address (made on the serving loop)."""
 
-    def __init__(self, max_message_bytes: int = 64 << 20):
+    def __init__(self, max_message_bytes: int = 64 << 20, tls: ClusterTls | None = None):
         self._options = [*channel_options(max_message_bytes), *KEEPALIVE_CHANNEL]
+        self._tls = tls                                  # mutual TLS to the replicas (cluster_tls)
         self._stubs: dict[str, attention_pb2_grpc.AttentionServiceStub] = {}
         self._sessions: dict[str, ReplicaSession] = {}
 
     def stub(self, address: str) -> attention_pb2_grpc.AttentionServiceStub:
         if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = cluster_tls.channel(address, self._tls, "attention", self._options, aio=True)
             self._stubs[address] = attention_pb2_grpc.AttentionServiceStub(channel)
         return self._stubs[address]
 

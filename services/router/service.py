@@ -28,6 +28,7 @@ import grpc
 import redis
 
 from epserve.services import metrics
+from epserve.services.cluster.cluster_tls import ClusterTls
 from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore
 from epserve.services.engine.params import InvalidParam, draw_seed
 from epserve.services.engine.tokenizer import Tokenizer
@@ -51,13 +52,14 @@ _ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, *, model_name: str, tokenizer: Tokenizer, limits: Limits, admission: Admission,
                  requests: RequestStore, placement_summary: Callable[[], dict | None], model_info: dict,
-                 resume_attempts: int, tenants: bool = False, rate_limiter: RateLimiter | None = None):
+                 resume_attempts: int, tenants: bool = False, rate_limiter: RateLimiter | None = None,
+                 replica_tls: ClusterTls | None = None):
         self.model_name, self.tokenizer, self.limits = model_name, tokenizer, limits
         self.tenants, self.rate_limiter = tenants, rate_limiter   # API keys are identities; their limits
         self.admission, self.requests, self.model_info = admission, requests, model_info
         self.placement_summary = placement_summary      # -> {"placement_version", "expert_shards"} or None
         self.resume_attempts = resume_attempts          # resubmissions of one request after its replica went
-        self.sessions = ReplicaSessions()
+        self.sessions = ReplicaSessions(tls=replica_tls)       # mutual TLS to the replicas, when set
         # requests waiting in the admission queue each hold a thread; Redis calls need a few more
         self._pool = ThreadPoolExecutor(admission.max_queue + 16, thread_name_prefix="router-blocking")
         self._records: queue.SimpleQueue = queue.SimpleQueue()     # record updates, written in order by a

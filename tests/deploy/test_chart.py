@@ -8,6 +8,7 @@ expands ``$(VAR)`` (env from the rendered ConfigMap and Secret, the downward API
 and parsed by the real ``epserve`` command line, so the wiring is checked against flags that exist.
 """
 import base64
+import hashlib
 import importlib.util
 import json
 import re
@@ -42,6 +43,8 @@ VALUE_SETS = {
     "external-redis-url": {"redis": {"enabled": False}, "externalRedis": {"url": "redis://:s3cret@redis.db.svc:6379/2"}},
     "deepseek-v3": yaml.safe_load((CHART / "ci" / "deepseek-v3-values.yaml").read_text()),
     "tls": yaml.safe_load((CHART / "ci" / "tls-values.yaml").read_text()),
+    "internal-tls-secrets": yaml.safe_load((CHART / "ci" / "internal-tls-values.yaml").read_text()),
+    "internal-plaintext": {"internalTls": {"enabled": False}},
 }
 SERVICES = ("router", "attention", "expert")
 
@@ -107,6 +110,17 @@ class Release:
         return build_parser().parse_args([_expand(arg, env) for arg in container.args])
 
 
+    def file(self, component: str, path: str, container=None) -> str:
+        """The text of the file at ``path`` in the component's container: an item of a Secret volume."""
+        container = container or self.container(component)
+        pod = self.workload(component).spec.template.spec
+        for mount in container.volume_mounts or []:
+            if path.startswith(mount.mount_path + "/"):
+                volume = next(v for v in pod.volumes if v.name == mount.name)
+                item = next(i for i in volume.secret.items if i.path == path[len(mount.mount_path) + 1:])
+                return self.secret(volume.secret.secret_name)[item.key]
+        raise AssertionError(f"{path} is on no Secret volume of {component}")
+
     def service_config(self, component: str):
         """The service's config dataclass, built from its parsed command line."""
         return from_args(SERVICE_CONFIGS[component], self.cli(component))
@@ -132,17 +146,6 @@ def render(chart, values: dict) -> Release:
         assert key not in release.objects, f"{key} rendered twice"
         release.objects[key] = manifest if manifest["kind"] in CRD_KINDS else _typed(manifest)
     return release
-
-
-@pytest.fixture(scope="module")
-def chart():
-    with helm.Chart.load(CHART) as loaded:
-        yield loaded
-
-
-@pytest.fixture(scope="module", params=list(VALUE_SETS))
-def release(request, chart) -> Release:
-    return render(chart, VALUE_SETS[request.param])
 
 
 def _value(release: Release, path: str):
@@ -213,17 +216,24 @@ def test_gpu_limits_and_device_follow_the_values(release):
 
 
 def test_services_bind_every_address_advertise_the_pod_ip_and_are_probed_on_their_port(release):
-    tls = _value(release, "tls.enabled")
+    """Kubelet's gRPC probes speak plaintext only: a TLS router gets TCP probes; under mutual TLS, attention
+    replicas and shards are probed on their plaintext health-only port."""
+    tls, internal_tls = _value(release, "tls.enabled"), _value(release, "internalTls.enabled")
     for component in SERVICES:
         args, container = release.cli(component), release.container(component)
         assert (args.command, args.service, args.host, args.advertise_host) == ("serve", component, "0.0.0.0", POD_IP)
         (port,) = [p.container_port for p in container.ports if p.name == "grpc"]
         assert args.port == port == _value(release, f"{component}.port")
+        health_ports = [p.container_port for p in container.ports if p.name == "health"]
+        if component != "router" and internal_tls:
+            assert health_ports == [args.health_port] == [_value(release, "internalTls.healthPort")]
+        else:
+            assert health_ports == [] and args.health_port is None
         for probe in (container.startup_probe, container.readiness_probe, container.liveness_probe):
-            if component == "router" and tls:                 # kubelet's gRPC probes speak plaintext only
+            if component == "router" and tls:
                 assert probe.grpc is None and probe.tcp_socket.port == port
             else:
-                assert probe.grpc.port == port and probe.grpc.service == ""
+                assert probe.grpc.port == (health_ports or [port])[0] and probe.grpc.service == ""
         service = release.get("Service", f"-{component}")
         assert _selects_pod(service.spec.selector, release.workload(component))
         assert [p.target_port for p in service.spec.ports if p.name == "grpc"] == ["grpc"]
@@ -235,21 +245,27 @@ def _selects_pod(selector: dict, workload) -> bool:
 
 
 def test_every_service_finds_redis_and_the_same_cluster(release):
-    urls = {release.cli(c).redis for c in SERVICES}
+    """The Redis URL comes from the environment (never a flag); with the built-in Redis it names the
+    component's ACL user, whose password is a file from the Secret."""
     clusters = {release.cli(c).cluster for c in SERVICES}
-    assert len(urls) == 1 and clusters == {release.config()["cluster"]}
-    (url,) = urls
+    assert clusters == {release.config()["cluster"]}
+    for component in SERVICES:
+        args, url = release.cli(component), release.env(component)["EPSERVE_REDIS_URL"]
+        assert args.redis is None
+        if _value(release, "redis.enabled"):
+            assert url == f"redis://{component}@demo-epserve-redis:6379/0"
+            assert release.file(component, args.redis_password_file) == release.secret("demo-epserve")[
+                f"redis-password-{component}"]
+        elif _value(release, "externalRedis.existingSecret"):
+            assert url == "<secret epserve-redis/url>" and args.redis_password_file is None
+        else:
+            assert url == _value(release, "externalRedis.url") and args.redis_password_file is None
+        (init,) = release.workload(component).spec.template.spec.init_containers   # it waits for Redis
+        assert release.env(component, init)["EPSERVE_REDIS_URL"] == url and "$EPSERVE_REDIS_URL" in init.command[-1]
+        if _value(release, "redis.enabled"):
+            assert release.env(component, init)["REDISCLI_AUTH"] == release.file(component, args.redis_password_file)
     if _value(release, "redis.enabled"):
-        password = release.secret("demo-epserve")["redis-password"]
-        assert url == f"redis://:{password}@demo-epserve-redis:6379/0"
         assert release.get("Service", "-redis").spec.ports[0].port == 6379
-    elif _value(release, "externalRedis.existingSecret"):
-        assert url == "<secret epserve-redis/url>"
-    else:
-        assert url == _value(release, "externalRedis.url")
-    for component in SERVICES:                               # and they wait for it before starting
-        (init,) = release.workload(component).spec.template.spec.init_containers
-        assert release.env(component, init)["REDIS_URL"] == url and "$REDIS_URL" in init.command[-1]
 
 
 def test_attention_and_shards_agree_on_the_placement_and_the_model(release):
@@ -290,28 +306,6 @@ def test_no_container_runs_as_root(release):
             assert not context.privileged
 
 
-def test_network_policy_opens_internal_ports_to_the_release_only(release):
-    router_policy = release.get("NetworkPolicy", "-router")
-    internal = release.get("NetworkPolicy", "-internal")
-    pods = {o.metadata.name: o.spec.template.metadata.labels
-            for o in release.of_kind("Deployment") + release.of_kind("StatefulSet")}
-    routers = {n for n, labels in pods.items() if _selects(router_policy.spec.pod_selector, labels)}
-    assert routers == {"demo-epserve-router"}
-    protected = {n for n, labels in pods.items() if _selects(internal.spec.pod_selector, labels)}
-    assert protected == set(pods) - routers
-    (rule,) = [r for r in internal.spec.ingress if r.var_from]
-    admitted = {n for n, labels in pods.items() if any(_selects(p.pod_selector, labels) for p in rule.var_from)}
-    assert admitted == set(pods)
-    assert all(p.pod_selector and not p.namespace_selector and not p.ip_block for p in rule.var_from)
-    internal_ports = {p.container_port for n in protected for c in _pod(release, n).containers for p in c.ports
-                      if p.name != "metrics"}
-    assert {p.port for p in rule.ports} == internal_ports
-    open_rules = [r for r in router_policy.spec.ingress if _value(release, "router.port") in {p.port for p in r.ports}]
-    (public,) = open_rules
-    assert (public.var_from or []) == [_peer(p) for p in _value(release, "networkPolicy.routerFrom")]
-    assert _value(release, "router.httpPort") in {p.port for p in public.ports}            # the OpenAI API
-
-
 def test_metrics_are_served_scraped_and_charted(release):
     """With the ServiceMonitor on, every service gets --metrics-port and a metrics port its Service names;
     with the dashboard on, its ConfigMap carries the sidecar label and the dashboard's JSON."""
@@ -347,10 +341,6 @@ def test_the_router_serves_the_openai_api_on_its_http_port(release):
 def _pod(release: Release, name: str):
     return next(o for o in release.of_kind("Deployment") + release.of_kind("StatefulSet")
                 if o.metadata.name == name).spec.template.spec
-
-
-def _peer(peer: dict):
-    return ApiClient().deserialize(json.dumps(peer), "V1NetworkPolicyPeer", "application/json")
 
 
 def test_notes_say_how_to_call_the_endpoint(release):
@@ -425,17 +415,20 @@ def test_tls_and_api_keys_reach_the_router(chart, tmp_path):
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
 
 
-def test_builtin_redis_keeps_an_append_only_file_behind_a_password(chart):
+def test_builtin_redis_keeps_an_append_only_file_behind_acl_users(chart):
     release = render(chart, {"redis": {"password": "fixed-pass"}})
     redis = release.workload("redis")
     container = redis.spec.template.spec.containers[0]
     args = " ".join(container.args)
     assert "--appendonly yes" in args and "--appendfsync everysec" in args and "--dir /data" in args
     assert "--maxmemory 3gb --maxmemory-policy volatile-lru" in args     # ended requests go before live ones
-    env = release.env("redis", container)
-    assert _expand(args, env).endswith("--requirepass fixed-pass")
+    assert "--requirepass" not in args
+    (acl_file,) = [a for a, flag in zip(container.args[1:], container.args) if flag == "--aclfile"]
+    assert release.file("redis", acl_file).startswith("user default off\n")
+    assert "user admin on #" + hashlib.sha256(b"fixed-pass").hexdigest() in release.file("redis", acl_file)
+    assert release.env("redis", container)["REDISCLI_AUTH"] == "fixed-pass"       # the probes log in as admin
+    assert all("--user admin" in " ".join(p._exec.command) for p in (container.readiness_probe, container.liveness_probe))
     assert [t.metadata.name for t in redis.spec.volume_claim_templates] == ["data"]
-    assert release.cli("router").redis == "redis://:fixed-pass@demo-epserve-redis:6379/0"
 
 
 def test_external_redis_renders_no_redis(chart):
@@ -452,7 +445,9 @@ def test_external_redis_renders_no_redis(chart):
     ({"attention": {"gpus": -1}}, "gpus"),
     ({"redis": {"password": "p@ss/word"}}, "password"),
     ({"model": {"persistentVolumeClaim": {"claimName": "a"}, "hostPath": {"path": "/m"}}}, "model"),
-], ids=["redis-nowhere", "tls-without-secret", "typo", "negative-gpus", "password-not-url-safe", "two-checkpoints"])
+    ({"internalTls": {"existingSecrets": {"router": "r", "attention": "a"}}}, "existingSecrets"),
+], ids=["redis-nowhere", "tls-without-secret", "typo", "negative-gpus", "password-not-url-safe", "two-checkpoints",
+        "internal-tls-secret-missing"])
 def test_values_schema_rejects_bad_values(chart, values, message):
     with pytest.raises(helm.HelmValuesError, match=message):
         chart.render(values, name="demo", namespace="ml")

@@ -21,7 +21,8 @@ import redis
 import torch
 from epserve_client import Client, InvalidArgument
 
-from epserve.services.cluster import nixl_transport
+from epserve.services.cluster import cluster_tls, nixl_transport
+from epserve.services.cluster.cluster_tls import ClusterTls
 from epserve.services.cluster.keys import Keys
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.requests import RequestStore
@@ -56,6 +57,7 @@ class UpCluster:
         self.redis = redis.Redis.from_url(state["redis_url"])
         self.registry = Registry(self.redis, Keys(state["cluster"]))
         self.endpoint = state["endpoint"]
+        self.admin_tls = ClusterTls.from_files(**state["admin_tls"])     # may call replicas and shards
 
     def service_pid(self, kind: str, service_id: str) -> int:
         return find_service(read_up_state(self.state_file), kind, service_id)["pid"]
@@ -64,12 +66,16 @@ class UpCluster:
         with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
             return [int(pid) for pid in f.read().split()]
 
+    def internal_channel(self, service) -> grpc.Channel:
+        """A mutual-TLS channel to an attention replica or expert shard, as the cluster's admin."""
+        return cluster_tls.channel(service.address, self.admin_tls, service.kind, [])
+
     def replica_load(self, service) -> attention_pb2.LoadReport:
-        with grpc.insecure_channel(service.address) as channel:
+        with self.internal_channel(service) as channel:
             return attention_pb2_grpc.AttentionServiceStub(channel).GetLoad(attention_pb2.LoadRequest(), timeout=10)
 
     def shard_info(self, service) -> expert_pb2.ShardInfo:
-        with grpc.insecure_channel(service.address) as channel:
+        with self.internal_channel(service) as channel:
             return expert_pb2_grpc.ExpertServiceStub(channel).GetShardInfo(expert_pb2.ShardInfoRequest(), timeout=10)
 
     def wait_requests_ended(self, request_ids: list[str], timeout_s: float = 30) -> None:

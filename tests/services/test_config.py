@@ -60,11 +60,14 @@ def test_attention_engine_settings_are_the_engine_defaults():
 
 def test_up_passes_its_shape_to_every_service():
     up = UpConfig(attention=2, expert_shards=3, redundant_experts=1, micro_batches=3, dtype="float32", port=9)
-    services = up.services("redis://h:1/0", "up-x")
+    logins = {kind: {"redis": f"redis://{kind}@h:1/0", "redis_password_file": f"/run/{kind}.password",
+                     "cluster_cert": f"/run/{kind}.crt"} for kind in ("router", "attention", "expert")}
+    services = up.services(logins, "up-x")
     assert [(kind_of(s), service_id(s)) for s in services] == [
         ("expert", "0"), ("expert", "1"), ("expert", "2"), ("attention", "attention-0"), ("attention", "attention-1"),
         ("router", "router-0")]
-    assert all(s.redis == "redis://h:1/0" and s.cluster == "up-x" for s in services)
+    assert all({name: getattr(s, name) for name in logins[kind_of(s)]} == logins[kind_of(s)] and s.cluster == "up-x"
+               for s in services)
     model_services = [s for s in services if isinstance(s, ModelServiceConfig)]
     assert all((s.expert_shards, s.redundant_experts, s.dtype) == (3, 1, "float32") for s in model_services)
     assert {s.micro_batches for s in services if isinstance(s, AttentionConfig)} == {3}
@@ -73,7 +76,7 @@ def test_up_passes_its_shape_to_every_service():
 
 def test_up_defaults_follow_the_services():
     up = UpConfig()
-    attention = next(s for s in up.services("redis://x", "c") if isinstance(s, AttentionConfig))
+    attention = next(s for s in up.services(dict.fromkeys(("router", "attention", "expert"), {"redis": "redis://x"}), "c") if isinstance(s, AttentionConfig))
     assert (attention.micro_batches, attention.micro_batch_min_tokens) == (
         EngineConfig().micro_batches, EngineConfig().micro_batch_min_tokens)
     assert "--micro-batches" not in " ".join(to_argv(attention))

@@ -64,18 +64,15 @@ key: redis-url
 {{- define "epserve.checksums" -}}
 checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
 checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
+checksum/internal-tls: {{ include (print $.Template.BasePath "/internal-tls.yaml") . | sha256sum }}
 {{- end }}
 
-{{/* Environment of every epserve container: who it is, where Redis is, the cluster name, writable caches. */}}
+{{/* Environment of every epserve container: who it is, the cluster name, writable caches. */}}
 {{- define "epserve.env" -}}
 - name: POD_NAME
   valueFrom: {fieldRef: {fieldPath: metadata.name}}
 - name: POD_IP
   valueFrom: {fieldRef: {fieldPath: status.podIP}}
-- name: REDIS_URL
-  valueFrom:
-    secretKeyRef:
-      {{- include "epserve.redisUrlSecret" . | nindent 6 }}
 - name: EPSERVE_CLUSTER
   valueFrom: {configMapKeyRef: {name: {{ include "epserve.fullname" . }}, key: cluster}}
 - name: EPSERVE_MODEL
@@ -100,7 +97,6 @@ checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha25
 {{- define "epserve.serveArgs" -}}
 - serve
 - {{ .kind }}
-- --redis=$(REDIS_URL)
 - --cluster=$(EPSERVE_CLUSTER)
 - --model=$(EPSERVE_MODEL)
 - --host=0.0.0.0
@@ -158,19 +154,22 @@ livenessProbe:
   failureThreshold: 6
 {{- end }}
 
-{{/* Waits for Redis before the service starts (services exit when Redis does not answer). */}}
+{{/* Waits for Redis before the service starts (services exit when Redis does not answer), logged in
+     as the component's user: (dict "root" $ "component" "router") */}}
 {{- define "epserve.waitForRedis" -}}
+{{- $root := .root }}
 - name: wait-for-redis
-  image: {{ .Values.redis.image.repository }}:{{ .Values.redis.image.tag }}
-  imagePullPolicy: {{ .Values.redis.image.pullPolicy }}
-  command: [sh, -c, 'until redis-cli -u "$REDIS_URL" ping | grep -q PONG; do echo waiting for redis; sleep 2; done']
+  image: {{ $root.Values.redis.image.repository }}:{{ $root.Values.redis.image.tag }}
+  imagePullPolicy: {{ $root.Values.redis.image.pullPolicy }}
+  command: [sh, -c, 'until redis-cli -u "$EPSERVE_REDIS_URL" ping | grep -q PONG; do echo waiting for redis; sleep 2; done']
   env:
-    - name: REDIS_URL
-      valueFrom:
-        secretKeyRef:
-          {{- include "epserve.redisUrlSecret" . | nindent 10 }}
+    {{- include "epserve.redisEnv" . | nindent 4 }}
+    {{- if $root.Values.redis.enabled }}
+    - name: REDISCLI_AUTH
+      valueFrom: {secretKeyRef: {name: {{ include "epserve.fullname" $root }}, key: {{ include "epserve.redisPasswordKey" .component }}}}
+    {{- end }}
   securityContext:
-    {{- toYaml .Values.securityContext | nindent 4 }}
+    {{- toYaml $root.Values.securityContext | nindent 4 }}
   resources:
     requests: {cpu: 10m, memory: 16Mi}
     limits: {memory: 64Mi}
@@ -220,4 +219,100 @@ livenessProbe:
 {{- define "epserve.metricsIngress" -}}
 - ports:
     - {port: {{ .Values.serviceMonitor.port }}, protocol: TCP}
+{{- end }}
+
+{{/* A NetworkPolicy peer: the release's pods of one component: (dict "root" $ "component" "attention") */}}
+{{- define "epserve.podPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "epserve.componentSelector" . | nindent 6 }}
+{{- end }}
+
+{{/* The Secret key of a Redis ACL user's password: "router" -> redis-password-router; "admin" -> redis-password. */}}
+{{- define "epserve.redisPasswordKey" -}}
+redis-password{{ if ne . "admin" }}-{{ . }}{{ end }}
+{{- end }}
+
+{{/* Where a component's Redis is: the built-in one's URL names the component's ACL user and no password
+     (that is in a file: epserve.redisArgs); an external one's URL comes from its Secret. Never in argv.
+     (dict "root" $ "component" "router") */}}
+{{- define "epserve.redisEnv" -}}
+- name: EPSERVE_REDIS_URL
+{{- if .root.Values.redis.enabled }}
+  value: redis://{{ .component }}@{{ include "epserve.fullname" .root }}-redis:{{ .root.Values.redis.port }}/0
+{{- else }}
+  valueFrom:
+    secretKeyRef:
+      {{- include "epserve.redisUrlSecret" .root | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{- define "epserve.redisPasswordDir" -}}
+/etc/epserve/redis
+{{- end }}
+
+{{/* The flag naming the file with the component's Redis password (built-in Redis). */}}
+{{- define "epserve.redisArgs" -}}
+{{- if .Values.redis.enabled }}
+- --redis-password-file={{ include "epserve.redisPasswordDir" . }}/password
+{{- end }}
+{{- end }}
+
+{{- define "epserve.redisMount" -}}
+{{- if .Values.redis.enabled }}
+- {name: redis-password, mountPath: {{ include "epserve.redisPasswordDir" . }}, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{/* The component's Redis password as a file readable by the pod's group (fsGroup): (dict "root" $ "component" "router") */}}
+{{- define "epserve.redisVolume" -}}
+{{- if .root.Values.redis.enabled }}
+- name: redis-password
+  secret:
+    secretName: {{ include "epserve.fullname" .root }}
+    defaultMode: 0440
+    items: [{key: {{ include "epserve.redisPasswordKey" .component }}, path: password}]
+{{- end }}
+{{- end }}
+
+{{/* Mutual TLS on the internal plane: the component's CA, certificate and key as files. */}}
+{{- define "epserve.internalTlsDir" -}}
+/etc/epserve/internal-tls
+{{- end }}
+
+{{- define "epserve.internalTlsArgs" -}}
+{{- if .Values.internalTls.enabled }}
+- --cluster-ca={{ include "epserve.internalTlsDir" . }}/ca.crt
+- --cluster-cert={{ include "epserve.internalTlsDir" . }}/tls.crt
+- --cluster-key={{ include "epserve.internalTlsDir" . }}/tls.key
+{{- end }}
+{{- end }}
+
+{{- define "epserve.internalTlsMount" -}}
+{{- if .Values.internalTls.enabled }}
+- {name: internal-tls, mountPath: {{ include "epserve.internalTlsDir" . }}, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{/* (dict "root" $ "component" "router"): the component's kubernetes.io/tls Secret, or its files in the
+     chart's internal-tls Secret. */}}
+{{- define "epserve.internalTlsVolume" -}}
+{{- $tls := .root.Values.internalTls }}
+{{- if $tls.enabled }}
+- name: internal-tls
+  secret:
+    {{- if $tls.existingSecrets }}
+    secretName: {{ get $tls.existingSecrets .component }}
+    items: [{key: ca.crt, path: ca.crt}, {key: tls.crt, path: tls.crt}, {key: tls.key, path: tls.key}]
+    {{- else }}
+    secretName: {{ include "epserve.fullname" .root }}-internal-tls
+    items: [{key: ca.crt, path: ca.crt}, {key: {{ .component }}.crt, path: tls.crt}, {key: {{ .component }}.key, path: tls.key}]
+    {{- end }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{/* The port kubelet probes an internal service on: its plaintext health port under mutual TLS. */}}
+{{- define "epserve.probePort" -}}
+{{- if .root.Values.internalTls.enabled }}{{ .root.Values.internalTls.healthPort }}{{ else }}{{ .port }}{{ end }}
 {{- end }}
