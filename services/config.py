@@ -123,8 +123,9 @@ class AttentionConfig(EngineConfig, ModelServiceConfig):
 class ExpertConfig(ModelServiceConfig):
     shard_id: int = setting(low=0, help="this shard's index in [0, --expert-shards)")
     flush_interval: float = setting(1.0, low=0.001, help="seconds between load-counter flushes")
-    capacity: float = setting(1.0, low=0.001, help="this shard's relative speed: the placement gives it load in "
-                                                  "proportion, and the coldest experts when it is slower")
+    capacity: str = setting("1", help="relative speed: one number for this shard, or every shard's by shard id, "
+                                      "comma-separated (the same list can go to every shard); the placement gives "
+                                      "a shard load in proportion, and the coldest experts when it is slower")
     controller: bool = setting(True, help="run a placement controller here (the one holding the Redis lease "
                                           "leads): fail-over of dead shards and live rebalancing")
     rebalance_interval: float = setting(600.0, low=0, help="seconds between re-plans from the expert load "
@@ -134,6 +135,21 @@ class ExpertConfig(ModelServiceConfig):
     rebalance_window: float = setting(600.0, low=60, help="seconds of expert load a re-plan balances (whole minutes)")
     ready_timeout: float = setting(300.0, low=1, help="seconds the shards get to load a new placement's slots "
                                                       "before the controller abandons it")
+
+    def __post_init__(self):
+        self.own_capacity()
+
+    def own_capacity(self) -> float:
+        """This shard's relative speed, from ``capacity``; ValueError naming --capacity when it is not one
+        positive number or one per shard."""
+        try:
+            speeds = [float(part) for part in self.capacity.split(",")]
+        except ValueError:
+            raise ValueError(f"--capacity: expected a number or comma-separated numbers, got {self.capacity!r}") from None
+        if len(speeds) not in (1, self.expert_shards) or not all(speed > 0 for speed in speeds):
+            raise ValueError(f"--capacity: expected one positive number or {self.expert_shards} (one per shard), "
+                             f"got {self.capacity!r}")
+        return speeds[0] if len(speeds) == 1 else speeds[self.shard_id]
 
 
 SERVICE_CONFIGS: dict[str, type[ServiceConfig]] = {
@@ -159,6 +175,7 @@ class UpConfig:
     device: str | None = same_as(ModelServiceConfig, "device")
     dtype: str | None = same_as(ModelServiceConfig, "dtype")
     rebalance_interval: float = same_as(ExpertConfig, "rebalance_interval")
+    capacity: str = same_as(ExpertConfig, "capacity")
     startup_timeout: float = setting(300.0, low=0, help="seconds for every service to come up")
     restart_delay: float = setting(0.0, low=0, help="seconds before a service that exited is started again (a "
                                                     "real checkpoint's shard takes minutes to load: this shows the "
@@ -174,7 +191,8 @@ class UpConfig:
         common = dict(cluster=cluster, model=self.model, verbose=self.verbose, metrics_port=0)
         model = dict(common, device=self.device, dtype=self.dtype, expert_shards=self.expert_shards,
                      redundant_experts=self.redundant_experts)
-        return ([ExpertConfig(**model, **credentials["expert"], shard_id=shard, rebalance_interval=self.rebalance_interval)
+        return ([ExpertConfig(**model, **credentials["expert"], shard_id=shard, rebalance_interval=self.rebalance_interval,
+                              capacity=self.capacity)
                  for shard in range(self.expert_shards)]
                 + [AttentionConfig(**model, **credentials["attention"], replica_id=f"attention-{replica}",
                                    micro_batches=self.micro_batches,

@@ -50,7 +50,7 @@ def run(config: ExpertConfig) -> int:
         endpoints["metrics_address"] = config.advertised(metrics_port)
     registry = Registry(client, keys)
     info = lambda versions: {"shard_id": config.shard_id, "placement_versions": versions,  # noqa: E731
-                             "capacity": config.capacity, **endpoints}
+                             "capacity": config.own_capacity(), **endpoints}
     heartbeat = registry.register("expert", str(config.shard_id), config.advertised(server.port),
                                   info(shard.versions()))
     follower = PlacementFollower(shard, PlacementStore(client, keys), registry,

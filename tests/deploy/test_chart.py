@@ -478,6 +478,9 @@ def test_the_settings_schema_is_generated_from_the_service_configs():
         "run `python scripts/gen_helm_schema.py` and commit helm/epserve/values.schema.json"
 
 
+FORMATTED_VALUES = {"capacity": "0.5"}          # string settings with a format of their own
+
+
 def _other_value(cls, f):
     """A value of setting ``f`` that is not its default and is within its choices and bounds."""
     kind, meta = scalar_type(cls, f.name), f.metadata
@@ -486,7 +489,7 @@ def _other_value(cls, f):
     if meta["choices"]:
         return next(c for c in meta["choices"] if c != f.default)
     if kind is str:
-        return f"{f.name}-value"
+        return FORMATTED_VALUES.get(f.name, f"{f.name}-value")
     value = (meta["low"] if meta["low"] is not None else 0) + (1 if kind is int else 0.5)
     return value + 1 if value == f.default else value
 

@@ -120,7 +120,7 @@ def expected(model_dir):
 
 @pytest.fixture(scope="module")
 def cluster(model_dir):
-    up = UpCluster(model_dir, attention=1, shards=2, redundant=2)
+    up = UpCluster(model_dir, attention=1, shards=2, redundant=2, flags=("--capacity", "1,0.5"))
     yield up
     if up.process.poll() is None:
         up.stop()
@@ -159,6 +159,7 @@ def generate_concurrently(up: "UpCluster", max_tokens: int, tag: str, while_runn
 def test_one_replica_two_shards_two_redundant_matches_single_process(cluster, expected):
     assert generate_all(cluster.endpoint) == expected
     assert [r.info["expert_transport"] for r in cluster.registry.live("attention")] == ["local"]   # auto, one host
+    assert [s.info["capacity"] for s in cluster.registry.live("expert")] == [1.0, 0.5]          # --capacity 1,0.5
 
 
 @pytest.mark.skipif(not nixl_transport.available(), reason="NIXL (nixl-cu12) is not installed")

@@ -101,3 +101,15 @@ def test_bounds_and_choices_are_checked_with_the_flag_named(capsys):
         from_dict(AttentionConfig, {"num_kv_blocks": 0}, redis="r", replica_id="a")
     with pytest.raises(ValueError, match="must be int, got '3'"):
         from_dict(AttentionConfig, {"micro_batches": "3"}, redis="r", replica_id="a")
+
+
+def test_a_shard_takes_its_own_capacity_from_one_number_or_a_list_by_shard_id():
+    assert ExpertConfig(redis="r", shard_id=1, expert_shards=3).own_capacity() == 1.0
+    assert ExpertConfig(redis="r", shard_id=1, expert_shards=3, capacity="0.5").own_capacity() == 0.5
+    assert ExpertConfig(redis="r", shard_id=1, expert_shards=3, capacity="1,0.25,2").own_capacity() == 0.25
+    for bad in ("fast", "1,2", "1,0,1", "-1"):
+        with pytest.raises(ValueError, match="--capacity"):
+            ExpertConfig(redis="r", shard_id=0, expert_shards=3, capacity=bad)
+    shards = [c for c in UpConfig(expert_shards=2, capacity="1,0.5").services(
+        {kind: {} for kind in ("router", "attention", "expert")}, "c") if isinstance(c, ExpertConfig)]
+    assert [c.own_capacity() for c in shards] == [1.0, 0.5]
