@@ -11,7 +11,9 @@ Redis. Then ``--streams`` concurrent greedy streams, each chunk's arrival time r
    step boundary). Prints the longest gap between two chunks of a stream while the switch ran
    (request to 1 s after the replica reported the new version) against the gaps outside it.
 2. **fail-over**: 2 s in, SIGKILL of expert shard 1. Prints, per stream, the stall (kill to its next
-   chunk), p50 and max, the time to the fail-over placement's commit, and failed streams.
+   chunk) and the longest wait for a chunk from the kill to 1 s after the fail-over placement's commit
+   (a chunk already on its way at the kill ends the first, not the second), p50 and max, the time to
+   the commit, and failed streams.
 """
 from __future__ import annotations
 
@@ -94,12 +96,18 @@ def fail_over_phase(args, up, state_file, client, keys, prompts) -> None:
     committed = time.monotonic()
     for thread in threads:
         thread.join()
-    stalls = [next(t for t in times if t > killed) - killed for times in arrivals if times and times[-1] > killed]
+    live = [times for times in arrivals if times and times[-1] > killed]
+    stalls = [next(t for t in times if t > killed) - killed for times in live]
+    longest = [max(b - max(a, killed) for a, b in zip(times, times[1:]) if b > killed and a < committed + 1.0)
+               for times in live if len(times) > 1]
     print(f"fail-over v{before} -> v{current_version(client, keys)}: committed {committed - killed:.3f} s after the "
           f"kill; {failed[0]} failed streams")
     if stalls:
         print(f"  stall (kill to the next chunk) over {len(stalls)} streams: p50 {statistics.median(stalls):.3f} s, "
               f"max {max(stalls):.3f} s")
+    if longest:
+        print(f"  longest wait for a chunk from the kill to 1 s after the commit, per stream: p50 "
+              f"{statistics.median(longest):.3f} s, max {max(longest):.3f} s")
 
 
 def main() -> None:
