@@ -27,6 +27,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from epserve.kernels.fp8 import fp8_quant
@@ -40,6 +41,8 @@ from epserve.services.model.moe import ExpertBackend
 WIRE_DTYPES = ("model", "fp8")
 WAIT_SLICE_S = 0.25          # a wait for a shard looks at a staged placement this often
 AVOID_S = 3.0                # a shard that failed or straggled gets no choice with a copy elsewhere for this long
+# a broken stream (None: no status) or an unreachable shard: its part is worth sending elsewhere; a refusal is not
+RESENDABLE = (None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass
@@ -88,7 +91,7 @@ class _Handle:
     device: torch.device
     parts: list[tuple[int, torch.Tensor, Future]]   # (shard, rows [R] int64 on CPU, future of its output)
     wire: _Wire
-    sent_at: float = 0.0                         # time.perf_counter() when the batches went out
+    sent_at: float = 0.0                         # time.monotonic() when the batches went out
 
 
 class _Straggling(Exception):
@@ -110,7 +113,8 @@ class RemoteExperts(ExpertBackend):
         self.timeout_s = timeout_s
         self.hedge_after_s = hedge_after_s or None              # 0 / None: never hedge
         self.stats = DispatchStats()
-        self._avoided: dict[int, float] = {}                     # shard -> time.monotonic() its stream broke
+        self._avoided: dict[int, float] = {}                     # shard -> time.monotonic() it failed or straggled
+        self._unanswered: dict[int, list[Future]] = {}           # shard -> batches it straggled on, answered elsewhere
 
     def stage(self, placement: Placement) -> None:
         """Use ``placement`` from the next step boundary on (ignored if not newer)."""
@@ -140,7 +144,7 @@ class RemoteExperts(ExpertBackend):
         wire = _Wire(p, layer, ids, slots, topk_weights.float().cpu(), hidden, scales)
         parts = self._send(wire, slots, torch.arange(x.shape[0]))
         self.stats.add(x.shape[0], sum(len(rows) for _, rows, _ in parts))
-        return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts, wire, time.perf_counter())
+        return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts, wire, time.monotonic())
 
     def _send(self, wire: _Wire, slots: torch.Tensor, rows: torch.Tensor) -> list[tuple[int, torch.Tensor, Future]]:
         """One ExpertBatch per shard that ``slots`` [R, K] (-1: a choice not sent now) touches, for the
@@ -190,11 +194,15 @@ class RemoteExperts(ExpertBackend):
     def _collect(self, handle: _Handle, shard: int, rows: torch.Tensor, future: Future) -> list[tuple]:
         """[(rows [R], output [R, D])] of one shard's part: its own answer, or the answers of other copies of its
         experts when its stream broke or it straggled past ``hedge_after_s`` (whichever answered first)."""
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        hedge_at = None if self.hedge_after_s is None else time.monotonic() + self.hedge_after_s
+        deadline = None if self.timeout_s is None else handle.sent_at + self.timeout_s    # from the send
+        hedge_at = None if self.hedge_after_s is None else handle.sent_at + self.hedge_after_s
+        if hedge_at is not None and shard in self._avoided_shards():
+            hedge_at = handle.sent_at                 # sent before the shard straggled on another part: at once
         try:
             answers = [(rows, self._wait(shard, future, deadline, hedge_at))]
-        except ExpertShardError:
+        except ExpertShardError as error:
+            if error.code not in RESENDABLE:
+                raise
             self._avoided[shard] = time.monotonic()
             again = self._resend(handle.wire, shard, rows, "failed")
             if again is None:
@@ -207,7 +215,9 @@ class RemoteExperts(ExpertBackend):
             else:                                   # the next layers go around it too, not into its queue
                 self._avoided[shard] = time.monotonic()
                 answers = self._first_of(shard, rows, future, again, deadline)
-        DISPATCH.labels(str(shard), str(handle.wire.layer)).observe(time.perf_counter() - handle.sent_at)
+                if not future.done():
+                    self._unanswered.setdefault(shard, []).append(future)
+        DISPATCH.labels(str(shard), str(handle.wire.layer)).observe(time.monotonic() - handle.sent_at)
         for answered_rows, output in answers:
             if tuple(output.shape) != (len(answered_rows), handle.shape[1]):
                 raise RuntimeError(f"expert shard {shard} returned output of shape {list(output.shape)}, "
@@ -245,9 +255,13 @@ class RemoteExperts(ExpertBackend):
             wait([f for f in (future, *others) if not f.done()], timeout=WAIT_SLICE_S, return_when=FIRST_COMPLETED)
 
     def _avoided_shards(self) -> list[int]:
-        """Shards that failed or straggled in the last AVOID_S seconds."""
+        """Shards that failed or straggled in the last AVOID_S seconds, or that still owe an answer they
+        straggled on (each holds one of the transport's slots for that shard until it comes)."""
         now = time.monotonic()
-        for shard in [s for s, at in self._avoided.items() if now - at > AVOID_S]:
+        for shard, futures in list(self._unanswered.items()):
+            if all(f.done() for f in futures):
+                del self._unanswered[shard]
+        for shard in [s for s, at in self._avoided.items() if now - at > AVOID_S and s not in self._unanswered]:
             self._avoided.pop(shard, None)
         return sorted(self._avoided)
 

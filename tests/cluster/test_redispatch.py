@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
+import time
 
 import pytest
 import torch
@@ -27,18 +27,9 @@ TOKENS = 24
 @pytest.fixture
 def shards(path, config, redis_server):
     """Every expert of every MoE layer on both shards."""
-    running = Shards(path, redis_server.url, redundant=config.n_routed_experts)
-    yield running
-    for process in running.processes.values():
-        process.send_signal(signal.SIGCONT)
-        process.send_signal(signal.SIGTERM)
-    for process in running.processes.values():
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:     # seen once after SIGSTOP / SIGCONT (see the issue 10 note)
-            process.kill()
-            process.wait(60)
-            raise
+    running = Shards(path, redis_server.url, redundant=config.n_routed_experts, controller=False)
+    yield running                             # no controller: the placement stays v1 whatever the test stops
+    running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +87,31 @@ def test_a_hung_shard_is_hedged(shards, local, config):
         remote.transport.close()
 
 
-def test_without_hedging_a_part_with_no_other_copy_fails_the_step(path, config, redis_server, local):
+def test_a_hung_shard_stays_avoided_while_it_owes_answers(shards, local, config):
+    """Each batch a hung shard holds keeps one of its transport slots: once its part was answered elsewhere,
+    it gets nothing more until it answers, even after AVOID_S."""
+    from epserve.services.attention.remote_experts import AVOID_S
+
+    remote = remote_experts(shards, config, hedge_after_s=0.3)
+    try:
+        os.kill(shards.processes[1].pid, signal.SIGSTOP)
+        assert one_layer(remote, local, config, config.moe_layers[0], seed=0) <= 1e-5       # hedged
+        sent = remote.transport.stats.messages.get(1, 0)
+        time.sleep(AVOID_S + 0.5)
+        for i, layer in enumerate(config.moe_layers * 3):
+            assert one_layer(remote, local, config, layer, seed=1 + i) <= 1e-5
+        assert remote.transport.stats.messages.get(1, 0) == sent
+    finally:
+        os.kill(shards.processes[1].pid, signal.SIGCONT)
+        remote.transport.close()
+
+
+def test_with_no_other_copy_a_dead_shard_s_part_fails_the_step(path, config, redis_server, local):
     """No redundancy: nothing to send a dead shard's tokens to; the error reaches the engine (which runs
     the step again once the controller has re-placed its experts)."""
     from epserve.services.cluster.transport import ExpertShardError
 
-    running = Shards(path, redis_server.url, redundant=0)
+    running = Shards(path, redis_server.url, redundant=0, controller=False)
     placement = choose_placement(running.registry.client, running.registry.keys, num_experts=config.n_routed_experts,
                                  num_shards=SHARDS, redundant=0, moe_layers=config.moe_layers)
     remote = RemoteExperts(placement, make_transport(running, "local"))

@@ -41,9 +41,9 @@ WAIT_S = 60
 class Shards:
     """``SHARDS`` expert shard processes of one cluster, and the registry they are in."""
 
-    def __init__(self, path, redis_url: str, redundant: int = REDUNDANT):
+    def __init__(self, path, redis_url: str, redundant: int = REDUNDANT, **settings):
         self.path, self.redis_url, self.cluster = path, redis_url, f"t-{uuid.uuid4().hex[:8]}"
-        self.redundant = redundant
+        self.redundant, self.settings = redundant, settings          # settings: more ExpertConfig fields
         self.registry = Registry(redis.Redis.from_url(redis_url), Keys(self.cluster))
         self.processes = {shard: self._start(shard) for shard in range(SHARDS)}
         self.wait_registered()
@@ -51,7 +51,7 @@ class Shards:
     def _start(self, shard: int) -> subprocess.Popen:
         config = ExpertConfig(redis=self.redis_url, cluster=self.cluster, model=str(self.path), dtype="float32",
                               device="cpu", expert_shards=SHARDS, redundant_experts=self.redundant,
-                              shard_id=shard)
+                              shard_id=shard, **self.settings)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         return subprocess.Popen(serve_command(config), env=env, stdin=subprocess.DEVNULL)
 
@@ -72,10 +72,21 @@ class Shards:
         self.wait_registered()
 
     def stop(self) -> None:
+        """SIGTERM (after SIGCONT, for a test that stopped one) to every shard; each must exit within WAIT_S
+        (TimeoutExpired otherwise, once every shard has exited or been killed)."""
         for process in self.processes.values():
+            process.send_signal(signal.SIGCONT)
             process.send_signal(signal.SIGTERM)
+        late = []
         for process in self.processes.values():
-            process.wait(WAIT_S)
+            try:
+                process.wait(WAIT_S)
+            except subprocess.TimeoutExpired as err:
+                process.kill()
+                process.wait(WAIT_S)
+                late.append(err)
+        if late:
+            raise late[0]
 
 
 @pytest.fixture(scope="module")
