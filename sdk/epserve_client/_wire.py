@@ -157,6 +157,9 @@ class StreamState:
             raise self.protocol_error(f"{kind or 'empty'} message after complete")
         if kind == "chunk":
             chunk = response.chunk
+            if self.logprobs is not None and len(chunk.logprobs) != len(chunk.token_ids):
+                raise self.protocol_error(f"a chunk of {len(chunk.token_ids)} tokens with "
+                                          f"{len(chunk.logprobs)} logprobs")
             self.received += len(chunk.token_ids)
             logprobs = [TokenLogprobs(t, lp.logprob, list(zip(lp.top_token_ids, lp.top_logprobs)))
                         for t, lp in zip(chunk.token_ids, chunk.logprobs)]

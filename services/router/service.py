@@ -149,8 +149,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         with their logprobs (the log keeps them), and stop strings are matched on them again: the text
         and tokens end where the first run ended."""
         record = await self._blocking(self.requests.get, request_id)
-        if record is None or record.prompt_ids != prompt or record.sampling != _params_dict(params, request) or (
-                params.seed is not None and params.seed != record.seed):
+        if not _same_request(record, prompt, params, request):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} exists with "
                                                                  f"another prompt or other sampling parameters")
         logged, logprobs = await self._blocking(self.requests.token_log, request_id)
@@ -161,6 +160,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if request.resume_from > len(logged):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resume_from: {request.resume_from} is more "
                                                                    f"than the {len(logged)} tokens emitted")
+        if params.logprobs is not None and len(logprobs or []) < len(logged):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"request_id: {request.request_id!r}: its "
+                                                                      f"token log holds no logprobs to replay")
         stream = TextStream(self.tokenizer, request.stop)
         stream.push(logged[:request.resume_from])
         kept, text = stream.push(logged[request.resume_from:])      # the log may go on past a stop string
@@ -400,6 +402,16 @@ def _details(event) -> str:
 
 def _status_code(value: int) -> grpc.StatusCode:
     return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
+
+
+_RECORD_DEFAULTS = {"logprobs": None, "stop": []}   # sampling fields a record of an older router lacks
+
+
+def _same_request(record: RequestRecord | None, prompt: list[int], params, request) -> bool:
+    """Whether a call may resume ``record``: the same prompt and sampling (and seed, when it names one)."""
+    return (record is not None and record.prompt_ids == prompt
+            and _RECORD_DEFAULTS | record.sampling == _params_dict(params, request)
+            and (params.seed is None or params.seed == record.seed))
 
 
 def _params_dict(params, request) -> dict:
