@@ -85,6 +85,10 @@ def start_service(config: ServiceConfig) -> Service:
     setup_logging(config.verbose)
     stop = shutdown_event()
     tls = ClusterTls.from_files(config.cluster_ca, config.cluster_cert, config.cluster_key)
+    if tls is None:
+        logging.getLogger(__name__).warning(
+            "no --cluster-ca/--cluster-cert/--cluster-key: calls between services are plaintext, and an attention "
+            "replica or expert shard serves whoever reaches its port (docs/security.md)")
     client = redis_of(config)
     client.ping()
     return Service(stop, client, Keys(config.cluster), model_config(config.model), tls)

@@ -105,9 +105,7 @@ class UpState:
                  "admin_tls": dict(zip(("ca", "cert", "key"), self.admin_tls)) if self.admin_tls else None,
                  "services": [redis_entry] + [{"kind": s.kind, "id": s.service_id, "pid": s.process.pid,
                                                "address": s.address, "restarts": s.restarts} for s in self.services]}
-        staging = f"{self.path}.tmp"
-        write_private(staging, json.dumps(state, indent=1))
-        os.replace(staging, self.path)
+        write_private(self.path, json.dumps(state, indent=1))          # whole, 0600, by a rename
 
 
 def read_up_state(path: str | Path) -> dict:

@@ -9,7 +9,8 @@ operators and tests). With ``--cluster-ca``, ``--cluster-cert`` and ``--cluster-
 - ``CallerCheck`` / ``AioCallerCheck`` then refuse (PERMISSION_DENIED) a caller whose certificate names
   no kind ``ALLOWED_CALLERS`` admits for the service: the attention service (``Session``, ``Abort``,
   ``Drain``, ``GetLoad``) to routers, the expert service (``Dispatch``, ``GetShardInfo``) to attention
-  replicas; admin to both. Health checks and reflection admit any cluster certificate;
+  replicas; admin to both. Health checks and reflection admit any cluster certificate; any other service
+  admin alone (deny by default);
 - callers dial with their own certificate and check the server's: its certificate must name the kind
   they mean to reach (``channel``: the name is checked whatever address the registry gave, since pod IPs
   are in no certificate).
@@ -27,6 +28,7 @@ import grpc
 DOMAIN = "epserve.internal"
 ADMIN = "admin"
 ALLOWED_CALLERS = {"epserve.v1.AttentionService": ("router", ADMIN), "epserve.v1.ExpertService": ("attention", ADMIN)}
+OPEN_TO_THE_CLUSTER = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")   # any cluster kind
 _BEHAVIOURS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
@@ -88,8 +90,12 @@ def caller_kinds(context) -> set[str]:
 
 
 def _allowed(method: str) -> tuple[str, ...] | None:
-    """The kinds that may call ``method`` (``/package.Service/Method``); None: any cluster certificate."""
-    return ALLOWED_CALLERS.get(method.split("/")[1])
+    """The kinds that may call ``method`` (``/package.Service/Method``); None: any cluster certificate (health,
+    reflection); admin alone for a service listed nowhere (deny by default)."""
+    service = method.split("/")[1]
+    if service in OPEN_TO_THE_CLUSTER:
+        return None
+    return ALLOWED_CALLERS.get(service, (ADMIN,))
 
 
 def _refusal(method: str, allowed: tuple[str, ...], kinds: set[str]) -> str:

@@ -9,8 +9,9 @@ worker thread for its whole life, so ``max_workers`` bounds concurrent streams p
 a coroutine there, so many long streams fed from one producer (an engine step's tokens) cost one
 thread wake-up per batch instead of one per stream.
 
-``health_address`` also serves ``grpc.health.v1.Health`` alone, in plaintext, on a second port: for
-kubelet's gRPC probes, which cannot present the client certificate a mutual-TLS port asks for.
+``health_address`` also serves ``grpc.health.v1.Health/Check`` alone, in plaintext, on a second port: for
+kubelet's gRPC probes, which cannot present the client certificate a mutual-TLS port asks for (no
+``Watch``: an unauthenticated caller must not hold its few threads with open streams).
 """
 from __future__ import annotations
 
@@ -99,6 +100,29 @@ class AioGrpcServer:
         self.loop.close()
 
 
+class _CheckOnly(health_pb2_grpc.HealthServicer):
+    """``Check`` of ``inner``; ``Watch`` UNIMPLEMENTED (the base class's)."""
+
+    def __init__(self, inner: health.HealthServicer):
+        self._inner = inner
+
+    def Check(self, request, context):
+        return self._inner.Check(request, context)
+
+
+class _AioCheckOnly(health_pb2_grpc.HealthServicer):
+    """``Check`` of an aio ``inner``; ``Watch`` UNIMPLEMENTED."""
+
+    def __init__(self, inner: aio_health.HealthServicer):
+        self._inner = inner
+
+    async def Check(self, request, context):
+        return await self._inner.Check(request, context)
+
+    async def Watch(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only Check is served on the health port")
+
+
 def start_grpc_server(register: Callable[[grpc.Server], None], service_names: list[str], *,
                       address: str = "127.0.0.1:0", max_workers: int = 64,
                       max_message_bytes: int = 64 << 20, credentials: grpc.ServerCredentials | None = None,
@@ -126,7 +150,7 @@ def start_grpc_server(register: Callable[[grpc.Server], None], service_names: li
     if health_address is not None:
         health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"),
                                     options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_pb2_grpc.add_HealthServicer_to_server(_CheckOnly(health_servicer), health_server)
         health_port = health_server.add_insecure_port(health_address)
         health_server.start()
     host = address.rsplit(":", 1)[0]
@@ -159,7 +183,7 @@ def start_aio_grpc_server(register: Callable[[grpc.aio.Server], None], service_n
         if health_address is None:
             return server, port, health_servicer, None, None
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_pb2_grpc.add_HealthServicer_to_server(_AioCheckOnly(health_servicer), health_server)
         health_port = health_server.add_insecure_port(health_address)
         await health_server.start()
         return server, port, health_servicer, health_server, health_port

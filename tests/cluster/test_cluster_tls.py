@@ -91,6 +91,11 @@ def test_only_allowed_kinds_of_the_cluster_may_call(server, certificates, tmp_pa
                 assert _code(channel) == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_a_service_no_rule_names_admits_the_admin_alone():
+    assert cluster_tls._allowed("/epserve.v1.SomethingNew/Do") == (cluster_tls.ADMIN,)
+    assert cluster_tls._allowed("/grpc.health.v1.Health/Check") is None          # any cluster certificate
+
+
 def test_a_caller_checks_the_server_names_the_kind_it_dials(server, certificates):
     """An attention certificate's server is no expert shard: the router's channel to 'attention' refuses it."""
     with cluster_tls.channel(f"127.0.0.1:{server.port}", certificates["attention"], "attention", []) as channel:
@@ -105,6 +110,9 @@ def test_the_health_port_answers_probes_in_plaintext(server):
         with pytest.raises(grpc.RpcError) as not_there:              # nothing else is served there
             _call(channel)
         assert not_there.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.RpcError) as no_watch:                # no stream holds its threads
+            next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert no_watch.value.code() == grpc.StatusCode.UNIMPLEMENTED
         server.enter_graceful_shutdown()
         assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == \
             health_pb2.HealthCheckResponse.NOT_SERVING

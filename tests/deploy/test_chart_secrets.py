@@ -2,6 +2,8 @@
 Redis's ACL file, loaded by a real redis-server, admits each component's user to its cluster's keys
 only, and nobody without a password; the internal plane's certificates, loaded by a real gRPC server,
 make mutual TLS that admits the right kind of caller only."""
+import hashlib
+import json
 import socket
 import subprocess
 
@@ -70,6 +72,8 @@ def test_the_rendered_acl_file_admits_each_component_to_its_cluster_only(chart, 
                 client.set(Keys("another").placement_current, 1)
             with pytest.raises(redis.exceptions.NoPermissionError):
                 client.flushall()
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.scan()                                   # would list other clusters' keys
             with pytest.raises(redis.AuthenticationError):
                 redis.Redis(port=port, username=kind, password=passwords["admin"]).ping()
     finally:
@@ -140,3 +144,25 @@ def _register_echo(server) -> None:
     handler = grpc.method_handlers_generic_handler(
         "epserve.v1.ExpertService", {"GetShardInfo": grpc.unary_unary_rpc_method_handler(lambda r, c: r)})
     server.add_generic_rpc_handlers((handler,))
+
+
+def _go_json(data: dict[str, str]) -> str:
+    """``data`` as Sprig's toJson writes it (Go's json.Marshal: sorted keys, compact, <, >, & escaped)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def test_the_pods_checksums_are_of_the_secrets_they_mount(chart):
+    """Generated passwords and certificates are made once per render: each pod's checksum annotations hash
+    exactly what the rendered Secrets hold (a second, different generation would roll every pod on the first
+    upgrade)."""
+    release = render(chart, {})
+    secret = release.secret("demo-epserve")                                   # decoded: raw values
+    tls = release.objects[("Secret", "demo-epserve-internal-tls")].data       # base64, as generated
+    want = {"checksum/secret": hashlib.sha256(_go_json(secret).encode()).hexdigest(),
+            "checksum/internal-tls": hashlib.sha256(_go_json(tls).encode()).hexdigest()}
+    for component in SERVICES:
+        annotations = release.workload(component).spec.template.metadata.annotations
+        assert {key: annotations[key] for key in want} == want, component
+    redis_pods = release.get("StatefulSet", "-redis").spec.template.metadata.annotations
+    assert redis_pods["checksum/secret"] == want["checksum/secret"]

@@ -95,6 +95,8 @@ def test_each_component_logs_in_as_its_own_user_and_the_cluster_serves(up):
             client.config_get("requirepass")                # no administrative command
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.get("epserve:another-cluster:placement:current")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.scan()                                   # key patterns do not filter SCAN
         client.close()
     assert {kind: len(up.registry.live(kind)) for kind in SERVICE_KINDS} == {"router": 1, "attention": 1, "expert": 1}
     with Client(up.endpoint, timeout=120) as client:

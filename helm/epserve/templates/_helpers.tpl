@@ -60,11 +60,79 @@ key: redis-url
 {{- if or .Values.auth.apiKeys .Values.auth.existingSecret }}true{{ end }}
 {{- end }}
 
-{{/* Pod annotations that roll the pods when the settings or secrets change. */}}
+{{/* Pod annotations that roll the pods when the settings or secrets change. The secrets' data is made
+     once per render (epserve.memo), so the checksums are of what the Secrets hold. */}}
 {{- define "epserve.checksums" -}}
 checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
-checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
-checksum/internal-tls: {{ include (print $.Template.BasePath "/internal-tls.yaml") . | sha256sum }}
+checksum/secret: {{ include "epserve.secretData" . | sha256sum }}
+checksum/internal-tls: {{ include "epserve.internalTlsData" . | sha256sum }}
+{{- end }}
+
+{{/* A map kept for the whole render (every template sees the same .Values): what is generated at random
+     (passwords, certificates) is generated once, however many templates include it. */}}
+{{- define "epserve.memo" -}}
+{{- if not (hasKey .Values "epserveRenderMemo") }}{{ $_ := set .Values "epserveRenderMemo" dict }}{{ end }}
+{{- end }}
+
+{{/* The release Secret's data as JSON (secret.yaml): the built-in Redis's ACL users (services/cluster/
+     redis_acl.py: one per component, `admin` for operators and probes, the default user off) and their
+     passwords; an external Redis URL; API keys. A generated password is kept across upgrades by reading
+     it back from the release's Secret. */}}
+{{- define "epserve.secretData" -}}
+{{- include "epserve.memo" . }}
+{{- $memo := .Values.epserveRenderMemo }}
+{{- if not (hasKey $memo "secret") }}
+{{- $name := include "epserve.fullname" . }}
+{{- $data := dict }}
+{{- if .Values.redis.enabled }}
+{{- $old := (lookup "v1" "Secret" .Release.Namespace $name).data | default dict }}
+{{- $acl := list "user default off" }}
+{{- range $user := list "router" "attention" "expert" "admin" }}
+{{- $key := include "epserve.redisPasswordKey" $user }}
+{{- $given := eq $user "admin" | ternary $.Values.redis.password "" }}
+{{- $password := $given | default (get $old $key | b64dec) | default (randAlphaNum 32) }}
+{{- $_ := set $data $key $password }}
+{{- $rules := eq $user "admin" | ternary "~* &* +@all" (printf "~epserve:%s:* resetchannels +@all -@dangerous -scan -randomkey -dbsize" (include "epserve.cluster" $)) }}
+{{- $acl = append $acl (printf "user %s on #%s %s" $user (sha256sum $password) $rules) }}
+{{- end }}
+{{- $_ := set $data "users.acl" (printf "%s\n" (join "\n" $acl)) }}
+{{- else if not .Values.externalRedis.existingSecret }}
+{{- $_ := set $data "redis-url" (required "externalRedis.url or externalRedis.existingSecret is required when redis.enabled is false" .Values.externalRedis.url) }}
+{{- end }}
+{{- if and .Values.auth.apiKeys (not .Values.auth.existingSecret) }}
+{{- $_ := set $data "api-keys" (printf "%s\n" (join "\n" .Values.auth.apiKeys)) }}
+{{- end }}
+{{- $_ := set $memo "secret" $data }}
+{{- end }}
+{{- get $memo "secret" | toJson }}
+{{- end }}
+
+{{/* The internal plane's CA and one certificate per component as JSON (internal-tls.yaml; base64
+     values), made once and kept across upgrades by reading them back; {} with internalTls off or
+     existingSecrets. The CA's key is not kept: renewing means a new CA (docs/security.md). */}}
+{{- define "epserve.internalTlsData" -}}
+{{- include "epserve.memo" . }}
+{{- $memo := .Values.epserveRenderMemo }}
+{{- if not (hasKey $memo "internalTls") }}
+{{- $data := dict }}
+{{- if and .Values.internalTls.enabled (not .Values.internalTls.existingSecrets) }}
+{{- $name := printf "%s-internal-tls" (include "epserve.fullname" .) }}
+{{- $kinds := list "router" "attention" "expert" }}
+{{- $data = (lookup "v1" "Secret" .Release.Namespace $name).data | default dict }}
+{{- if not (hasKey $data "ca.crt") }}
+{{- $ca := genCA "epserve cluster CA" (int .Values.internalTls.validityDays) }}
+{{- $_ := set $data "ca.crt" ($ca.Cert | b64enc) }}
+{{- range $kind := $kinds }}
+{{- $identity := printf "%s.epserve.internal" $kind }}
+{{- $cert := genSignedCert $identity nil (list $identity) (int $.Values.internalTls.validityDays) $ca }}
+{{- $_ := set $data (printf "%s.crt" $kind) ($cert.Cert | b64enc) }}
+{{- $_ := set $data (printf "%s.key" $kind) ($cert.Key | b64enc) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $_ := set $memo "internalTls" $data }}
+{{- end }}
+{{- get $memo "internalTls" | toJson }}
 {{- end }}
 
 {{/* Environment of every epserve container: who it is, the cluster name, writable caches. */}}
