@@ -30,9 +30,22 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("epserve").setLevel(logging.INFO)
 
 
-def shutdown_event() -> threading.Event:
+class ShutdownEvent(threading.Event):
+    """An event that SIGTERM or SIGINT sets. Its ``wait()`` wakes every half second: a Python signal handler
+    runs only when the main thread executes bytecode, and a signal the kernel hands to another thread (as
+    it may right after a SIGCONT) does not interrupt a main thread blocked in a plain ``Event.wait()``."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            return super().wait(timeout)
+        while not super().wait(0.5):
+            pass
+        return True
+
+
+def shutdown_event() -> ShutdownEvent:
     """An event set by SIGTERM or SIGINT (call from the main thread)."""
-    stop = threading.Event()
+    stop = ShutdownEvent()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
