@@ -108,9 +108,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except InvalidParam as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         tenant = self._tenant(context)
-        await self._check_rate(tenant, context)
         external_id = request.request_id or uuid.uuid4().hex
-        responses = self._generate(namespaced(tenant, external_id), request, prompt, params, context)
+        request_id = namespaced(tenant, external_id)
+        if not request.request_id or await self._note(self.requests.get, request_id) is None:
+            await self._check_rate(tenant, context)           # a resume (an existing id) is no new request
+        responses = self._generate(request_id, request, prompt, params, context)
         async for response in _metered(responses, started):
             response.request_id = external_id                 # the caller's id, not the tenant's namespace
             yield response

@@ -59,10 +59,13 @@ def test_another_key_cannot_resume_a_request(up):
 
 def test_a_key_over_its_rate_limit_is_refused_and_others_are_served(up):
     with Client(up.endpoint, api_key="key-c", max_retries=0) as c, Client(up.endpoint, api_key="key-d") as d:
-        for _ in range(BURST):
+        first = c.generate(PROMPT, max_tokens=2, temperature=0, request_id="c-first")
+        for _ in range(BURST - 1):
             c.generate(PROMPT, max_tokens=2, temperature=0)
         with pytest.raises(ResourceExhausted, match=r"rate limit: .* retry after [0-9.]+ s"):
             c.generate(PROMPT, max_tokens=2, temperature=0)
+        again = c.generate(PROMPT, max_tokens=2, temperature=0, request_id="c-first")   # a resume: not counted
+        assert again.token_ids == first.token_ids
         assert len(d.generate(PROMPT, max_tokens=2, temperature=0).token_ids) == 2
     base_url = read_up_state(up.state_file)["http_endpoint"]
     with openai.OpenAI(base_url=base_url, api_key="key-c", max_retries=0) as over:
