@@ -23,6 +23,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` stands for (a part of a UTF-8 character for a split one); b"" for none."""
+        ...
+
 
 class ByteTokenizer:
     """Byte-level tokenizer: 0=BOS, 1=EOS, 2=PAD, byte b -> id 3 + b; ids >= 259 decode to nothing."""
@@ -54,6 +58,10 @@ class ByteTokenizer:
         )
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        special = token_id in self._special or not self.NUM_RESERVED <= token_id < self.MIN_VOCAB_SIZE
+        return b"" if special else bytes([token_id - self.NUM_RESERVED])
+
 
 class HFTokenizer:
     """A ``tokenizer.json`` tokenizer; bos/eos from ``tokenizer_config.json`` win over the arguments."""
@@ -77,6 +85,18 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """Byte-level BPE symbols (GPT-2's byte alphabet, as DeepSeek's tokenizer) map back to their bytes, a
+        byte-fallback token ``<0xNN>`` to its byte; any other token is its decoded text's UTF-8."""
+        token = self._tokenizer.id_to_token(token_id)
+        if token is None:
+            return b""
+        if all(char in _BYTE_OF_SYMBOL for char in token):
+            return bytes(_BYTE_OF_SYMBOL[char] for char in token)
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return bytes([int(token[3:5], 16)])
+        return self.decode([token_id]).encode("utf-8")
+
     def _config_token_id(self, entry) -> int | None:
         """Id of a tokenizer_config token entry: a string or {"content": ...}; None if absent/unknown."""
         if isinstance(entry, dict):
@@ -84,6 +104,17 @@ class HFTokenizer:
         if not isinstance(entry, str):
             return None
         return self._tokenizer.token_to_id(entry)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, symbol -> byte: printable bytes stand for themselves, the others for
+    chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_SYMBOL = _byte_level_alphabet()
 
 
 def load_tokenizer(

@@ -4,7 +4,8 @@
 - completions (legacy): ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``,
   ``text_offset`` counting characters of the completion text (of the tokens' own texts) from 0.
 
-A token's text is its id decoded alone (a byte of a split UTF-8 character decodes to U+FFFD).
+A token's text is its id decoded alone (a byte of a split UTF-8 character decodes to U+FFFD); its ``bytes``
+are the token's own (``Tokenizer.token_bytes``), which a client joins back into the text.
 Streamed, each chunk's tokens are formatted as they come; offsets go on from the previous chunk's.
 """
 from __future__ import annotations
@@ -43,8 +44,8 @@ class LogprobsFormat:
         return {**self._chat_token(token_id, logprobs.logprob), "top_logprobs": top}
 
     def _chat_token(self, token_id: int, logprob: float) -> dict:
-        text = self._text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": self._text(token_id), "logprob": logprob,
+                "bytes": list(self.tokenizer.token_bytes(token_id))}
 
     def _text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

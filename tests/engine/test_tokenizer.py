@@ -138,3 +138,19 @@ def test_incremental_decoder_with_hf_byte_level_tokens(tmp_path):
     pieces = [decoder.push([i]) for i in ids]
     assert "".join(pieces) + decoder.flush() == "hello wörld €uro"
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_token_bytes_join_back_into_the_text(tmp_path):
+    """A token's bytes (the logprobs API's ``bytes``) are its own, even for one byte of a split character."""
+    byte_tok = ByteTokenizer(vocab_size=300)
+    text = "héllo €"
+    ids = byte_tok.encode(text, add_bos=False)
+    assert b"".join(byte_tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert byte_tok.token_bytes(byte_tok.encode("€", add_bos=False)[0]) == b"\xe2"
+    assert byte_tok.token_bytes(0) == byte_tok.token_bytes(299) == b""          # BOS; beyond the bytes
+    hf_tok = HFTokenizer(_build_hf_dir(tmp_path, None), bos_token_id=None, eos_token_ids=[2])
+    split = [hf_tok._tokenizer.token_to_id(symbol) for symbol in "âĤ¬"]           # "€": E2 82 AC
+    assert [hf_tok.token_bytes(i) for i in split] == [b"\xe2", b"\x82", b"\xac"]
+    text = "hello wörld €uro"
+    ids = hf_tok.encode(text, add_bos=False)
+    assert b"".join(hf_tok.token_bytes(i) for i in ids) == text.encode("utf-8")
