@@ -142,25 +142,26 @@ class RemoteExperts(ExpertBackend):
             slots = torch.where(elsewhere >= 0, elsewhere, slots)
         hidden, scales = self._encode(x)                                  # [T, D], [T, G] or None
         wire = _Wire(p, layer, ids, slots, topk_weights.float().cpu(), hidden, scales)
-        parts = self._send(wire, slots, torch.arange(x.shape[0]))
+        parts = self._send(wire, slots)
         self.stats.add(x.shape[0], sum(len(rows) for _, rows, _ in parts))
         return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts, wire, time.monotonic())
 
-    def _send(self, wire: _Wire, slots: torch.Tensor, rows: torch.Tensor) -> list[tuple[int, torch.Tensor, Future]]:
+    def _send(self, wire: _Wire, slots: torch.Tensor, rows: torch.Tensor | None = None) -> list[tuple]:
         """One ExpertBatch per shard that ``slots`` [R, K] (-1: a choice not sent now) touches, for the
-        micro-batch's ``rows`` [R] -> (shard, its rows of the micro-batch [R'], future of its output)."""
+        micro-batch's ``rows`` [R] (None: all of them) -> (shard, its rows of the micro-batch [R'], future)."""
         p = wire.placement
         shard_of = torch.div(slots, p.slots_per_shard, rounding_mode="floor")   # -1 for -1
         local = (slots - shard_of * p.slots_per_shard).to(torch.int32)          # [R, K] slot on its shard
-        shards = torch.unique(shard_of[slots >= 0])                             # [S] shards touched
-        here = shard_of[None] == shards[:, None, None]                          # [S, R, K]
+        shards = torch.unique(shard_of).tolist()                                # shards touched (and -1)
+        shards = shards[1:] if shards[0] < 0 else shards
+        here = shard_of[None] == torch.tensor(shards)[:, None, None]            # [S, R, K]
         local_by_shard = torch.where(here, local, -1)                           # [S, R, K] (-1: elsewhere)
-        weights_by_shard = torch.where(here, wire.weights[rows], 0.0)
+        weights_by_shard = torch.where(here, wire.weights if rows is None else wire.weights[rows], 0.0)
         touched = here.any(dim=2)                                               # [S, R]
         parts = []
-        for i, shard in enumerate(shards.tolist()):
+        for i, shard in enumerate(shards):
             picked = touched[i].nonzero().squeeze(1)                            # [R'] of rows
-            mine = rows[picked]
+            mine = picked if rows is None else rows[picked]
             batch = ExpertBatch(wire.layer, p.version, wire.hidden[mine],
                                 None if wire.scales is None else wire.scales[mine],
                                 local_by_shard[i, picked], weights_by_shard[i, picked])
@@ -257,6 +258,8 @@ class RemoteExperts(ExpertBackend):
     def _avoided_shards(self) -> list[int]:
         """Shards that failed or straggled in the last AVOID_S seconds, or that still owe an answer they
         straggled on (each holds one of the transport's slots for that shard until it comes)."""
+        if not self._avoided:
+            return []
         now = time.monotonic()
         for shard, futures in list(self._unanswered.items()):
             if all(f.done() for f in futures):
