@@ -272,14 +272,15 @@ class RemoteExperts(ExpertBackend):
         """The shard's output; _Straggling after ``hedge_at``; ExpertShardError at once if a newer placement,
         staged meanwhile, drops the shard (the controller's fail-over of a hung shard: the step runs again)."""
         while True:
+            slice_s = WAIT_SLICE_S if hedge_at is None else min(WAIT_SLICE_S, max(0.0, hedge_at - time.monotonic()))
             try:
-                return future.result(timeout=WAIT_SLICE_S)
+                return future.result(timeout=slice_s)
             except TimeoutError:
                 staged = self._staged
                 if staged is not None and shard not in staged.shards_in_use():
                     raise ExpertShardError(shard, "?", f"no response, and placement v{staged.version} "
                                                        f"moved its experts elsewhere") from None
-                if hedge_at is not None and time.monotonic() > hedge_at:
+                if hedge_at is not None and time.monotonic() >= hedge_at:
                     raise _Straggling() from None
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"expert shard {shard}: no response within {self.timeout_s} s") from None
