@@ -18,7 +18,10 @@ Each service process serves ``/metrics`` on ``--metrics-port`` (``serve_metrics`
 """
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from typing import Callable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                    40.0, 80.0)
@@ -53,10 +56,30 @@ REROUTED = Counter("epserve:expert_rows_rerouted", "Token rows sent again to oth
                    "because their shard failed or straggled", ["reason"])
 
 # ---- expert shard ----------------------------------------------------------------------------------
-EXPERT_TOKENS = Counter("epserve:expert_tokens", "Tokens served per MoE layer and local slot", ["layer", "slot"])
 PLACEMENT_VERSION = Gauge("epserve:placement_version", "Newest placement version this shard holds")
 BALANCEDNESS = Gauge("epserve:placement_balancedness",
                      "Expected mean / max shard load of the current placement by the window's load (leader only)")
+
+
+class _ExpertTokens:
+    """``expert_tokens_total{layer, slot}``, read from the shard's own counters when scraped (counting per
+    batch into the metric would cost the shard a device sync per batch on a GPU)."""
+
+    def __init__(self, read: Callable[[], dict[tuple[int, int], int]]):
+        self.read = read
+
+    def collect(self):
+        family = CounterMetricFamily("epserve:expert_tokens", "Tokens served per MoE layer and local slot",
+                                     labels=["layer", "slot"])
+        for (layer, slot), tokens in sorted(self.read().items()):
+            family.add_metric([str(layer), str(slot)], tokens)
+        yield family
+
+
+def export_expert_tokens(read: Callable[[], dict[tuple[int, int], int]]) -> None:
+    """Export ``read()`` ((MoE layer, local slot) -> tokens served since start) as ``expert_tokens_total``
+    (one expert shard per process)."""
+    REGISTRY.register(_ExpertTokens(read))
 
 
 def serve_metrics(host: str, port: int | None) -> int | None:

@@ -8,7 +8,16 @@
     -> transport.send(shard, ExpertBatch) for all of them at once -> handle
 
 ``combine`` waits for every shard's ``[R, D]`` weighted sum and index-adds it into ``[T, D]``
-(float32 accumulation, cast to x's dtype). The model's MoE runs the shared expert between the two,
+(float32 accumulation, cast to x's dtype).
+
+**Without a host round trip** (``sync_free``; the default when x is on a GPU and every channel keeps it
+there, ``ExpertTransport.on_device``): which rows touch which
+shard is a fact on the device, and learning it on the host (``nonzero``, ``.cpu()``) would stall the
+host on the GPU once per MoE layer. So every shard of the placement gets all ``T`` rows, its local
+slots ``[T, K]`` being -1 where a choice is elsewhere: the rows, slots and weights stay on the device
+(the local transport over CUDA IPC carries them GPU to GPU) and the shard's fused MoE skips the -1
+choices. It moves ``S / (shards a token touches)`` times the rows of the sparse dispatch: right for
+a few shards on one node, which is where device-resident transport runs today. The model's MoE runs the shared expert between the two,
 while the shards work. A new placement version is ``stage``d from any thread and taken
 ``at_step_boundary`` (the engine loop's thread, between steps).
 
@@ -73,7 +82,8 @@ class DispatchStats:
 
 @dataclass
 class _Wire:
-    """One micro-batch of one MoE layer as it went out (CPU), kept so that a shard's part can be re-sent."""
+    """One micro-batch of one MoE layer as it went out (on x's device when sync-free, else the CPU),
+    kept so that a shard's part can be re-sent."""
 
     placement: Placement
     layer: int
@@ -89,7 +99,7 @@ class _Handle:
     shape: tuple[int, int]                       # (T, D) of x
     dtype: torch.dtype
     device: torch.device
-    parts: list[tuple[int, torch.Tensor, Future]]   # (shard, rows [R] int64 on CPU, future of its output)
+    parts: list[tuple[int, torch.Tensor, Future]]   # (shard, rows [R] int64 on the wire's device, future of its output)
     wire: _Wire
     sent_at: float = 0.0                         # time.monotonic() when the batches went out
 
@@ -102,7 +112,7 @@ class RemoteExperts(ExpertBackend):
     """Routed experts on shards; ``wire_dtype`` "model" sends x as is, "fp8" as e4m3 + 1x128 scales."""
 
     def __init__(self, placement: Placement, transport: ExpertTransport, *, wire_dtype: str = "model",
-                 timeout_s: float | None = 60.0, hedge_after_s: float | None = None):
+                 timeout_s: float | None = 60.0, hedge_after_s: float | None = None, sync_free: bool | None = None):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         self.placement = placement
@@ -112,6 +122,7 @@ class RemoteExperts(ExpertBackend):
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
         self.hedge_after_s = hedge_after_s or None              # 0 / None: never hedge
+        self.sync_free = sync_free                               # None: on a GPU over CudaChannels (module doc)
         self.stats = DispatchStats()
         self._avoided: dict[int, float] = {}                     # shard -> time.monotonic() it failed or straggled
         self._unanswered: dict[int, list[Future]] = {}           # shard -> batches it straggled on, answered elsewhere
@@ -134,17 +145,38 @@ class RemoteExperts(ExpertBackend):
     def dispatch(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> _Handle:
         """x [T, D], topk_weights [T, K] float32, topk_ids [T, K] logical -> handle for combine."""
         p = self.placement
-        ids = topk_ids.cpu()
+        sync_free = x.is_cuda and self.transport.on_device() if self.sync_free is None else self.sync_free
+        device = x.device if sync_free else torch.device("cpu")
+        ids = topk_ids.to(device)
         slots = p.to_physical(layer, ids)                                 # [T, K] global slot
         avoided = self._avoided_shards()
         if avoided:                                                       # a copy elsewhere where there is one
             elsewhere = _other_copies(p, layer, ids, slots, avoided)
             slots = torch.where(elsewhere >= 0, elsewhere, slots)
-        hidden, scales = self._encode(x)                                  # [T, D], [T, G] or None
-        wire = _Wire(p, layer, ids, slots, topk_weights.float().cpu(), hidden, scales)
-        parts = self._send(wire, slots)
+        hidden, scales = self._encode(x, device)                          # [T, D], [T, G] or None
+        wire = _Wire(p, layer, ids, slots, topk_weights.float().to(device), hidden, scales)
+        parts = self._send_all_rows(wire, slots, avoided) if sync_free else self._send(wire, slots)
         self.stats.add(x.shape[0], sum(len(rows) for _, rows, _ in parts))
         return _Handle((x.shape[0], x.shape[1]), x.dtype, x.device, parts, wire, time.monotonic())
+
+    def _send_all_rows(self, wire: _Wire, slots: torch.Tensor, avoided: list[int]) -> list[tuple]:
+        """Every row to every shard of the placement, with -1 for the choices elsewhere: nothing about the
+        routing is read on the host -> (shard, rows [T] (all), future) per shard. An avoided shard is left
+        out where the placement has a copy elsewhere of each of its experts (dispatch moved its choices)."""
+        p = wire.placement
+        left_out = _replaceable(p, wire.layer, avoided) if avoided else ()
+        shard_of = torch.div(slots, p.slots_per_shard, rounding_mode="floor")     # [T, K]
+        local = (slots - shard_of * p.slots_per_shard).to(torch.int32)            # [T, K] slot on its shard
+        everyone = torch.arange(slots.shape[0], device=slots.device)              # [T]
+        parts = []
+        for shard in p.shards_in_use():
+            if shard in left_out:
+                continue
+            here = shard_of == shard
+            batch = ExpertBatch(wire.layer, p.version, wire.hidden, wire.scales, torch.where(here, local, -1),
+                                torch.where(here, wire.weights, 0.0))
+            parts.append((shard, everyone, self._send_one(shard, batch)))
+        return parts
 
     def _send(self, wire: _Wire, slots: torch.Tensor, rows: torch.Tensor | None = None) -> list[tuple]:
         """One ExpertBatch per shard that ``slots`` [R, K] (-1: a choice not sent now) touches, for the
@@ -154,7 +186,7 @@ class RemoteExperts(ExpertBackend):
         local = (slots - shard_of * p.slots_per_shard).to(torch.int32)          # [R, K] slot on its shard
         shards = torch.unique(shard_of).tolist()                                # shards touched (and -1)
         shards = shards[1:] if shards[0] < 0 else shards
-        here = shard_of[None] == torch.tensor(shards)[:, None, None]            # [S, R, K]
+        here = shard_of[None] == torch.tensor(shards, device=slots.device)[:, None, None]   # [S, R, K]
         local_by_shard = torch.where(here, local, -1)                           # [S, R, K] (-1: elsewhere)
         weights_by_shard = torch.where(here, wire.weights if rows is None else wire.weights[rows], 0.0)
         touched = here.any(dim=2)                                               # [S, R]
@@ -177,19 +209,21 @@ class RemoteExperts(ExpertBackend):
             failed.set_exception(error)
             return failed
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [T, D] -> what goes on the wire, on the CPU: (x, None) or (e4m3 [T, D], scales [T, ceil(D/128)])."""
+    def _encode(self, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [T, D] -> what goes on the wire, on ``device``: (x, None) or (e4m3 [T, D], scales [T, ceil(D/128)])."""
         if self.wire_dtype == "fp8":
             q, scales = fp8_quant(x)                                  # 1 x FP8_BLOCK groups
-            return q.cpu(), scales.cpu()
-        return x.cpu(), None
+            return q.to(device), scales.to(device)
+        return x.to(device), None
 
     def combine(self, handle: _Handle) -> torch.Tensor:
-        """Wait for every shard's rows; their sum per token, [T, D] in x's dtype on x's device."""
-        out = torch.zeros(handle.shape, dtype=torch.float32)
+        """Wait for every shard's rows; their sum per token, [T, D] in x's dtype on x's device (float32
+        accumulation where the wire is, then one copy to x's device)."""
+        device = handle.wire.hidden.device
+        out = torch.zeros(handle.shape, dtype=torch.float32, device=device)
         for shard, rows, future in handle.parts:
             for done_rows, output in self._collect(handle, shard, rows, future):
-                out.index_add_(0, done_rows, output.float())
+                out.index_add_(0, done_rows, output.to(device, torch.float32))
         return out.to(device=handle.device, dtype=handle.dtype)
 
     def _collect(self, handle: _Handle, shard: int, rows: torch.Tensor, future: Future) -> list[tuple]:
@@ -290,9 +324,28 @@ def _other_copies(p: Placement, layer: int, topk_ids: torch.Tensor, slots: torch
     """slots [N, K] -> [N, K]: for each choice on a shard in ``avoid``, the first copy of its expert on a shard
     not in ``avoid`` (-1 where there is none); -1 for every other choice."""
     sps = p.slots_per_shard
-    avoid_t = torch.tensor(avoid, dtype=torch.int64)
-    copies = p.logical_to_physical[p.row(layer)][topk_ids.long()]             # [N, K, M] slots, EMPTY padded
-    usable = (copies != EMPTY) & ~torch.isin(torch.div(copies, sps, rounding_mode="floor"), avoid_t)
+    copies = p.tables_on(slots.device)[0][p.row(layer)][topk_ids.long()]     # [N, K, M] slots, EMPTY padded
+    usable = (copies != EMPTY) & ~_on_shards(torch.div(copies, sps, rounding_mode="floor"), avoid)
     first = copies.gather(2, usable.int().argmax(dim=2, keepdim=True)).squeeze(2)  # [N, K]
-    moved = torch.isin(torch.div(slots, sps, rounding_mode="floor"), avoid_t)
+    moved = _on_shards(torch.div(slots, sps, rounding_mode="floor"), avoid)
     return torch.where(moved & usable.any(dim=2), first, -1)
+
+
+def _on_shards(shard_of: torch.Tensor, shards: list[int]) -> torch.Tensor:
+    """shard_of [...] == any of ``shards``, compared with Python ints (a tensor of them would be a blocking
+    host-to-device copy on a GPU)."""
+    hit = torch.zeros_like(shard_of, dtype=torch.bool)
+    for shard in shards:
+        hit |= shard_of == shard
+    return hit
+
+
+def _replaceable(p: Placement, layer: int, avoid: list[int]) -> set[int]:
+    """The shards of ``avoid`` each of whose experts of ``layer`` has a copy on a shard not in ``avoid``
+    (from the placement alone: nothing read from the device)."""
+    row = p.row(layer)
+    copies = p.logical_to_physical[row]                                        # [E, M] slots, EMPTY padded
+    shard_of_copy = torch.div(copies, p.slots_per_shard, rounding_mode="floor")
+    elsewhere = ((copies != EMPTY) & ~torch.isin(shard_of_copy, torch.tensor(avoid))).any(dim=1)   # [E]
+    members = p.members()[row]                                                 # [S, slots] expert, EMPTY
+    return {s for s in avoid if bool(elsewhere[members[s][members[s] != EMPTY]].all())}

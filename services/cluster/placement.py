@@ -27,6 +27,8 @@ class Placement:
     physical_to_logical: torch.Tensor        # [rows, S * slots_per_shard] int64, EMPTY for unused slots
     logical_to_physical: torch.Tensor = field(init=False)   # [rows, E, max_replicas] int64, EMPTY padded
     replica_counts: torch.Tensor = field(init=False)        # [rows, E] int64
+    _on_device: dict = field(init=False, repr=False, compare=False)   # device -> (logical_to_physical, replica_counts)
+    _shards_in_use: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         p2l = self.physical_to_logical
@@ -42,6 +44,9 @@ class Placement:
                     filled[expert] += 1
         object.__setattr__(self, "logical_to_physical", l2p)
         object.__setattr__(self, "replica_counts", counts)
+        object.__setattr__(self, "_on_device", {torch.device("cpu"): (l2p, counts)})
+        in_use = (self.members() != EMPTY).any(dim=2).any(dim=0).nonzero().flatten().tolist()
+        object.__setattr__(self, "_shards_in_use", tuple(in_use))
 
     # ---- lookups ---------------------------------------------------------------------------
     def row(self, layer: int) -> int:
@@ -52,8 +57,7 @@ class Placement:
 
     def shards_in_use(self) -> list[int]:
         """The shards that hold a slot in some layer (a fail-over placement leaves dead shards out)."""
-        members = self.physical_to_logical.view(len(self.moe_layers), self.num_shards, self.slots_per_shard)
-        return (members != EMPTY).any(dim=2).any(dim=0).nonzero().flatten().tolist()
+        return list(self._shards_in_use)
 
     def members(self) -> torch.Tensor:
         """[rows, S, slots_per_shard] logical expert per slot of each shard (EMPTY: unused)."""
@@ -64,15 +68,25 @@ class Placement:
         start = shard * self.slots_per_shard
         return self.physical_to_logical[self.row(layer), start:start + self.slots_per_shard].tolist()
 
+    def tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logical_to_physical, replica_counts) on ``device``, copied there once: a copy per lookup would
+        be a host-to-device copy, and a device sync, per MoE layer."""
+        tables = self._on_device.get(device)
+        if tables is None:
+            tables = self._on_device[device] = (self.logical_to_physical.to(device), self.replica_counts.to(device))
+        return tables
+
     def to_physical(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """topk_ids [tokens, k] logical -> physical slots [tokens, k], spreading tokens over replicas."""
+        """topk_ids [tokens, k] logical -> physical slots [tokens, k], spreading tokens over replicas
+        (on topk_ids' device, without a device sync)."""
         row = self.row(layer)
         ids = topk_ids.long()
-        counts = self.replica_counts[row].to(ids.device)[ids]                            # [tokens, k]
+        logical_to_physical, replica_counts = self.tables_on(ids.device)
+        counts = replica_counts[row][ids]                                                 # [tokens, k]
         tokens, k = ids.shape
         spread = torch.arange(tokens, device=ids.device)[:, None] + torch.arange(k, device=ids.device)[None, :]
         choice = spread % counts
-        return self.logical_to_physical[row].to(ids.device)[ids, choice]
+        return logical_to_physical[row][ids, choice]
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_json(self) -> str:

@@ -16,6 +16,11 @@ INVALID_ARGUMENT (or FAILED_PRECONDITION for a placement version it does not hol
 field; other streams and new streams are unaffected. Tokens per (version, MoE layer row, local
 slot) are counted; a daemon thread hands each version's counts accumulated since the last flush
 to ``on_flush(placement, counts)`` every ``flush_interval_s``.
+
+**On a GPU, no host round trip**: a batch whose tensors are on the GPU (the local transport over CUDA
+IPC) is served without reading anything back to the host: the range checks that would need a device
+sync are not made; instead a choice of a slot out of range or empty is dropped (as a -1) and counted
+in ``refused`` on the device, which the flush thread logs. The counts stay on the device too.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_dequant
 from epserve.services.cluster.expert_batch import BadBatch, ExpertBatch, from_request
 from epserve.services.cluster.placement import EMPTY, Placement
 from epserve.services.cluster.tensor_codec import to_proto
-from epserve.services.metrics import EXPERT_TOKENS, PLACEMENT_VERSION
+from epserve.services.metrics import PLACEMENT_VERSION
 from epserve.services.model.checkpoint import CheckpointReader
 from epserve.services.model.config import ModelConfig
 from epserve.services.model.moe import ExpertWeights, load_expert_weights
@@ -53,8 +58,8 @@ class _Held:
     placement: Placement
     weights: dict[int, ExpertWeights | None]     # MoE layer -> its local experts' stacked weights
     slot_rows: dict[int, torch.Tensor]            # MoE layer -> [slots_per_shard] weight row per slot (-1: EMPTY)
-    counts: torch.Tensor                          # [moe layer rows, slots_per_shard] int64 tokens served
-    flushed: torch.Tensor                         # the part of counts already handed to on_flush
+    counts: torch.Tensor                          # [moe layer rows, slots_per_shard] int64 tokens served (shard's device)
+    flushed: torch.Tensor                         # the part of counts already handed to on_flush (CPU)
 
 
 class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
@@ -66,6 +71,9 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         self.hidden_size = self.config.hidden_size
         self.reader = CheckpointReader(model_path)            # records what was read (selective loading)
         self._held: dict[int, _Held] = {}
+        self._retired: dict[tuple[int, int], int] = {}         # (layer, slot) -> tokens of released versions
+        self.refused = torch.zeros((), dtype=torch.int64, device=device)   # choices dropped unchecked (GPU)
+        self._refused_logged = 0
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self.hold(placement)
@@ -107,10 +115,10 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             present = [e for e in experts if e != EMPTY]
             weights[layer] = self._stack(layer, present) if present else None
             filled = torch.tensor([e != EMPTY for e in experts])
-            slot_rows[layer] = torch.where(filled, filled.long().cumsum(0) - 1, -1)
+            slot_rows[layer] = torch.where(filled, filled.long().cumsum(0) - 1, -1).to(self.device)
         counts = torch.zeros(len(placement.moe_layers), placement.slots_per_shard, dtype=torch.int64)
         with self._lock:
-            self._held[placement.version] = _Held(placement, weights, slot_rows, counts, counts.clone())
+            self._held[placement.version] = _Held(placement, weights, slot_rows, counts.to(self.device, copy=True), counts)
             PLACEMENT_VERSION.set(max(self._held))
 
     def _stack(self, layer: int, experts: list[int]) -> ExpertWeights:
@@ -145,8 +153,13 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         except Exception:                       # noqa: BLE001 - its last counts are lost, not the shard
             log.exception("expert shard %d: flushing counts of v%d failed", self.shard_id, version)
         with self._lock:
-            self._held.pop(version, None)
+            held = self._held.pop(version, None)
             PLACEMENT_VERSION.set(max(self._held, default=0))
+        if held is not None:
+            retired = _per_slot(held.placement, held.counts)                    # a device copy: not under the lock
+            with self._lock:
+                for key, tokens in retired.items():
+                    self._retired[key] = self._retired.get(key, 0) + tokens
 
     # ---- RPCs ------------------------------------------------------------------------------
     def Dispatch(self, request_iterator, context):
@@ -162,29 +175,34 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         """The newest version held, and the tokens each of its slots served."""
         with self._lock:
             held = self._held[max(self._held)]
-            counts = held.counts.clone()
+            counts = held.counts.clone()              # copied to the host (to_proto) outside the lock
         return expert_pb2.ShardInfo(request_id=request.request_id, shard_id=self.shard_id,
                                     placement_version=held.placement.version,
                                     slots_per_layer=held.placement.slots_per_shard, tokens_per_slot=to_proto(counts))
 
     # ---- one request -------------------------------------------------------------------------
     def serve(self, batch: ExpertBatch) -> torch.Tensor:
-        """Validate and run one batch; its weighted expert sum [T, D] in the model dtype (CPU).
-        BadBatch naming the field for a batch the shard cannot serve."""
+        """Validate and run one batch; its weighted expert sum [T, D] in the model dtype, on the shard's
+        device. BadBatch naming the field for a batch the shard cannot serve (see the module doc on GPUs)."""
         held = self._version(batch)
         x, slots, topk_weights = self._decode(held, batch)
-        layer = batch.layer
-        rows = held.slot_rows[layer][slots.long().clamp(min=0)]                  # [T, K] weight row
+        layer, d, unchecked = batch.layer, self.device, slots.is_cuda          # checked where it costs no sync
+        slots, topk_weights = slots.to(d), topk_weights.to(d)
+        slot_rows = held.slot_rows[layer]                                        # [slots_per_shard]
+        rows = slot_rows[slots.long().clamp(0, len(slot_rows) - 1)]              # [T, K] weight row
         rows = torch.where(slots >= 0, rows, -1)
-        if (rows[slots >= 0] < 0).any():
+        if unchecked:                                                            # no sync: drop and count
+            dropped = (slots >= 0) & (rows < 0) | (slots >= len(slot_rows)) | (slots < -1)
+            self.refused += dropped.sum()
+            rows = torch.where(dropped, -1, rows)
+        elif (rows[slots >= 0] < 0).any():
             raise _invalid("topk_slots", f"addresses an empty slot of layer {layer} "
-                                         f"(empty: {(held.slot_rows[layer] < 0).nonzero().flatten().tolist()})")
-        self._count(held, layer, slots)
+                                         f"(empty: {(slot_rows < 0).nonzero().flatten().tolist()})")
+        self._count(held, layer, rows)
         weights = held.weights[layer]
-        if weights is None or not (slots >= 0).any():
-            return torch.zeros(x.shape, dtype=self.dtype)
-        d = self.device
-        return weights.run(x.to(d), topk_weights.to(d), rows.to(d)).cpu()
+        if weights is None or (not unchecked and not (slots >= 0).any()):
+            return torch.zeros(x.shape, dtype=self.dtype, device=d)
+        return weights.run(x.to(d), topk_weights, rows)
 
     def _version(self, batch: ExpertBatch) -> _Held:
         with self._lock:
@@ -213,7 +231,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             raise _invalid("topk_weights", f"must be float32 {list(slots.shape)}, got {weights.dtype} "
                                            f"{list(weights.shape)}")
         n = placement.slots_per_shard
-        if slots.numel() and not (slots.min() >= -1 and slots.max() < n):
+        if not slots.is_cuda and slots.numel() and not (slots.min() >= -1 and slots.max() < n):
             raise _invalid("topk_slots", f"values must be in [-1, {n}), got [{int(slots.min())}, {int(slots.max())}]")
         return x, slots, weights
 
@@ -235,30 +253,53 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         return fp8_dequant(x, scales, dtype=self.dtype)
 
     # ---- load counters -------------------------------------------------------------------------
-    def _count(self, held: _Held, layer: int, slots: torch.Tensor) -> None:
-        served = torch.bincount(slots[slots >= 0].long(), minlength=held.placement.slots_per_shard)
+    def _count(self, held: _Held, layer: int, rows: torch.Tensor) -> None:
+        """Add the batch's choices per local slot (rows [T, K]: -1 for none) to ``held.counts``, on the device."""
+        slot_rows = held.slot_rows[layer]                                        # [slots_per_shard] -> weight row
+        per_row = torch.zeros(len(slot_rows) + 1, dtype=torch.int64, device=rows.device)   # [1 + rows], 0: none
+        per_row.index_add_(0, rows.flatten().long() + 1, torch.ones(rows.numel(), dtype=torch.int64,
+                                                                    device=rows.device))
+        served = torch.where(slot_rows >= 0, per_row[slot_rows + 1], 0)          # [slots_per_shard]
         with self._lock:
             held.counts[held.placement.row(layer)] += served
-        for slot in served.nonzero().flatten().tolist():
-            EXPERT_TOKENS.labels(str(layer), str(slot)).inc(int(served[slot]))
 
     def token_counts(self, version: int | None = None) -> torch.Tensor:
         """Tokens served per (MoE layer row, local slot) of ``version`` (default: the newest held)
-        since it was loaded, [rows, slots_per_shard] int64."""
+        since it was loaded, [rows, slots_per_shard] int64 (CPU)."""
         with self._lock:
-            return self._held[max(self._held) if version is None else version].counts.clone()
+            counts = self._held[max(self._held) if version is None else version].counts.clone()
+        return counts.cpu()
+
+    def tokens_served(self) -> dict[tuple[int, int], int]:
+        """(MoE layer, local slot) -> tokens served since start, over every version (the metric)."""
+        with self._lock:
+            held = [(h.placement, h.counts.clone()) for h in self._held.values()]
+            total = dict(self._retired)
+        for placement, counts in held:
+            for key, tokens in _per_slot(placement, counts).items():
+                total[key] = total.get(key, 0) + tokens
+        return total
 
     def flush(self) -> None:
         """Hand each version's counts since its last successful flush to ``on_flush`` (skipped when none)."""
         with self._flush_lock:
+            self._log_refused()
             with self._lock:
                 held = [(h, h.counts.clone()) for h in self._held.values()]
+            held = [(version, counts.cpu()) for version, counts in held]          # outside the lock
             for version, counts in held:
                 delta = counts - version.flushed
                 if self.on_flush is None or not delta.any():
                     continue
                 self.on_flush(version.placement, delta)
                 version.flushed += delta
+
+    def _log_refused(self) -> None:
+        refused = int(self.refused)
+        if refused > self._refused_logged:
+            log.warning("expert shard %d: %d choices of GPU batches addressed a slot out of range or empty and "
+                        "were dropped (%d in all)", self.shard_id, refused - self._refused_logged, refused)
+            self._refused_logged = refused
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
@@ -277,3 +318,9 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
                 self.flush()
             except Exception:                   # noqa: BLE001 - shutting down must not need Redis
                 log.exception("expert shard %d: the last flush of token counts failed", self.shard_id)
+
+
+def _per_slot(placement: Placement, counts: torch.Tensor) -> dict[tuple[int, int], int]:
+    """counts [rows, slots_per_shard] -> {(MoE layer, local slot): tokens} of the non-zero ones."""
+    counts = counts.cpu()
+    return {(placement.moe_layers[row], slot): int(counts[row, slot]) for row, slot in counts.nonzero().tolist()}

@@ -81,13 +81,13 @@ def in_process(path):
     return greedy_with_logits(LLMEngine.from_path(path, ENGINE_CONFIG, dtype=torch.float32), PROMPTS, NEW_TOKENS)
 
 
-def remote_generation(path, placement: Placement, wire_dtype: str = "model"):
-    """(greedy result through shards, the cluster's per-shard ShardInfo after the run)."""
+def remote_generation(path, placement: Placement, wire_dtype: str = "model", sync_free: bool = False):
+    """(greedy result through shards, the cluster's per-shard ShardInfo after the run, dispatch stats)."""
     with shard_cluster(path, placement) as cluster, grpc_transport(cluster.addresses) as transport:
-        backend = RemoteExperts(placement, transport, wire_dtype=wire_dtype)
+        backend = RemoteExperts(placement, transport, wire_dtype=wire_dtype, sync_free=sync_free)
         engine = LLMEngine.from_path(path, ENGINE_CONFIG, dtype=torch.float32, backend=backend)
         result = greedy_with_logits(engine, PROMPTS, NEW_TOKENS)
-        return result, [cluster.info(s) for s in range(placement.num_shards)]
+        return result, [cluster.info(s) for s in range(placement.num_shards)], backend.stats
 
 
 # ---- generation through the shards ------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_greedy_generation_through_shards_matches_in_process(path, config, in_pr
     placement = build_placement(config.n_routed_experts, num_shards, 2, config.moe_layers)
     if num_shards == 3:
         assert (placement.physical_to_logical == EMPTY).any(), "S=3 should leave empty slots"
-    remote, infos = remote_generation(path, placement)
+    remote, infos, _ = remote_generation(path, placement)
     for (tokens, logits), (ref_tokens, ref_logits) in zip(remote, in_process):
         assert tokens == ref_tokens
         assert (logits - ref_logits).abs().max().item() <= 1e-4
@@ -108,9 +108,23 @@ def test_greedy_generation_through_shards_matches_in_process(path, config, in_pr
     assert [info.placement_version for info in infos] == [placement.version] * num_shards
 
 
+def test_sync_free_dispatch_sends_every_row_to_every_shard_with_the_same_result(path, config, in_process):
+    """The dispatch a GPU replica makes (nothing about routing read on the host), run on the CPU: the same
+    tokens and the same choices served per slot as the sparse dispatch, every row going to every shard."""
+    placement = build_placement(config.n_routed_experts, 3, 2, config.moe_layers)
+    sparse, sparse_infos, sparse_stats = remote_generation(path, placement)
+    dense, dense_infos, dense_stats = remote_generation(path, placement, sync_free=True)
+    for (tokens, logits), (ref_tokens, ref_logits) in zip(dense, in_process):
+        assert tokens == ref_tokens
+        assert (logits - ref_logits).abs().max().item() <= 1e-4
+    assert all(torch.equal(from_proto(a.tokens_per_slot), from_proto(b.tokens_per_slot))
+               for a, b in zip(sparse_infos, dense_infos))
+    assert dense_stats.token_shards == 3 * dense_stats.tokens > sparse_stats.token_shards
+
+
 def test_fp8_wire_stays_close(path, config, in_process):
     placement = build_placement(config.n_routed_experts, 2, 2, config.moe_layers)
-    remote, _ = remote_generation(path, placement, wire_dtype="fp8")
+    remote, _, _ = remote_generation(path, placement, wire_dtype="fp8")
     for (tokens, logits), (ref_tokens, ref_logits) in zip(remote, in_process):
         assert tokens[:4] == ref_tokens[:4]
         first = logits[0] - ref_logits[0]
@@ -363,3 +377,22 @@ def test_a_taken_port_fails_loudly():
             start_grpc_server(lambda server: None, [], address=first.address)
     finally:
         first.stop(None)
+
+
+def test_the_token_metric_counts_every_version_since_start(path, config):
+    """``expert_tokens_total`` is read from the shard's counters at scrape time, and a released placement
+    version's tokens stay in it."""
+    from epserve.services.metrics import _ExpertTokens
+
+    v1 = build_placement(config.n_routed_experts, 2, 0, config.moe_layers)
+    v2 = build_placement(config.n_routed_experts, 2, 2, config.moe_layers, version=2)
+    shard = ExpertShard(path, 0, v1, dtype=torch.float32)
+    shard.serve(_batch(v1, config))
+    shard.hold(v2)
+    shard.serve(_batch(v2, config))
+    shard.release(1)
+    (family,) = _ExpertTokens(shard.tokens_served).collect()
+    served = {(s.labels["layer"], s.labels["slot"]): s.value for s in family.samples if s.name.endswith("_total")}
+    layer = str(config.moe_layers[0])
+    assert sum(served.values()) == 6 and {key[0] for key in served} == {layer}
+    assert sum(shard.tokens_served().values()) == 6 and shard.token_counts().sum() == 3

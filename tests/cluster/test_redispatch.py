@@ -37,11 +37,11 @@ def local(path, config):
     return LocalExperts.load(CheckpointReader(path), config, config.moe_layers, dtype=torch.float32, device="cpu")
 
 
-def remote_experts(shards: Shards, config, hedge_after_s: float | None) -> RemoteExperts:
+def remote_experts(shards: Shards, config, hedge_after_s: float | None, sync_free: bool = False) -> RemoteExperts:
     placement = choose_placement(shards.registry.client, shards.registry.keys, num_experts=config.n_routed_experts,
                                  num_shards=SHARDS, redundant=config.n_routed_experts, moe_layers=config.moe_layers)
     assert bool((placement.replica_counts == SHARDS).all())
-    return RemoteExperts(placement, make_transport(shards, "local"), hedge_after_s=hedge_after_s)
+    return RemoteExperts(placement, make_transport(shards, "local"), hedge_after_s=hedge_after_s, sync_free=sync_free)
 
 
 def one_layer(remote: RemoteExperts, local: LocalExperts, config, layer: int, seed: int) -> float:
@@ -56,8 +56,9 @@ def one_layer(remote: RemoteExperts, local: LocalExperts, config, layer: int, se
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-def test_a_killed_shard_s_tokens_go_to_the_other_copies(shards, local, config):
-    remote = remote_experts(shards, config, hedge_after_s=None)
+@pytest.mark.parametrize("sync_free", [False, True], ids=["sparse", "sync-free"])
+def test_a_killed_shard_s_tokens_go_to_the_other_copies(shards, local, config, sync_free):
+    remote = remote_experts(shards, config, hedge_after_s=None, sync_free=sync_free)
     try:
         assert one_layer(remote, local, config, config.moe_layers[0], seed=0) <= 1e-5
         assert remote.stats.rerouted == 0
@@ -87,12 +88,13 @@ def test_a_hung_shard_is_hedged(shards, local, config):
         remote.transport.close()
 
 
-def test_a_hung_shard_stays_avoided_while_it_owes_answers(shards, local, config):
+@pytest.mark.parametrize("sync_free", [False, True], ids=["sparse", "sync-free"])
+def test_a_hung_shard_stays_avoided_while_it_owes_answers(shards, local, config, sync_free):
     """Each batch a hung shard holds keeps one of its transport slots: once its part was answered elsewhere,
-    it gets nothing more until it answers, even after AVOID_S."""
+    it gets nothing more until it answers, even after AVOID_S (also when every row goes to every shard)."""
     from epserve.services.attention.remote_experts import AVOID_S
 
-    remote = remote_experts(shards, config, hedge_after_s=0.3)
+    remote = remote_experts(shards, config, hedge_after_s=0.3, sync_free=sync_free)
     try:
         os.kill(shards.processes[1].pid, signal.SIGSTOP)
         assert one_layer(remote, local, config, config.moe_layers[0], seed=0) <= 1e-5       # hedged
