@@ -42,12 +42,13 @@ def run(config: AttentionConfig) -> int:
     placement = service_placement(config, service)
     registry = Registry(client, keys)
     model = service.model
+    device, dtype = device_and_dtype(config)
     transport = ExpertTransport(
         _shard_endpoints(registry, config, placement), mode=config.transport,
         local_slot_bytes=slot_bytes_for(config.max_num_batched_tokens, model.hidden_size, model.num_experts_per_tok),
-        resolve=lambda shard: _live_shard_endpoint(registry, shard, experts.placement.version), tls=service.tls)
+        resolve=lambda shard: _live_shard_endpoint(registry, shard, experts.placement.version), tls=service.tls,
+        device=device)
     experts = RemoteExperts(placement, transport, wire_dtype=config.wire_dtype, hedge_after_s=config.hedge_after)
-    device, dtype = device_and_dtype(config)
     engine = LLMEngine.from_path(resolve_model(config.model), config.engine(), dtype=dtype, device=device,
                                  backend=experts)
     token_log = TokenLogWriter(RequestStore(client, keys))

@@ -16,7 +16,8 @@ up): blocking reads, so waiting costs no CPU. An abstract socket has no file mod
 network namespace may connect, so the shard admits only peers running as its own user (SO_PEERCRED)
 and closes other connections before reading a byte. A batch the shard refuses fails its own future with
 the shard's message; a connection that ends fails every pending batch and breaks the channel (the
-transport then reconnects through the registry).
+transport then reconnects through the registry). A replica on a GPU sends GPU slots instead of memfds
+(``cuda_transport.CudaChannel``; the server opens them with ``cuda_ipc.CudaPeer``).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import grpc
 import torch
 
 from epserve.kernels.fp8 import FP8_BLOCK
+from epserve.services.cluster.cuda_ipc import CudaPeer
 from epserve.services.cluster.expert_batch import BadBatch, ExpertBatch
 from epserve.services.cluster.expert_channel import ExpertShardError, TransportStats
 from epserve.services.cluster.tensor_codec import DTYPES
@@ -88,6 +90,7 @@ class LocalChannel:
     """The replica's end of one pair: slots, the socket, a reader thread resolving futures by seq."""
 
     KIND = "local"
+    ON_DEVICE = False                       # whether outputs stay on the GPU (cuda_transport.CudaChannel)
 
     def __init__(self, shard: int, name: str, slot_bytes: int, stats: TransportStats):
         slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN                 # the response region starts aligned
@@ -131,8 +134,18 @@ class LocalChannel:
                 os.close(fd)                        # the mappings (and the shard's copies) keep the memory
         return buffers
 
+    def _claim(self, slot: int) -> None:
+        """Before writing into ``slot`` again: its last output has been copied out (shared memory: it has)."""
+
     def _push(self, slot: int, nbytes: int) -> None:
         """Make the first ``nbytes`` of ``slot``'s request region visible to the shard (shared: nothing to do)."""
+
+    def _take_output(self, slot: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The shard's output, copied out of ``slot``'s response region (the slot is then free)."""
+        return _view(self._buffers[slot], self.slot_bytes, shape, dtype).clone()
+
+    def _settle(self, slot: int) -> None:
+        """The shard is done with ``slot`` after refusing its batch (shared memory: it is, at its answer)."""
 
     def _send_message(self, data: bytes) -> None:
         self._socket.send(data)
@@ -161,6 +174,7 @@ class LocalChannel:
         if slot is None:
             future.set_exception(self._error)
             return future
+        self._claim(slot)
         for name, shape, dtype, offset in layout:
             _view(self._buffers[slot], offset, shape, dtype).copy_(getattr(batch, name))
         self._push(slot, size)
@@ -211,11 +225,12 @@ class LocalChannel:
             with self._lock:
                 future, slot, shape = self._pending.pop(seq)
             if status == _OK:
-                out = _view(self._buffers[slot], self.slot_bytes, shape, _DTYPES[out_dtype]).clone()
+                out = self._take_output(slot, shape, _DTYPES[out_dtype])
                 self.stats.add_received(self.shard, out.nbytes + _RESPONSE.size)
                 self._free.put(slot)
                 future.set_result(out)
                 continue
+            self._settle(slot)
             self._free.put(slot)
             future.set_exception(ExpertShardError(self.shard, self.address,
                                                   message[_RESPONSE.size:].decode(errors="replace"), _CODES[status]))
@@ -283,10 +298,15 @@ class LocalExpertServer:
         return sock, name
 
     def _handshake(self, connection: socket.socket):
-        """The replica's hello -> (its slots as this side sees them, slot_bytes, what _push_output needs)."""
-        hello, fds, _, _ = socket.recv_fds(connection, 4096, SLOTS)
-        slot_bytes = json.loads(hello)["slot_bytes"]
+        """The replica's hello -> (its slots as this side sees them, slot_bytes, what _push_output needs):
+        memfds mapped here, or GPU slots opened by their CUDA IPC handles (``cuda_transport``)."""
+        hello, fds, _, _ = socket.recv_fds(connection, 16384, SLOTS)
+        hello = json.loads(hello)
+        slot_bytes = hello["slot_bytes"]
         try:
+            if "cuda" in hello:
+                peer = CudaPeer(hello["cuda"], slot_bytes)
+                return peer.slots, slot_bytes, peer
             return [torch.frombuffer(mmap.mmap(fd, 2 * slot_bytes), dtype=torch.uint8) for fd in fds], slot_bytes, None
         finally:
             for fd in fds:
@@ -309,24 +329,29 @@ class LocalExpertServer:
         try:
             buffers, slot_bytes, peer = self._handshake(connection)
             while header := self._receive_message(connection):
-                response, nbytes = self._answer(header, buffers, slot_bytes)
+                response, nbytes = self._answer(header, buffers, slot_bytes, peer)
                 if nbytes:
                     self._push_output(peer, _REQUEST.unpack_from(header)[1], slot_bytes, nbytes)
                 self._send_message(connection, response)
-        except (OSError, ValueError, KeyError, struct.error) as e:  # a replica gone, or a malformed message
-            log.info("%s: connection ended: %s", self.label, e)
+        except (OSError, ValueError, KeyError, struct.error, RuntimeError) as e:   # a replica gone, a malformed
+            log.info("%s: connection ended: %s", self.label, e)                  # message, a CUDA handle refused
         finally:
             self._connection_closed(connection)
             with self._lock:
                 self._connections.remove(connection)
             connection.close()
 
-    def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int) -> tuple[bytes, int]:
-        """One batch from its header and slot -> (the response header, the output's bytes in the slot)."""
+    def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int, peer=None) -> tuple[bytes, int]:
+        """One batch from its header and slot -> (the response header, the output's bytes in the slot). With
+        GPU slots (a ``CudaPeer``) the work is ordered after the replica's writes and before its reads by
+        CUDA IPC events, not by waiting here."""
         seq, slot, layer, version, rows, hidden, top_k, groups, dtype, scales = _REQUEST.unpack(header)
+        cuda = isinstance(peer, CudaPeer)
         try:
             if slot >= len(buffers) or dtype >= len(_DTYPES):
                 raise BadBatch("header", f"slot {slot} or dtype code {dtype} out of range")
+            if cuda:
+                peer.wait_request(slot)
             layout, size = _layout(rows, hidden, top_k, groups, _DTYPES[dtype], bool(scales))
             if size > slot_bytes:
                 raise BadBatch("hidden", f"a batch of {rows} x {hidden} needs {size} bytes, the slot has {slot_bytes}")
@@ -343,6 +368,9 @@ class LocalExpertServer:
         except Exception as e:                                         # noqa: BLE001 - answer, keep serving
             log.exception("%s: a batch failed", self.label)
             return _RESPONSE.pack(seq, _FAILED, 0) + f"{self.label}: internal error: {e}".encode(), 0
+        finally:
+            if cuda and slot < len(buffers):
+                peer.answered(slot)                    # the replica reads or reuses the slot after this
 
     def close(self) -> None:
         """Stop accepting and end every connection (their replicas see the channel break)."""

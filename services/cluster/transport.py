@@ -6,7 +6,9 @@ Each shard gets a channel of one of three kinds (``--transport auto|grpc|local|n
 - ``grpc`` (``GrpcChannel``, here): one long-lived bidi ``Dispatch`` stream, the batch as a
   protobuf message; works across any network.
 - ``local`` (``local_transport.LocalChannel``): the batch's tensors written into shared-memory
-  slots the shard maps, a small header over a Unix socket; both ends on one host.
+  slots the shard maps, a small header over a Unix socket; both ends on one host. When both ends
+  run on GPUs (``device`` here, ``local_cuda`` in the shard's entry) the slots are GPU memory shared
+  by CUDA IPC (``cuda_transport.CudaChannel``): activations never leave the GPU.
 - ``nixl`` (``nixl_transport.NixlChannel``): the same slots and headers, the bytes moved by NIXL
   one-sided writes between each side's registered slots, headers over TCP; any network.
 
@@ -38,6 +40,7 @@ from functools import cache
 from typing import Callable
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError
 
 from epserve.services.cluster import cluster_tls
@@ -75,11 +78,13 @@ class ShardEndpoint:
     local: str | None = None         # name of its local-transport socket (abstract namespace)
     host: str | None = None          # host_id() of its machine
     nixl: str | None = None          # host:port of its nixl transport's control connection
+    local_cuda: bool = False         # its local endpoint takes GPU slots (the shard runs on a GPU)
 
     @classmethod
     def from_service(cls, service: ServiceInfo) -> "ShardEndpoint":
         info = service.info
-        return cls(service.address, info.get("local_endpoint"), info.get("host"), info.get("nixl_endpoint"))
+        return cls(service.address, info.get("local_endpoint"), info.get("host"), info.get("nixl_endpoint"),
+                   bool(info.get("local_cuda", False)))
 
     def kind(self, mode: str) -> str:
         """The channel kind ``mode`` gives for this shard: "grpc", "local" or "nixl"."""
@@ -100,6 +105,8 @@ class ShardEndpoint:
 
 class GrpcChannel:
     """One bidi ``Dispatch`` stream to one shard, with its reader thread."""
+
+    ON_DEVICE = False                   # outputs arrive in host memory
 
     def __init__(self, shard: int, address: str, max_message_bytes: int, stats: TransportStats,
                  tls: ClusterTls | None = None):
@@ -195,13 +202,14 @@ class ExpertTransport:
     broke open a new one to wherever the shard is now. Local and nixl channels get
     ``local_slot_bytes`` per slot: a batch that needs more is refused (``ValueError``) before
     anything is sent; so is a gRPC message over ``max_message_bytes``. gRPC channels are mutual TLS
-    with ``tls`` (``cluster_tls``).
+    with ``tls`` (``cluster_tls``). ``device`` is where the replica's activations are: a GPU makes
+    local channels to GPU shards ``CudaChannel``s.
     """
 
     def __init__(self, endpoints: dict[int, ShardEndpoint], *, mode: str = "auto", local_slot_bytes: int = 8 << 20,
                  max_message_bytes: int = 64 << 20, resolve: Callable[[int], ShardEndpoint | None] | None = None,
-                 tls: ClusterTls | None = None):
-        self.mode, self.stats, self._tls = mode, TransportStats(), tls
+                 tls: ClusterTls | None = None, device: str | torch.device = "cpu"):
+        self.mode, self.stats, self._tls, self.device = mode, TransportStats(), tls, torch.device(device)
         self._local_slot_bytes, self._max_message_bytes, self._resolve = local_slot_bytes, max_message_bytes, resolve
         self._lock = threading.Lock()
         self.endpoints = dict(endpoints)
@@ -213,6 +221,9 @@ class ExpertTransport:
 
     def _open(self, shard: int, endpoint: ShardEndpoint):
         kind = endpoint.kind(self.mode)
+        if kind == "local" and self.device.type == "cuda" and endpoint.local_cuda:
+            from epserve.services.cluster.cuda_transport import CudaChannel
+            return CudaChannel(shard, endpoint.local, self._local_slot_bytes, self.stats, self.device)
         if kind == "local":
             return LocalChannel(shard, endpoint.local, self._local_slot_bytes, self.stats)
         if kind == "nixl":
@@ -220,13 +231,19 @@ class ExpertTransport:
         return GrpcChannel(shard, endpoint.address, self._max_message_bytes, self.stats, self._tls)
 
     def send(self, shard: int, batch: ExpertBatch) -> Future:
-        """Queue ``batch`` for ``shard``; the future resolves to its output [R, D] (CPU)."""
+        """Queue ``batch`` for ``shard``; the future resolves to its output [R, D] (on the GPU from a
+        ``CudaChannel``, else on the CPU)."""
         channel = self._channels.get(shard)
         if (channel is None or channel.broken) and self._resolve is not None:
             channel = self._reconnect(shard)
         if channel is None:
             raise ExpertShardError(shard, "?", f"no endpoint known (known: {sorted(self._channels)})")
         return channel.send(batch)
+
+    def on_device(self) -> bool:
+        """Every channel keeps activations on the GPU (``CudaChannel``s): what ``RemoteExperts`` needs to
+        skip every host round trip."""
+        return bool(self._channels) and all(channel.ON_DEVICE for channel in self._channels.values())
 
     def _reconnect(self, shard: int):
         """Open a channel to where ``resolve`` says ``shard`` is now, in place of a broken one or none

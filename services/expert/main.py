@@ -16,7 +16,7 @@ from epserve.services.config import ExpertConfig
 from epserve.services.expert.follower import PlacementFollower
 from epserve.services.expert.shard import ExpertShard
 from epserve.services.lifecycle import start_service
-from epserve.services.metrics import serve_metrics
+from epserve.services.metrics import export_expert_tokens, serve_metrics
 from epserve.services.model.tiny import resolve_model
 from epserve.services.model_service import device_and_dtype, service_placement
 from epserve.services.proto import expert_pb2_grpc
@@ -41,10 +41,11 @@ def run(config: ExpertConfig) -> int:
                                health_address=config.health_address(), **server_security(service.tls, aio=False))
     label = f"expert shard {config.shard_id}"
     data_servers = [LocalExpertServer(shard.serve, label)]
-    endpoints = {"local_endpoint": data_servers[0].name, "host": host_id()}
+    endpoints = {"local_endpoint": data_servers[0].name, "host": host_id(), "local_cuda": device.startswith("cuda")}
     if nixl_transport.available():
         data_servers.append(nixl_transport.NixlExpertServer(shard.serve, label, config.host, config.advertise_host))
         endpoints["nixl_endpoint"] = data_servers[-1].name
+    export_expert_tokens(shard.tokens_served)
     metrics_port = serve_metrics(config.host, config.metrics_port)
     if metrics_port is not None:
         endpoints["metrics_address"] = config.advertised(metrics_port)

@@ -49,9 +49,9 @@ class Shards:
         self.wait_registered()
 
     def _start(self, shard: int) -> subprocess.Popen:
-        config = ExpertConfig(redis=self.redis_url, cluster=self.cluster, model=str(self.path), dtype="float32",
-                              device="cpu", expert_shards=SHARDS, redundant_experts=self.redundant,
-                              shard_id=shard, **self.settings)
+        settings = {"dtype": "float32", "device": "cpu", **self.settings}
+        config = ExpertConfig(redis=self.redis_url, cluster=self.cluster, model=str(self.path), expert_shards=SHARDS,
+                              redundant_experts=self.redundant, shard_id=shard, **settings)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         return subprocess.Popen(serve_command(config), env=env, stdin=subprocess.DEVNULL)
 

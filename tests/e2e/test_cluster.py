@@ -172,6 +172,19 @@ def test_nixl_cluster_matches_single_process(model_dir, expected):
         up.stop()
 
 
+@pytest.mark.gpu
+def test_a_gpu_cluster_over_cuda_ipc_matches_single_process(model_dir, expected):
+    """Replica and shards on the GPU: the local transport shares GPU slots by CUDA IPC (float32, so that the
+    shards' partial sums add up as the single process's do on the CPU)."""
+    up = UpCluster(model_dir, attention=1, shards=2, redundant=2, flags=("--device", "cuda"))
+    try:
+        assert generate_all(up.endpoint) == expected
+        assert [r.info["expert_transport"] for r in up.registry.live("attention")] == ["local"]
+        assert [s.info["local_cuda"] for s in up.registry.live("expert")] == [True, True]
+    finally:
+        up.stop()
+
+
 def test_two_replicas_three_shards_match_single_process(model_dir, expected):
     up = UpCluster(model_dir, attention=2, shards=3, redundant=0, micro_batch_min_tokens=128,  # the default
                    transport="grpc")

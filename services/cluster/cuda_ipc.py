@@ -1,0 +1,47 @@
+"""CUDA IPC pieces of the local transport on GPUs (``cuda_transport``): a GPU allocation shared with another
+process by its IPC handle, and the shard's view of one replica's slots and interprocess events."""
+from __future__ import annotations
+
+import torch
+
+
+def _encode(value):
+    return {"hex": value.hex()} if isinstance(value, bytes) else value
+
+
+def _decode(value):
+    return bytes.fromhex(value["hex"]) if isinstance(value, dict) else value
+
+
+def share(memory: torch.Tensor) -> list:
+    """A CUDA tensor's storage as JSON-safe IPC arguments (``UntypedStorage._share_cuda_``'s tuple:
+    device, handle, size, offset, ref-counter handle and offset, event handle, whether to sync on it)."""
+    return [_encode(value) for value in memory.untyped_storage()._share_cuda_()]
+
+
+def open_shared(description: list, nbytes: int) -> torch.Tensor:
+    """The uint8 [nbytes] tensor over another process's storage that ``share`` described."""
+    args = [_decode(value) for value in description]
+    torch.cuda._lazy_init()
+    storage = torch.UntypedStorage._new_shared_cuda(*args)
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,))
+
+
+class CudaPeer:
+    """The shard's view of one replica's GPU slots and events (``LocalExpertServer`` calls it)."""
+
+    def __init__(self, hello: dict, slot_bytes: int):
+        memory = open_shared(hello["memory"], hello["nbytes"])
+        self.device = memory.device
+        self.slots = list(memory.view(-1, 2 * slot_bytes))          # [slots] views [2 x slot_bytes]
+        self._requests = [torch.cuda.Event.from_ipc_handle(self.device, bytes.fromhex(h)) for h in hello["requests"]]
+        self._responses = [torch.cuda.Event.from_ipc_handle(self.device, bytes.fromhex(h))
+                           for h in hello["responses"]]
+
+    def wait_request(self, slot: int) -> None:
+        """Work this thread enqueues from now on runs after the replica's copy into ``slot``."""
+        torch.cuda.current_stream(self.device).wait_event(self._requests[slot])
+
+    def answered(self, slot: int) -> None:
+        """Mark the end of this thread's work on ``slot`` for the replica to wait on."""
+        self._responses[slot].record(torch.cuda.current_stream(self.device))
