@@ -2,13 +2,13 @@
 
     python -m benchmarks.bench_cluster [--model tiny] [--concurrency 1,8,32] [--new-tokens 64]
                                        [--attention 1] [--expert-shards 2] [--redundant-experts 2]
-                                       [--transport auto|grpc|local]
+                                       [--transport auto|grpc|local] [--device cuda]
 
 Starts ``epserve up`` (separate processes on loopback), sends ``concurrency`` greedy requests at
 once through the SDK and counts generated tokens per second of wall time; then runs the same
 requests through an in-process ``LLMEngine`` (all added at once) while every cluster process is
 stopped (SIGSTOP), alternating the two ``--repeats`` times. Prints the medians, their ranges and
-the ratio,
+the ratio (both on ``--device``: the GPU when there is one, where ``local`` is CUDA IPC),
 and where the cluster's CPU time went: CPU ms per generated token for each process (the load
 client, router, attention replicas, expert shards, redis), read from /proc (pids from the state file).
 """
@@ -82,7 +82,7 @@ def start_cluster(args, state_file: str) -> tuple[subprocess.Popen, dict[int, st
                "--attention", str(args.attention), "--expert-shards", str(args.expert_shards),
                "--redundant-experts", str(args.redundant_experts), "--micro-batches", str(args.micro_batches),
                "--micro-batch-min-tokens", str(args.micro_batch_min_tokens), "--transport", args.transport,
-               "--state-file", state_file]
+               "--device", args.device, "--state-file", state_file]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     state = wait_ready(state_file, process, timeout_s=600)
     return process, {s["pid"]: s["kind"] for s in state["services"]}
@@ -101,12 +101,15 @@ def main() -> None:
     parser.add_argument("--micro-batch-min-tokens", type=int, default=EngineConfig.micro_batch_min_tokens)
     parser.add_argument("--transport", default=AttentionConfig.transport, choices=TRANSPORTS,
                         help="attention -> expert data path (auto: local on one machine)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the cluster's services and the single-process engine run")
     parser.add_argument("--port", type=int, default=50599)
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
     args = parser.parse_args()
     path = resolve_model(args.model)
     # in-process experts: nothing to hide behind micro-batches, so one batch per step
-    engine = LLMEngine.from_path(path, EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, micro_batches=1))
+    engine = LLMEngine.from_path(path, EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, micro_batches=1),
+                                 device=args.device)
     generator = torch.Generator().manual_seed(0)
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = {c: torch.randint(3, engine.model_config.vocab_size, (c, args.prompt_len), generator=generator).tolist()
@@ -141,7 +144,7 @@ def paused(pids: list[int]):
 
 def report(args, levels: list[int], single: dict[int, list[float]], cluster: dict[int, list]) -> None:
     """Medians over the repeats, with ranges; the ratio is of the medians."""
-    print(f"model={args.model} attention={args.attention} shards={args.expert_shards} "
+    print(f"model={args.model} device={args.device} attention={args.attention} shards={args.expert_shards} "
           f"redundant={args.redundant_experts} transport={args.transport} micro_batches={args.micro_batches} (min {args.micro_batch_min_tokens} tokens) new_tokens={args.new_tokens} "
           f"repeats={args.repeats} (medians)")
     print(f"{'concurrency':>11} {'single-process tok/s':>21} {'(range)':>15} {'cluster tok/s':>14} {'(range)':>15} "
