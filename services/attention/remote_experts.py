@@ -223,7 +223,7 @@ class RemoteExperts(ExpertBackend):
         out = torch.zeros(handle.shape, dtype=torch.float32, device=device)
         for shard, rows, future in handle.parts:
             for done_rows, output in self._collect(handle, shard, rows, future):
-                out.index_add_(0, done_rows, output.to(device, torch.float32))
+                out.index_add_(0, done_rows, self.transport.take(output).to(device, torch.float32))
         return out.to(device=handle.device, dtype=handle.dtype)
 
     def _collect(self, handle: _Handle, shard: int, rows: torch.Tensor, future: Future) -> list[tuple]:

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import torch
 
+OPENED, REFUSED = b"\x01", b"\x00"     # the shard's reply to a GPU hello (REFUSED + the reason)
+
+
+def gpu_uuid(device: torch.device) -> str:
+    """The GPU's UUID: the same GPU under another ordinal in another process (CUDA_VISIBLE_DEVICES)."""
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def _ordinal(uuid: str) -> int:
+    """This process's ordinal of the GPU ``uuid``; RuntimeError if it does not see that GPU."""
+    for ordinal in range(torch.cuda.device_count()):
+        if gpu_uuid(torch.device("cuda", ordinal)) == uuid:
+            return ordinal
+    raise RuntimeError(f"GPU {uuid} is not visible here ({torch.cuda.device_count()} GPUs seen)")
+
 
 def _encode(value):
     return {"hex": value.hex()} if isinstance(value, bytes) else value
@@ -19,9 +34,11 @@ def share(memory: torch.Tensor) -> list:
     return [_encode(value) for value in memory.untyped_storage()._share_cuda_()]
 
 
-def open_shared(description: list, nbytes: int) -> torch.Tensor:
-    """The uint8 [nbytes] tensor over another process's storage that ``share`` described."""
+def open_shared(description: list, nbytes: int, ordinal: int) -> torch.Tensor:
+    """The uint8 [nbytes] tensor over another process's storage that ``share`` described, on this
+    process's GPU ``ordinal`` (the sharer's may differ)."""
     args = [_decode(value) for value in description]
+    args[0] = ordinal
     torch.cuda._lazy_init()
     storage = torch.UntypedStorage._new_shared_cuda(*args)
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,))
@@ -31,7 +48,10 @@ class CudaPeer:
     """The shard's view of one replica's GPU slots and events (``LocalExpertServer`` calls it)."""
 
     def __init__(self, hello: dict, slot_bytes: int):
-        memory = open_shared(hello["memory"], hello["nbytes"])
+        """RuntimeError when this process cannot use them (no CUDA, another GPU, IPC refused)."""
+        if not torch.cuda.is_available():
+            raise RuntimeError("this shard has no CUDA")
+        memory = open_shared(hello["memory"], hello["nbytes"], _ordinal(hello["gpu"]))
         self.device = memory.device
         self.slots = list(memory.view(-1, 2 * slot_bytes))          # [slots] views [2 x slot_bytes]
         self._requests = [torch.cuda.Event.from_ipc_handle(self.device, bytes.fromhex(h)) for h in hello["requests"]]

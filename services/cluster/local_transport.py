@@ -40,7 +40,7 @@ import grpc
 import torch
 
 from epserve.kernels.fp8 import FP8_BLOCK
-from epserve.services.cluster.cuda_ipc import CudaPeer
+from epserve.services.cluster.cuda_ipc import OPENED, REFUSED, CudaPeer
 from epserve.services.cluster.expert_batch import BadBatch, ExpertBatch
 from epserve.services.cluster.expert_channel import ExpertShardError, TransportStats
 from epserve.services.cluster.tensor_codec import DTYPES
@@ -305,7 +305,12 @@ class LocalExpertServer:
         slot_bytes = hello["slot_bytes"]
         try:
             if "cuda" in hello:
-                peer = CudaPeer(hello["cuda"], slot_bytes)
+                try:
+                    peer = CudaPeer(hello["cuda"], slot_bytes)
+                except Exception as e:                              # noqa: BLE001 - said to the replica
+                    connection.send(REFUSED + str(e).encode()[:2048])
+                    raise RuntimeError(f"GPU slots refused: {e}") from None
+                connection.send(OPENED)
                 return peer.slots, slot_bytes, peer
             return [torch.frombuffer(mmap.mmap(fd, 2 * slot_bytes), dtype=torch.uint8) for fd in fds], slot_bytes, None
         finally:

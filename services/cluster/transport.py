@@ -30,6 +30,7 @@ same error until the transport opens a new channel.
 from __future__ import annotations
 
 import collections
+import logging
 import itertools
 import queue
 import socket
@@ -56,6 +57,7 @@ from epserve.services.config import TRANSPORTS
 from epserve.services.proto import expert_pb2
 
 
+log = logging.getLogger(__name__)
 DISPATCH_METHOD = "/{}/Dispatch".format(expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name)
 
 
@@ -210,6 +212,7 @@ class ExpertTransport:
                  max_message_bytes: int = 64 << 20, resolve: Callable[[int], ShardEndpoint | None] | None = None,
                  tls: ClusterTls | None = None, device: str | torch.device = "cpu"):
         self.mode, self.stats, self._tls, self.device = mode, TransportStats(), tls, torch.device(device)
+        self._copy_stream = None                     # where CudaChannels copy outputs out of their slots
         self._local_slot_bytes, self._max_message_bytes, self._resolve = local_slot_bytes, max_message_bytes, resolve
         self._lock = threading.Lock()
         self.endpoints = dict(endpoints)
@@ -223,7 +226,13 @@ class ExpertTransport:
         kind = endpoint.kind(self.mode)
         if kind == "local" and self.device.type == "cuda" and endpoint.local_cuda:
             from epserve.services.cluster.cuda_transport import CudaChannel
-            return CudaChannel(shard, endpoint.local, self._local_slot_bytes, self.stats, self.device)
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            try:
+                return CudaChannel(shard, endpoint.local, self._local_slot_bytes, self.stats, self.device,
+                                   self._copy_stream)
+            except ExpertShardError as e:
+                log.warning("%s; using host-memory slots instead", e)
         if kind == "local":
             return LocalChannel(shard, endpoint.local, self._local_slot_bytes, self.stats)
         if kind == "nixl":
@@ -239,6 +248,15 @@ class ExpertTransport:
         if channel is None:
             raise ExpertShardError(shard, "?", f"no endpoint known (known: {sorted(self._channels)})")
         return channel.send(batch)
+
+    def take(self, output: torch.Tensor) -> torch.Tensor:
+        """A future's ``output``, made safe to read on the current stream (a GPU output is copied out of
+        its slot on the copy stream: this stream waits for that, and the allocator learns of the use)."""
+        if output.is_cuda and self._copy_stream is not None:
+            stream = torch.cuda.current_stream(output.device)
+            stream.wait_stream(self._copy_stream)
+            output.record_stream(stream)
+        return output
 
     def on_device(self) -> bool:
         """Every channel keeps activations on the GPU (``CudaChannel``s): what ``RemoteExperts`` needs to

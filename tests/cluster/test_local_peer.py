@@ -42,3 +42,27 @@ def test_a_peer_of_another_user_is_closed_and_one_of_the_same_user_is_kept():
         assert _peer(server.name, None) == "open"
     finally:
         server.close()
+
+
+def test_a_shard_that_cannot_use_gpu_slots_says_why_and_keeps_serving():
+    """A replica's GPU hello (CUDA IPC handles) to a shard that cannot open them gets a refusal with the reason
+    (the replica then falls back to host-memory slots), and the server goes on taking connections."""
+    import json
+    import socket
+
+    from epserve.services.cluster.cuda_ipc import REFUSED
+
+    server = LocalExpertServer(lambda batch: None, "expert shard 0")
+    try:
+        for _ in range(2):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.connect("\0" + server.name)
+            sock.settimeout(30)
+            sock.send(json.dumps({"slot_bytes": 4096, "cuda": {"gpu": "GPU-0", "memory": [], "nbytes": 0,
+                                                                "requests": [], "responses": []}}).encode())
+            reply = sock.recv(4096)
+            assert reply[:1] == REFUSED and reply[1:], reply
+            assert sock.recv(16) == b""                              # and the connection is closed
+            sock.close()
+    finally:
+        server.close()
