@@ -8,18 +8,18 @@
     -> transport.send(shard, ExpertBatch) for all of them at once -> handle
 
 ``combine`` waits for every shard's ``[R, D]`` weighted sum and index-adds it into ``[T, D]``
-(float32 accumulation, cast to x's dtype).
-
-**Without a host round trip** (``sync_free``; the default when x is on a GPU and every channel keeps it
-there, ``ExpertTransport.on_device``): which rows touch which
-shard is a fact on the device, and learning it on the host (``nonzero``, ``.cpu()``) would stall the
-host on the GPU once per MoE layer. So every shard of the placement gets all ``T`` rows, its local
-slots ``[T, K]`` being -1 where a choice is elsewhere: the rows, slots and weights stay on the device
-(the local transport over CUDA IPC carries them GPU to GPU) and the shard's fused MoE skips the -1
-choices. It moves ``S / (shards a token touches)`` times the rows of the sparse dispatch: right for
-a few shards on one node, which is where device-resident transport runs today. The model's MoE runs the shared expert between the two,
+(float32 accumulation, cast to x's dtype). The model's MoE runs the shared expert between the two,
 while the shards work. A new placement version is ``stage``d from any thread and taken
 ``at_step_boundary`` (the engine loop's thread, between steps).
+
+**Without a host round trip** (``sync_free``; the default when x is on a GPU and every channel keeps
+it there, ``ExpertTransport.on_device``): which rows touch which shard is a fact on the device, and
+learning it on the host (``nonzero``, ``.cpu()``) would stall the host on the GPU once per MoE layer.
+So every shard of the placement gets all ``T`` rows, its local slots ``[T, K]`` being -1 where a
+choice is elsewhere: the rows, slots and weights stay on the device (the local transport over CUDA
+IPC carries them GPU to GPU) and the shard's fused MoE skips the -1 choices. It moves
+``S / (shards a token touches)`` times the rows of the sparse dispatch: right for a few shards on one
+node, which is where device-resident transport runs today.
 
 **A shard that fails or straggles**: when a shard's stream breaks, its part of the micro-batch is sent at
 once to other copies of the same experts (redundant slots of the same placement version), and the shard

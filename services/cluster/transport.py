@@ -30,8 +30,8 @@ same error until the transport opens a new channel.
 from __future__ import annotations
 
 import collections
-import logging
 import itertools
+import logging
 import queue
 import socket
 import threading
@@ -261,7 +261,8 @@ class ExpertTransport:
     def on_device(self) -> bool:
         """Every channel keeps activations on the GPU (``CudaChannel``s): what ``RemoteExperts`` needs to
         skip every host round trip."""
-        return bool(self._channels) and all(channel.ON_DEVICE for channel in self._channels.values())
+        channels = list(self._channels.values())
+        return bool(channels) and all(channel.ON_DEVICE for channel in channels)
 
     def _reconnect(self, shard: int):
         """Open a channel to where ``resolve`` says ``shard`` is now, in place of a broken one or none

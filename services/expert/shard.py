@@ -45,6 +45,7 @@ from epserve.services.model.moe import ExpertWeights, load_expert_weights
 from epserve.services.proto import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
+EMPTY_ROW = -2                  # row_of's entry for an EMPTY slot (-1: a choice of another shard)
 
 
 def _invalid(field: str, message: str) -> BadBatch:
@@ -57,9 +58,15 @@ class _Held:
 
     placement: Placement
     weights: dict[int, ExpertWeights | None]     # MoE layer -> its local experts' stacked weights
-    slot_rows: dict[int, torch.Tensor]            # MoE layer -> [slots_per_shard] weight row per slot (-1: EMPTY)
-    counts: torch.Tensor                          # [moe layer rows, slots_per_shard] int64 tokens served (shard's device)
-    flushed: torch.Tensor                         # the part of counts already handed to on_flush (CPU)
+    row_of: dict[int, torch.Tensor]               # MoE layer -> [1 + slots_per_shard] weight row of local slot + 1
+                                                  #   (index 0, no choice: -1; an EMPTY slot: EMPTY_ROW)
+    tally: torch.Tensor                           # [moe layer rows, 1 + slots_per_shard] int64 choices served per
+                                                  #   local slot + 1 (column 0: choices elsewhere), shard's device
+    flushed: torch.Tensor                         # [moe layer rows, slots_per_shard]: counts handed to on_flush (CPU)
+
+    def counts(self) -> torch.Tensor:
+        """[moe layer rows, slots_per_shard] tokens served per local slot (a copy, still on the device)."""
+        return self.tally[:, 1:].clone()
 
 
 class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
@@ -73,6 +80,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         self._held: dict[int, _Held] = {}
         self._retired: dict[tuple[int, int], int] = {}         # (layer, slot) -> tokens of released versions
         self.refused = torch.zeros((), dtype=torch.int64, device=device)   # choices dropped unchecked (GPU)
+        self._ones = torch.ones(1024, dtype=torch.int64, device=device)   # what _count adds per choice
         self._refused_logged = 0
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -109,16 +117,19 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
                              f"the model {self.config.n_routed_experts}")
         if placement.version in self.versions():
             return
-        weights, slot_rows = {}, {}
+        weights, row_of = {}, {}
         for layer in placement.moe_layers:
             experts = placement.local_experts(layer, self.shard_id)
             present = [e for e in experts if e != EMPTY]
             weights[layer] = self._stack(layer, present) if present else None
             filled = torch.tensor([e != EMPTY for e in experts])
-            slot_rows[layer] = torch.where(filled, filled.long().cumsum(0) - 1, -1).to(self.device)
-        counts = torch.zeros(len(placement.moe_layers), placement.slots_per_shard, dtype=torch.int64)
+            rows = torch.where(filled, filled.long().cumsum(0) - 1, EMPTY_ROW)
+            row_of[layer] = torch.cat([torch.tensor([-1]), rows]).to(self.device)
+        shape = (len(placement.moe_layers), placement.slots_per_shard)
+        tally = torch.zeros(shape[0], 1 + shape[1], dtype=torch.int64, device=self.device)
         with self._lock:
-            self._held[placement.version] = _Held(placement, weights, slot_rows, counts.to(self.device, copy=True), counts)
+            self._held[placement.version] = _Held(placement, weights, row_of, tally,
+                                                  torch.zeros(shape, dtype=torch.int64))
             PLACEMENT_VERSION.set(max(self._held))
 
     def _stack(self, layer: int, experts: list[int]) -> ExpertWeights:
@@ -156,7 +167,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             held = self._held.pop(version, None)
             PLACEMENT_VERSION.set(max(self._held, default=0))
         if held is not None:
-            retired = _per_slot(held.placement, held.counts)                    # a device copy: not under the lock
+            retired = _per_slot(held.placement, held.counts())                  # a device copy: not under the lock
             with self._lock:
                 for key, tokens in retired.items():
                     self._retired[key] = self._retired.get(key, 0) + tokens
@@ -175,7 +186,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         """The newest version held, and the tokens each of its slots served."""
         with self._lock:
             held = self._held[max(self._held)]
-            counts = held.counts.clone()              # copied to the host (to_proto) outside the lock
+            counts = held.counts()                    # copied to the host (to_proto) outside the lock
         return expert_pb2.ShardInfo(request_id=request.request_id, shard_id=self.shard_id,
                                     placement_version=held.placement.version,
                                     slots_per_layer=held.placement.slots_per_shard, tokens_per_slot=to_proto(counts))
@@ -187,22 +198,25 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         held = self._version(batch)
         x, slots, topk_weights = self._decode(held, batch)
         layer, d, unchecked = batch.layer, self.device, slots.is_cuda          # checked where it costs no sync
-        slots, topk_weights = slots.to(d), topk_weights.to(d)
-        slot_rows = held.slot_rows[layer]                                        # [slots_per_shard]
-        rows = slot_rows[slots.long().clamp(0, len(slot_rows) - 1)]              # [T, K] weight row
-        rows = torch.where(slots >= 0, rows, -1)
+        slots, row_of = slots.to(d), held.row_of[layer]                          # [T, K], [1 + slots_per_shard]
+        index = slots.long() + 1                                                 # [T, K] into row_of
         if unchecked:                                                            # no sync: drop and count
-            dropped = (slots >= 0) & (rows < 0) | (slots >= len(slot_rows)) | (slots < -1)
+            index = torch.where((index < 0) | (index >= len(row_of)), 0, index)
+            rows = row_of[index]                                                 # [T, K] weight row, -1: none
+            dropped = (rows == EMPTY_ROW) | (index == 0) & (slots != -1)
             self.refused += dropped.sum()
-            rows = torch.where(dropped, -1, rows)
-        elif (rows[slots >= 0] < 0).any():
-            raise _invalid("topk_slots", f"addresses an empty slot of layer {layer} "
-                                         f"(empty: {(slot_rows < 0).nonzero().flatten().tolist()})")
-        self._count(held, layer, rows)
+            index, rows = torch.where(dropped, 0, index), torch.where(dropped, -1, rows)
+        else:
+            rows = row_of[index]
+            lowest, highest = torch.aminmax(rows) if rows.numel() else (-1, -1)
+            if lowest == EMPTY_ROW:
+                empty = (row_of[1:] == EMPTY_ROW).nonzero().flatten().tolist()
+                raise _invalid("topk_slots", f"addresses an empty slot of layer {layer} (empty: {empty})")
+        self._count(held, layer, index)
         weights = held.weights[layer]
-        if weights is None or (not unchecked and not (slots >= 0).any()):
+        if weights is None or (not unchecked and highest < 0):
             return torch.zeros(x.shape, dtype=self.dtype, device=d)
-        return weights.run(x.to(d), topk_weights, rows)
+        return weights.run(x.to(d), topk_weights.to(d), rows)
 
     def _version(self, batch: ExpertBatch) -> _Held:
         with self._lock:
@@ -231,8 +245,10 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             raise _invalid("topk_weights", f"must be float32 {list(slots.shape)}, got {weights.dtype} "
                                            f"{list(weights.shape)}")
         n = placement.slots_per_shard
-        if not slots.is_cuda and slots.numel() and not (slots.min() >= -1 and slots.max() < n):
-            raise _invalid("topk_slots", f"values must be in [-1, {n}), got [{int(slots.min())}, {int(slots.max())}]")
+        if not slots.is_cuda and slots.numel():
+            lowest, highest = (int(v) for v in torch.aminmax(slots))
+            if lowest < -1 or highest >= n:
+                raise _invalid("topk_slots", f"values must be in [-1, {n}), got [{lowest}, {highest}]")
         return x, slots, weights
 
     def _dequantise(self, batch: ExpertBatch, x: torch.Tensor) -> torch.Tensor:
@@ -253,27 +269,24 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         return fp8_dequant(x, scales, dtype=self.dtype)
 
     # ---- load counters -------------------------------------------------------------------------
-    def _count(self, held: _Held, layer: int, rows: torch.Tensor) -> None:
-        """Add the batch's choices per local slot (rows [T, K]: -1 for none) to ``held.counts``, on the device."""
-        slot_rows = held.slot_rows[layer]                                        # [slots_per_shard] -> weight row
-        per_row = torch.zeros(len(slot_rows) + 1, dtype=torch.int64, device=rows.device)   # [1 + rows], 0: none
-        per_row.index_add_(0, rows.flatten().long() + 1, torch.ones(rows.numel(), dtype=torch.int64,
-                                                                    device=rows.device))
-        served = torch.where(slot_rows >= 0, per_row[slot_rows + 1], 0)          # [slots_per_shard]
+    def _count(self, held: _Held, layer: int, index: torch.Tensor) -> None:
+        """Add the batch's choices (index [T, K]: local slot + 1, 0 for none) to ``held.tally``, on the device."""
+        if self._ones.numel() < index.numel() or self._ones.device != index.device:
+            self._ones = torch.ones(max(index.numel(), 1024), dtype=torch.int64, device=index.device)
         with self._lock:
-            held.counts[held.placement.row(layer)] += served
+            held.tally[held.placement.row(layer)].index_add_(0, index.flatten(), self._ones[:index.numel()])
 
     def token_counts(self, version: int | None = None) -> torch.Tensor:
         """Tokens served per (MoE layer row, local slot) of ``version`` (default: the newest held)
         since it was loaded, [rows, slots_per_shard] int64 (CPU)."""
         with self._lock:
-            counts = self._held[max(self._held) if version is None else version].counts.clone()
+            counts = self._held[max(self._held) if version is None else version].counts()
         return counts.cpu()
 
     def tokens_served(self) -> dict[tuple[int, int], int]:
         """(MoE layer, local slot) -> tokens served since start, over every version (the metric)."""
         with self._lock:
-            held = [(h.placement, h.counts.clone()) for h in self._held.values()]
+            held = [(h.placement, h.counts()) for h in self._held.values()]
             total = dict(self._retired)
         for placement, counts in held:
             for key, tokens in _per_slot(placement, counts).items():
@@ -285,7 +298,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         with self._flush_lock:
             self._log_refused()
             with self._lock:
-                held = [(h, h.counts.clone()) for h in self._held.values()]
+                held = [(h, h.counts()) for h in self._held.values()]
             held = [(version, counts.cpu()) for version, counts in held]          # outside the lock
             for version, counts in held:
                 delta = counts - version.flushed

@@ -137,3 +137,22 @@ def test_dispatch_and_combine_never_wait_for_the_gpu(path, config):
             process.join(WAIT_S)
         if transport is not None:
             transport.close()
+
+
+def test_a_gpu_batch_s_bad_choices_are_dropped_and_counted_not_checked_on_the_host(path, config):
+    """Served unchecked (a check would sync): a choice of a slot out of range or EMPTY counts as -1 and
+    adds to ``refused``; the other choices are served as usual."""
+    placement = build_placement(config.n_routed_experts, 3, 0, config.moe_layers)      # S=3 leaves EMPTY slots
+    shard = ExpertShard(path, 0, placement, dtype=DTYPE, device="cuda")
+    layer, n = config.moe_layers[0], placement.slots_per_shard
+    empty = [s for s, e in enumerate(placement.local_experts(layer, 0)) if e < 0]
+    assert empty, "shard 0 should have an EMPTY slot"
+    good = torch.tensor([[0, 1], [2, -1], [1, 0]], dtype=torch.int32)
+    bad = good.clone()
+    bad[0, 1], bad[1, 1], bad[2, 0] = n + 5, empty[0], -7                # three bad choices
+    x, weights = torch.randn(3, config.hidden_size).to(DTYPE), torch.rand(3, 2)
+    expected = good.clone()
+    expected[0, 1] = expected[2, 0] = -1
+    batch = lambda slots: ExpertBatch(layer, placement.version, x.cuda(), None, slots.cuda(), weights.cuda())  # noqa: E731
+    assert torch.equal(shard.serve(batch(bad)), shard.serve(batch(expected)))
+    assert int(shard.refused) == 3
