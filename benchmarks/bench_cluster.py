@@ -31,6 +31,7 @@ from epserve.services.config import TRANSPORTS, AttentionConfig
 from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.engine.params import SamplingParams
 from epserve.services.model.tiny import resolve_model
+from epserve.services.model_service import default_device
 from epserve.services.up_state import wait_ready
 
 RESUME_S = 2.0      # after a pause: heartbeats re-register what expired in Redis (TTL 3 s) meanwhile
@@ -101,11 +102,12 @@ def main() -> None:
     parser.add_argument("--micro-batch-min-tokens", type=int, default=EngineConfig.micro_batch_min_tokens)
     parser.add_argument("--transport", default=AttentionConfig.transport, choices=TRANSPORTS,
                         help="attention -> expert data path (auto: local on one machine)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the cluster's services and the single-process engine run")
+    parser.add_argument("--device", help="where the cluster's services and the single-process engine run "
+                                         "(default: as epserve up, the GPU if there is one)")
     parser.add_argument("--port", type=int, default=50599)
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
     args = parser.parse_args()
+    args.device = default_device(args.device)
     path = resolve_model(args.model)
     # in-process experts: nothing to hide behind micro-batches, so one batch per step
     engine = LLMEngine.from_path(path, EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, micro_batches=1),

@@ -11,7 +11,8 @@ Each service process serves ``/metrics`` on ``--metrics-port`` (``serve_metrics`
 - attention replica: ``kv_cache_usage_perc``, ``engine_requests_running``,
   ``engine_requests_waiting`` (gauges); ``expert_dispatch_seconds{shard, layer}`` (histogram: send
   to result of one MoE layer's batch on one shard).
-- expert shard: ``expert_tokens_total{layer, slot}`` (counter), ``placement_version`` (gauge); the
+- expert shard: ``expert_tokens_total{layer, slot}``, ``expert_choices_dropped_total`` (choices of GPU
+  batches served unchecked that named a slot out of range or empty) (counters), ``placement_version`` (gauge); the
   leading placement controller: ``placement_balancedness`` (expected, by the window's load).
 
 ``helm/epserve/dashboards/epserve.json`` (a Grafana dashboard the chart ships) queries only these.
@@ -61,25 +62,28 @@ BALANCEDNESS = Gauge("epserve:placement_balancedness",
                      "Expected mean / max shard load of the current placement by the window's load (leader only)")
 
 
-class _ExpertTokens:
-    """``expert_tokens_total{layer, slot}``, read from the shard's own counters when scraped (counting per
-    batch into the metric would cost the shard a device sync per batch on a GPU)."""
+class _ExpertCounters:
+    """``expert_tokens_total{layer, slot}`` and ``expert_choices_dropped_total``, read from the shard's own
+    counters when scraped (counting per batch into a metric would cost the shard a device sync per batch
+    on a GPU)."""
 
-    def __init__(self, read: Callable[[], dict[tuple[int, int], int]]):
-        self.read = read
+    def __init__(self, tokens: Callable[[], dict[tuple[int, int], int]], dropped: Callable[[], int]):
+        self.tokens, self.dropped = tokens, dropped
 
     def collect(self):
         family = CounterMetricFamily("epserve:expert_tokens", "Tokens served per MoE layer and local slot",
                                      labels=["layer", "slot"])
-        for (layer, slot), tokens in sorted(self.read().items()):
+        for (layer, slot), tokens in sorted(self.tokens().items()):
             family.add_metric([str(layer), str(slot)], tokens)
         yield family
+        yield CounterMetricFamily("epserve:expert_choices_dropped", "Choices of GPU batches, served without "
+                                  "checks, that named a slot out of range or empty", value=self.dropped())
 
 
-def export_expert_tokens(read: Callable[[], dict[tuple[int, int], int]]) -> None:
-    """Export ``read()`` ((MoE layer, local slot) -> tokens served since start) as ``expert_tokens_total``
-    (one expert shard per process)."""
-    REGISTRY.register(_ExpertTokens(read))
+def export_expert_counters(tokens: Callable[[], dict[tuple[int, int], int]], dropped: Callable[[], int]) -> None:
+    """Export ``tokens()`` ((MoE layer, local slot) -> tokens served since start) and ``dropped()`` (choices
+    dropped unchecked since start) as counters (one expert shard per process)."""
+    REGISTRY.register(_ExpertCounters(tokens, dropped))
 
 
 def serve_metrics(host: str, port: int | None) -> int | None:

@@ -9,8 +9,13 @@ from epserve.services.config import ModelServiceConfig
 from epserve.services.lifecycle import Service
 
 
+def default_device(device: str | None) -> str:
+    """``device``, or where a service runs when none is given: the GPU if there is one."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_and_dtype(config: ModelServiceConfig) -> tuple[str, torch.dtype]:
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(config.device)
     if config.dtype:
         return device, getattr(torch, config.dtype)
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -346,6 +346,6 @@ def _replaceable(p: Placement, layer: int, avoid: list[int]) -> set[int]:
     row = p.row(layer)
     copies = p.logical_to_physical[row]                                        # [E, M] slots, EMPTY padded
     shard_of_copy = torch.div(copies, p.slots_per_shard, rounding_mode="floor")
-    elsewhere = ((copies != EMPTY) & ~torch.isin(shard_of_copy, torch.tensor(avoid))).any(dim=1)   # [E]
+    elsewhere = ((copies != EMPTY) & ~_on_shards(shard_of_copy, avoid)).any(dim=1)           # [E]
     members = p.members()[row]                                                 # [S, slots] expert, EMPTY
     return {s for s in avoid if bool(elsewhere[members[s][members[s] != EMPTY]].all())}

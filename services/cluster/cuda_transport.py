@@ -48,6 +48,12 @@ class CudaChannel(LocalChannel):
         super().__init__(shard, name, slot_bytes, stats)
 
     def _setup(self, slot_bytes: int) -> list[torch.Tensor]:
+        try:
+            return self._share_slots(slot_bytes)
+        except RuntimeError as e:                   # CUDA refused here: the transport falls back to host slots
+            raise OSError(f"GPU slots: {e}") from None
+
+    def _share_slots(self, slot_bytes: int) -> list[torch.Tensor]:
         memory = torch.empty((SLOTS, 2 * slot_bytes), dtype=torch.uint8, device=self.device)
         self._requests = [torch.cuda.Event(interprocess=True) for _ in range(SLOTS)]
         self._responses = [torch.cuda.Event(interprocess=True) for _ in range(SLOTS)]

@@ -346,7 +346,8 @@ class LocalExpertServer:
                 self._connections.remove(connection)
             connection.close()
 
-    def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int, peer=None) -> tuple[bytes, int]:
+    def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int,
+                peer: object = None) -> tuple[bytes, int]:
         """One batch from its header and slot -> (the response header, the output's bytes in the slot). With
         GPU slots (a ``CudaPeer``) the work is ordered after the replica's writes and before its reads by
         CUDA IPC events, not by waiting here."""

@@ -219,7 +219,10 @@ class ExpertTransport:
         self._channels = {shard: self._open(shard, endpoint) for shard, endpoint in self.endpoints.items()}
 
     def kind(self, shard: int) -> str:
-        """"grpc" or "local": the channel kind of ``shard``."""
+        """The kind of channel to ``shard``: "grpc", "local", "local-cuda" (GPU slots, ``CudaChannel``) or "nixl"."""
+        channel = self._channels.get(shard)
+        if channel is not None and channel.ON_DEVICE:
+            return "local-cuda"
         return self.endpoints[shard].kind(self.mode)
 
     def _open(self, shard: int, endpoint: ShardEndpoint):

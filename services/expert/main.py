@@ -16,7 +16,7 @@ from epserve.services.config import ExpertConfig
 from epserve.services.expert.follower import PlacementFollower
 from epserve.services.expert.shard import ExpertShard
 from epserve.services.lifecycle import start_service
-from epserve.services.metrics import export_expert_tokens, serve_metrics
+from epserve.services.metrics import export_expert_counters, serve_metrics
 from epserve.services.model.tiny import resolve_model
 from epserve.services.model_service import device_and_dtype, service_placement
 from epserve.services.proto import expert_pb2_grpc
@@ -45,7 +45,7 @@ def run(config: ExpertConfig) -> int:
     if nixl_transport.available():
         data_servers.append(nixl_transport.NixlExpertServer(shard.serve, label, config.host, config.advertise_host))
         endpoints["nixl_endpoint"] = data_servers[-1].name
-    export_expert_tokens(shard.tokens_served)
+    export_expert_counters(shard.tokens_served, shard.choices_dropped)
     metrics_port = serve_metrics(config.host, config.metrics_port)
     if metrics_port is not None:
         endpoints["metrics_address"] = config.advertised(metrics_port)

@@ -80,8 +80,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         self._held: dict[int, _Held] = {}
         self._retired: dict[tuple[int, int], int] = {}         # (layer, slot) -> tokens of released versions
         self.refused = torch.zeros((), dtype=torch.int64, device=device)   # choices dropped unchecked (GPU)
-        self._ones = torch.ones(1024, dtype=torch.int64, device=device)   # what _count adds per choice
-        self._refused_logged = 0
+        self._refused_logged, self._refused_lock = 0, threading.Lock()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self.hold(placement)
@@ -163,14 +162,11 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             self.flush()
         except Exception:                       # noqa: BLE001 - its last counts are lost, not the shard
             log.exception("expert shard %d: flushing counts of v%d failed", self.shard_id, version)
-        with self._lock:
+        with self._lock:                        # one hold: a scrape sees the tokens either held or retired
             held = self._held.pop(version, None)
             PLACEMENT_VERSION.set(max(self._held, default=0))
-        if held is not None:
-            retired = _per_slot(held.placement, held.counts())                  # a device copy: not under the lock
-            with self._lock:
-                for key, tokens in retired.items():
-                    self._retired[key] = self._retired.get(key, 0) + tokens
+            for key, tokens in ({} if held is None else _per_slot(held.placement, held.counts())).items():
+                self._retired[key] = self._retired.get(key, 0) + tokens
 
     # ---- RPCs ------------------------------------------------------------------------------
     def Dispatch(self, request_iterator, context):
@@ -197,26 +193,38 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         device. BadBatch naming the field for a batch the shard cannot serve (see the module doc on GPUs)."""
         held = self._version(batch)
         x, slots, topk_weights = self._decode(held, batch)
-        layer, d, unchecked = batch.layer, self.device, slots.is_cuda          # checked where it costs no sync
-        slots, row_of = slots.to(d), held.row_of[layer]                          # [T, K], [1 + slots_per_shard]
-        index = slots.long() + 1                                                 # [T, K] into row_of
-        if unchecked:                                                            # no sync: drop and count
-            index = torch.where((index < 0) | (index >= len(row_of)), 0, index)
-            rows = row_of[index]                                                 # [T, K] weight row, -1: none
-            dropped = (rows == EMPTY_ROW) | (index == 0) & (slots != -1)
-            self.refused += dropped.sum()
-            index, rows = torch.where(dropped, 0, index), torch.where(dropped, -1, rows)
+        d, row_of = self.device, held.row_of[batch.layer]                        # [1 + slots_per_shard]
+        if slots.is_cuda:                                                        # a check would sync: none
+            index, rows, any_here = self._rows_unchecked(row_of, slots.to(d))
         else:
-            rows = row_of[index]
-            lowest, highest = torch.aminmax(rows) if rows.numel() else (-1, -1)
-            if lowest == EMPTY_ROW:
-                empty = (row_of[1:] == EMPTY_ROW).nonzero().flatten().tolist()
-                raise _invalid("topk_slots", f"addresses an empty slot of layer {layer} (empty: {empty})")
-        self._count(held, layer, index)
-        weights = held.weights[layer]
-        if weights is None or (not unchecked and highest < 0):
+            index, rows, any_here = self._rows_checked(row_of, slots.to(d), batch.layer)
+        self._count(held, batch.layer, index)
+        weights = held.weights[batch.layer]
+        if weights is None or not any_here:
             return torch.zeros(x.shape, dtype=self.dtype, device=d)
         return weights.run(x.to(d), topk_weights.to(d), rows)
+
+    @staticmethod
+    def _rows_checked(row_of: torch.Tensor, slots: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """slots [T, K] (range-checked by _decode) -> (index into row_of [T, K], weight rows [T, K] (-1: none),
+        whether any choice is here); BadBatch for a choice of an EMPTY slot."""
+        index = slots.long() + 1
+        rows = row_of[index]
+        lowest, highest = (int(v) for v in torch.aminmax(rows)) if rows.numel() else (-1, -1)
+        if lowest == EMPTY_ROW:
+            empty = (row_of[1:] == EMPTY_ROW).nonzero().flatten().tolist()
+            raise _invalid("topk_slots", f"addresses an empty slot of layer {layer} (empty: {empty})")
+        return index, rows, highest >= 0
+
+    def _rows_unchecked(self, row_of: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """As ``_rows_checked`` without reading anything back from the device: a choice of a slot out of range
+        or EMPTY is dropped (as -1) and added to ``refused``; "any here" is assumed."""
+        index = slots.long() + 1
+        index = torch.where((index < 0) | (index >= len(row_of)), 0, index)
+        rows = row_of[index]                                                     # [T, K] weight row, -1: none
+        dropped = (rows == EMPTY_ROW) | ((index == 0) & (slots != -1))
+        self.refused += dropped.sum()
+        return torch.where(dropped, 0, index), torch.where(dropped, -1, rows), True
 
     def _version(self, batch: ExpertBatch) -> _Held:
         with self._lock:
@@ -271,10 +279,9 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
     # ---- load counters -------------------------------------------------------------------------
     def _count(self, held: _Held, layer: int, index: torch.Tensor) -> None:
         """Add the batch's choices (index [T, K]: local slot + 1, 0 for none) to ``held.tally``, on the device."""
-        if self._ones.numel() < index.numel() or self._ones.device != index.device:
-            self._ones = torch.ones(max(index.numel(), 1024), dtype=torch.int64, device=index.device)
+        ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
         with self._lock:
-            held.tally[held.placement.row(layer)].index_add_(0, index.flatten(), self._ones[:index.numel()])
+            held.tally[held.placement.row(layer)].index_add_(0, index.flatten(), ones)
 
     def token_counts(self, version: int | None = None) -> torch.Tensor:
         """Tokens served per (MoE layer row, local slot) of ``version`` (default: the newest held)
@@ -282,6 +289,11 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         with self._lock:
             counts = self._held[max(self._held) if version is None else version].counts()
         return counts.cpu()
+
+    def choices_dropped(self) -> int:
+        """Choices of GPU batches dropped unchecked since start (a slot out of range or EMPTY; the metric)."""
+        self._log_refused()
+        return self._refused_logged
 
     def tokens_served(self) -> dict[tuple[int, int], int]:
         """(MoE layer, local slot) -> tokens served since start, over every version (the metric)."""
@@ -300,7 +312,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             with self._lock:
                 held = [(h, h.counts()) for h in self._held.values()]
             held = [(version, counts.cpu()) for version, counts in held]          # outside the lock
-            for version, counts in held:
+            for version, counts in held:                                           # version: a _Held
                 delta = counts - version.flushed
                 if self.on_flush is None or not delta.any():
                     continue
@@ -308,11 +320,12 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
                 version.flushed += delta
 
     def _log_refused(self) -> None:
-        refused = int(self.refused)
-        if refused > self._refused_logged:
-            log.warning("expert shard %d: %d choices of GPU batches addressed a slot out of range or empty and "
-                        "were dropped (%d in all)", self.shard_id, refused - self._refused_logged, refused)
-            self._refused_logged = refused
+        with self._refused_lock:
+            refused = int(self.refused)
+            if refused > self._refused_logged:
+                log.warning("expert shard %d: %d choices of GPU batches addressed a slot out of range or empty "
+                            "and were dropped (%d in all)", self.shard_id, refused - self._refused_logged, refused)
+                self._refused_logged = refused
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval_s):

@@ -1,7 +1,7 @@
 """The CUDA IPC transport's protocol, run on the CPU against a named fake of CUDA (this machine has no GPU).
 
-``FakeCuda`` stands in for what cannot run here: interprocess events and streams (they log each record and
-wait, with the thread that made it) and IPC handles (``share`` / ``open_shared`` hand the same CPU memory to
+``FakeCuda`` stands in for what cannot run here: interprocess events and streams (they log each record,
+wait and copy out of a slot, with the thread and the stream) and IPC handles (``share`` / ``open_shared`` hand the same CPU memory to
 the other side, in one process). Everything else is the real code: ``CudaChannel`` against a real
 ``LocalExpertServer`` over its Unix socket, ``CudaPeer`` opening the hello. The GPU tests
 (``test_cuda_transport.py``) check the same on a GPU; this one checks, wherever CI runs, that the hello,
@@ -25,13 +25,15 @@ pytestmark = pytest.mark.unit
 
 
 class FakeCuda:
-    """Events, streams and IPC handles of one process, logging ``(thread, "record" | "wait", event)``."""
+    """Events, streams and IPC handles of one process; logs ``(thread, stream, "record" | "wait" | "copy", what)``
+    (a copy out of a slot is logged by ``cuda_transport._view``, on the stream current at the time)."""
 
     def __init__(self):
-        self.log: list[tuple[str, str, str]] = []
+        self.log: list[tuple[str, str, str, str]] = []
         self.shared: dict[str, torch.Tensor] = {}
         self.events: dict[bytes, "FakeCuda.Event"] = {}
         self._ids = itertools.count()
+        self._current = threading.local()                     # the stream a torch.cuda.stream(...) block set
         fake = self
 
         class Event:
@@ -46,24 +48,45 @@ class FakeCuda:
             def from_ipc_handle(device, handle: bytes):
                 return fake.events[handle]
 
-            def record(self, stream=None):
-                fake.log.append((threading.current_thread().name, "record", self.name))
+            def record(self, stream):
+                fake.note(stream, "record", self.name)
 
         class Stream:
-            def __init__(self, device=None):
-                pass
+            def __init__(self, device=None, name: str | None = None):
+                self.name = name or f"stream{next(fake._ids)}"
 
             def wait_event(self, event):
-                fake.log.append((threading.current_thread().name, "wait", event.name))
+                fake.note(self, "wait", event.name)
 
         self.Event, self.Stream = Event, Stream
 
+    def note(self, stream, op: str, what: str) -> None:
+        self.log.append((threading.current_thread().name, stream.name, op, what))
+
+    def current_stream(self, device=None):
+        stream = getattr(self._current, "stream", None)
+        return stream or self.Stream(name=f"default:{threading.current_thread().name}")
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        before, self._current.stream = getattr(self._current, "stream", None), stream
+        try:
+            yield
+        finally:
+            self._current.stream = before
+
     def install(self, monkeypatch) -> None:
         for name, value in {"Event": self.Event, "Stream": self.Stream, "is_available": lambda: True,
-                            "current_stream": lambda device=None: self.Stream(),
-                            "device": lambda device: contextlib.nullcontext(),
-                            "stream": lambda stream: contextlib.nullcontext()}.items():
+                            "current_stream": self.current_stream, "stream": self.stream,
+                            "device": lambda device: contextlib.nullcontext()}.items():
             monkeypatch.setattr(torch.cuda, name, value)
+        view = cuda_transport._view
+
+        def logged_view(buffer, offset, shape, dtype):
+            self.note(self.current_stream(), "copy", "output")
+            return view(buffer, offset, shape, dtype)
+
+        monkeypatch.setattr(cuda_transport, "_view", logged_view)
         monkeypatch.setattr(cuda_transport, "share", self.share)
         monkeypatch.setattr(cuda_transport, "gpu_uuid", lambda device: "GPU-fake")
         monkeypatch.setattr(cuda_ipc, "open_shared", lambda description, nbytes, ordinal: self.shared[description])
@@ -81,13 +104,17 @@ def _doubling(seen: list[str]):
     return serve
 
 
+def _channel(fake: FakeCuda, server: LocalExpertServer) -> cuda_transport.CudaChannel:
+    return cuda_transport.CudaChannel(0, server.name, slot_bytes_for(8, 16, 2), TransportStats(),
+                                      torch.device("cpu"), fake.Stream(name="copy"))
+
+
 def test_every_batch_is_ordered_by_its_slot_s_events(monkeypatch):
     fake = FakeCuda()
     fake.install(monkeypatch)
     served: list[str] = []
     server = LocalExpertServer(_doubling(served), "expert shard 0")
-    channel = cuda_transport.CudaChannel(0, server.name, slot_bytes_for(8, 16, 2), TransportStats(),
-                                         torch.device("cpu"), torch.cuda.Stream())
+    channel = _channel(fake, server)
     try:
         batches = [ExpertBatch(1, 1, torch.randn(rows, 16), None, torch.zeros(rows, 2, dtype=torch.int32),
                                torch.rand(rows, 2)) for rows in (3, 8, 1, 5, 8, 2)]     # more than SLOTS
@@ -97,23 +124,25 @@ def test_every_batch_is_ordered_by_its_slot_s_events(monkeypatch):
         server.close()
     assert all(torch.equal(out, batch.hidden * 2) for out, batch in zip(outputs, batches))
     events = {kind: [e.name for e in getattr(channel, f"_{kind}")] for kind in ("requests", "responses", "released")}
-    shard = served[0]
-    replica = threading.current_thread().name
-    reader = next(thread for thread, _, event in fake.log if event in events["released"] and thread != replica)
+    replica, shard = threading.current_thread().name, served[0]
+    reader = next(thread for thread, _, op, _ in fake.log if op == "copy")
     for i in range(len(batches)):
-        slot = i % SLOTS                                   # one batch at a time: the slots in turn
-        expected = [(replica, "wait", events["released"][slot]), (replica, "record", events["requests"][slot]),
-                    (shard, "wait", events["requests"][slot]), (shard, "record", events["responses"][slot]),
-                    (reader, "wait", events["responses"][slot]), (reader, "record", events["released"][slot])]
-        assert fake.log[6 * i:6 * i + 6] == expected, (i, fake.log[6 * i:6 * i + 6])
+        s = i % SLOTS                                      # one batch at a time: the slots in turn
+        expected = [(replica, f"default:{replica}", "wait", events["released"][s]),      # slot's last copy done
+                    (replica, f"default:{replica}", "record", events["requests"][s]),    # after the batch's copy in
+                    (shard, f"default:{shard}", "wait", events["requests"][s]),
+                    (shard, f"default:{shard}", "record", events["responses"][s]),       # after the output is in
+                    (reader, "copy", "wait", events["responses"][s]),                    # then, on the copy stream:
+                    (reader, "copy", "copy", "output"),                                  # the output copied out
+                    (reader, "copy", "record", events["released"][s])]                  # and the slot released
+        assert fake.log[7 * i:7 * i + 7] == expected, (i, fake.log[7 * i:7 * i + 7])
 
 
 def test_a_refused_batch_still_waits_for_the_shard_before_its_slot_is_reused(monkeypatch):
     fake = FakeCuda()
     fake.install(monkeypatch)
     server = LocalExpertServer(lambda batch: (_ for _ in ()).throw(ValueError("no")), "expert shard 0")
-    channel = cuda_transport.CudaChannel(0, server.name, slot_bytes_for(8, 16, 2), TransportStats(),
-                                         torch.device("cpu"), torch.cuda.Stream())
+    channel = _channel(fake, server)
     try:
         future = channel.send(ExpertBatch(1, 1, torch.randn(2, 16), None, torch.zeros(2, 2, dtype=torch.int32),
                                           torch.rand(2, 2)))
@@ -123,4 +152,6 @@ def test_a_refused_batch_still_waits_for_the_shard_before_its_slot_is_reused(mon
         channel.close(timeout_s=5)
         server.close()
     response, released = channel._responses[0].name, channel._released[0].name
-    assert [op for _, op, event in fake.log if event in (response, released)] == ["wait", "record", "wait", "record"]
+    assert [(stream, op) for _, stream, op, event in fake.log if event in (response, released)] == [
+        ("default:MainThread", "wait"), ("default:local-conn-expert shard 0", "record"), ("copy", "wait"),
+        ("copy", "record")]

@@ -382,7 +382,7 @@ def test_a_taken_port_fails_loudly():
 def test_the_token_metric_counts_every_version_since_start(path, config):
     """``expert_tokens_total`` is read from the shard's counters at scrape time, and a released placement
     version's tokens stay in it."""
-    from epserve.services.metrics import _ExpertTokens
+    from epserve.services.metrics import _ExpertCounters
 
     v1 = build_placement(config.n_routed_experts, 2, 0, config.moe_layers)
     v2 = build_placement(config.n_routed_experts, 2, 2, config.moe_layers, version=2)
@@ -391,8 +391,9 @@ def test_the_token_metric_counts_every_version_since_start(path, config):
     shard.hold(v2)
     shard.serve(_batch(v2, config))
     shard.release(1)
-    (family,) = _ExpertTokens(shard.tokens_served).collect()
+    family, dropped = _ExpertCounters(shard.tokens_served, shard.choices_dropped).collect()
     served = {(s.labels["layer"], s.labels["slot"]): s.value for s in family.samples if s.name.endswith("_total")}
     layer = str(config.moe_layers[0])
     assert sum(served.values()) == 6 and {key[0] for key in served} == {layer}
     assert sum(shard.tokens_served().values()) == 6 and shard.token_counts().sum() == 3
+    assert [s.value for s in dropped.samples if s.name.endswith("_total")] == [0]
