@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import statistics
-import time
 
 import torch
 
-from benchmarks.common import print_table
+from benchmarks.common import print_table, time_ms
 from epserve.services.attention.remote_experts import RemoteExperts
 from epserve.services.cluster.expert_batch import ExpertBatch, from_request
 from epserve.services.cluster.grpc_server import start_grpc_server
@@ -69,18 +67,11 @@ def serve_echo(endpoints, stop, cuda: bool = False) -> None:
     grpc_server.stop(None)
 
 
-def timed(fn, iters: int, cuda: bool) -> list[float]:
-    """Seconds per call of ``fn`` after one warm-up call (each ended by a device sync on a GPU)."""
-    done = torch.cuda.synchronize if cuda else (lambda: None)
-    fn()
-    done()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        done()
-        times.append(time.perf_counter() - start)
-    return times
+def wall_ms(fn, iters: int, cuda: bool) -> float:
+    """Median wall ms of ``fn()`` after one warm-up call, each ended on a GPU by a device sync: the shard's
+    work and the copy out run on other streams and processes, which events on this stream would not see."""
+    call = (lambda: (fn(), torch.cuda.synchronize())) if cuda else fn
+    return time_ms(call, torch.device("cpu"), iters)                      # the CPU path: perf_counter
 
 
 def start_echo_shards(context, count: int, cuda: bool):
@@ -102,8 +93,7 @@ def channel_rows(endpoint, args, tokens: list[int], device: torch.device) -> lis
                 batch = ExpertBatch(1, 1, torch.randn(t, args.hidden, device=device).bfloat16(), None,
                                     torch.zeros(t, args.top_k, dtype=torch.int32, device=device),
                                     torch.rand(t, args.top_k, device=device))
-                median = statistics.median(timed(lambda: transport.send(0, batch).result(), args.iters,
-                                                 device.type == "cuda"))
+                median = wall_ms(lambda: transport.send(0, batch).result(), args.iters, device.type == "cuda") / 1e3
                 moved = 2 * batch.hidden.nbytes + batch.topk_slots.nbytes + batch.topk_weights.nbytes
                 rows.append({"transport": mode, "tokens": t, "round trip ms": round(median * 1e3, 3),
                              "one-way us": round(median * 1e6 / 2, 1), "GB/s": round(moved / median / 1e9, 3)})
@@ -125,8 +115,8 @@ def layer_rows(endpoints, args, tokens: list[int], device: torch.device) -> list
             ids = torch.stack([torch.randperm(args.experts, device=device)[:args.top_k] for _ in range(t)])
             weights = torch.rand(t, args.top_k, device=device)
             remote.stats.reset()
-            median = statistics.median(timed(lambda: remote.combine(remote.dispatch(1, x, weights, ids)),
-                                             args.iters, device.type == "cuda"))
+            median = wall_ms(lambda: remote.combine(remote.dispatch(1, x, weights, ids)), args.iters,
+                             device.type == "cuda") / 1e3
             rows.append({"tokens": t, "dispatch + combine us": round(median * 1e6, 1),
                          "rows sent per token": round(remote.stats.token_shards / remote.stats.tokens, 2)})
     finally:

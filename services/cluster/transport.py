@@ -50,6 +50,7 @@ from epserve.services.cluster.expert_batch import ExpertBatch, to_request
 from epserve.services.cluster.expert_channel import ExpertShardError, TransportStats
 from epserve.services.cluster.grpc_server import KEEPALIVE_CHANNEL, channel_options
 from epserve.services.cluster import nixl_transport
+from epserve.services.cluster.cuda_transport import CudaChannel
 from epserve.services.cluster.local_transport import LocalChannel
 from epserve.services.cluster.registry import ServiceInfo
 from epserve.services.cluster.tensor_codec import from_proto
@@ -228,7 +229,6 @@ class ExpertTransport:
     def _open(self, shard: int, endpoint: ShardEndpoint):
         kind = endpoint.kind(self.mode)
         if kind == "local" and self.device.type == "cuda" and endpoint.local_cuda:
-            from epserve.services.cluster.cuda_transport import CudaChannel
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(self.device)
             try:
