@@ -37,6 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
 from epserve.kernels.fp8 import fp8_quant
@@ -179,24 +180,26 @@ class RemoteExperts(ExpertBackend):
         return parts
 
     def _send(self, wire: _Wire, slots: torch.Tensor, rows: torch.Tensor | None = None) -> list[tuple]:
-        """One ExpertBatch per shard that ``slots`` [R, K] (-1: a choice not sent now) touches, for the
-        micro-batch's ``rows`` [R] (None: all of them) -> (shard, its rows of the micro-batch [R'], future)."""
+        """One ExpertBatch per shard that ``slots`` [R, K] (CPU; -1: a choice not sent now) touches, for the
+        micro-batch's ``rows`` [R] (None: all of them) -> (shard, its rows of the micro-batch [R'], future).
+        The split is numpy's: at decode sizes torch's per-call cost is most of a layer's dispatch."""
         p = wire.placement
-        shard_of = torch.div(slots, p.slots_per_shard, rounding_mode="floor")   # -1 for -1
-        local = (slots - shard_of * p.slots_per_shard).to(torch.int32)          # [R, K] slot on its shard
-        shards = torch.unique(shard_of).tolist()                                # shards touched (and -1)
-        shards = shards[1:] if shards[0] < 0 else shards
-        here = shard_of[None] == torch.tensor(shards, device=slots.device)[:, None, None]   # [S, R, K]
-        local_by_shard = torch.where(here, local, -1)                           # [S, R, K] (-1: elsewhere)
-        weights_by_shard = torch.where(here, wire.weights if rows is None else wire.weights[rows], 0.0)
-        touched = here.any(dim=2)                                               # [S, R]
+        slots_np = slots.numpy()
+        shard_of = slots_np // p.slots_per_shard                                # [R, K], -1 for -1
+        local = (slots_np - shard_of * p.slots_per_shard).astype(np.int32)      # [R, K] slot on its shard
+        weights = (wire.weights if rows is None else wire.weights[rows]).numpy()
         parts = []
-        for i, shard in enumerate(shards):
-            picked = touched[i].nonzero().squeeze(1)                            # [R'] of rows
-            mine = picked if rows is None else rows[picked]
-            batch = ExpertBatch(wire.layer, p.version, wire.hidden[mine],
-                                None if wire.scales is None else wire.scales[mine],
-                                local_by_shard[i, picked], weights_by_shard[i, picked])
+        for shard in np.unique(shard_of).tolist():
+            if shard < 0:
+                continue
+            here = shard_of == shard                                            # [R, K]
+            picked = here.any(axis=1).nonzero()[0]                              # [R'] rows with a choice there
+            every = rows is None and len(picked) == len(slots_np)
+            mine = torch.from_numpy(picked) if rows is None else rows[torch.from_numpy(picked)]
+            batch = ExpertBatch(wire.layer, p.version, wire.hidden if every else wire.hidden[mine],
+                                None if wire.scales is None else wire.scales if every else wire.scales[mine],
+                                torch.from_numpy(np.where(here, local, np.int32(-1))[picked]),
+                                torch.from_numpy(np.where(here, weights, np.float32(0))[picked]))
             parts.append((shard, mine, self._send_one(shard, batch)))
         return parts
 

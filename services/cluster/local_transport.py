@@ -86,6 +86,47 @@ def _view(buffer: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torc
     return buffer[offset:offset + nbytes].view(dtype)[:math.prod(shape)].view(shape)
 
 
+class SlotViews:
+    """Tensor views over one connection's slots, made once per batch layout (for every slot) and then
+    reused: making a batch's views takes ~16 torch calls, which at decode sizes cost more on the CPU
+    than the copies themselves. Both ends of a pair keep one."""
+
+    LIMIT = 1024                    # layouts kept (batch sizes vary); past it the cache starts over
+
+    def __init__(self, buffers: list[torch.Tensor], slot_bytes: int):
+        self.buffers, self.slot_bytes = buffers, slot_bytes             # [SLOTS] uint8 [2 x slot_bytes]
+        self._cache: dict[tuple, tuple] = {}
+
+    def request(self, rows: int, hidden: int, top_k: int, groups: int, dtype: torch.dtype,
+                scales: bool) -> tuple[list[dict[str, torch.Tensor]] | None, int]:
+        """(per slot, {name: view} of a batch's tensors in its request region; None if they do not fit,
+        their bytes)."""
+        key = (rows, hidden, top_k, groups, dtype, scales)
+        found = self._cache.get(key)
+        if found is None:
+            layout, size = _layout(rows, hidden, top_k, groups, dtype, scales)
+            views = None if size > self.slot_bytes else [
+                {name: _view(buffer, offset, shape, kind) for name, shape, kind, offset in layout}
+                for buffer in self.buffers]
+            found = self._keep(key, (views, size))
+        return found
+
+    def response(self, shape: tuple[int, int], dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """Per slot, the view of an output in its response region (None if it does not fit)."""
+        key = (shape, dtype)
+        found = self._cache.get(key)
+        if found is None:
+            fits = _region(shape, dtype) <= self.slot_bytes
+            found = self._keep(key, ([_view(b, self.slot_bytes, shape, dtype) for b in self.buffers] if fits else None,))
+        return found[0]
+
+    def _keep(self, key: tuple, value: tuple) -> tuple:
+        if len(self._cache) >= self.LIMIT:
+            self._cache = {}
+        self._cache[key] = value
+        return value
+
+
 class LocalChannel:
     """The replica's end of one pair: slots, the socket, a reader thread resolving futures by seq."""
 
@@ -97,7 +138,7 @@ class LocalChannel:
         self.shard, self.address, self.slot_bytes, self.stats = shard, f"{self.KIND}:{name}", slot_bytes, stats
         self._socket = self._connect(name)
         try:
-            self._buffers = self._setup(slot_bytes)                    # [SLOTS] uint8 [2 x slot_bytes]
+            self._views = SlotViews(self._setup(slot_bytes), slot_bytes)
         except OSError as e:
             self._socket.close()
             raise ExpertShardError(shard, self.address, f"hello failed: {e}") from None
@@ -142,7 +183,7 @@ class LocalChannel:
 
     def _take_output(self, slot: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """The shard's output, copied out of ``slot``'s response region (the slot is then free)."""
-        return _view(self._buffers[slot], self.slot_bytes, shape, dtype).clone()
+        return self._views.response(shape, dtype)[slot].clone()
 
     def _settle(self, slot: int) -> None:
         """The shard is done with ``slot`` after refusing its batch (shared memory: it is, at its answer)."""
@@ -162,9 +203,9 @@ class LocalChannel:
         """Copy ``batch`` into a free slot and tell the shard; ValueError if it does not fit a slot."""
         groups = batch.scales.shape[1] if batch.scales is not None else 0
         rows, hidden, top_k = batch.rows, batch.hidden.shape[1], batch.topk_slots.shape[1]
-        layout, size = _layout(rows, hidden, top_k, groups, batch.hidden.dtype, batch.scales is not None)
-        needed = max(size, _region((rows, hidden), torch.float32))
-        if needed > self.slot_bytes:
+        views, size = self._views.request(rows, hidden, top_k, groups, batch.hidden.dtype, batch.scales is not None)
+        if views is None or self._views.response((rows, hidden), torch.float32) is None:
+            needed = max(size, _region((rows, hidden), torch.float32))
             raise ValueError(f"expert shard {self.shard}: a batch of {rows} tokens x {hidden} needs {needed} bytes; "
                              f"the local transport's slots hold {self.slot_bytes} (sized for the engine's "
                              f"max_num_batched_tokens)")
@@ -175,8 +216,8 @@ class LocalChannel:
             future.set_exception(self._error)
             return future
         self._claim(slot)
-        for name, shape, dtype, offset in layout:
-            _view(self._buffers[slot], offset, shape, dtype).copy_(getattr(batch, name))
+        for name, view in views[slot].items():
+            view.copy_(getattr(batch, name))
         self._push(slot, size)
         with self._lock:
             if self._error is not None:
@@ -333,8 +374,9 @@ class LocalExpertServer:
     def _serve_connection(self, connection: socket.socket) -> None:
         try:
             buffers, slot_bytes, peer = self._handshake(connection)
+            views = SlotViews(buffers, slot_bytes)
             while header := self._receive_message(connection):
-                response, nbytes = self._answer(header, buffers, slot_bytes, peer)
+                response, nbytes = self._answer(header, views, peer)
                 if nbytes:
                     self._push_output(peer, _REQUEST.unpack_from(header)[1], slot_bytes, nbytes)
                 self._send_message(connection, response)
@@ -346,27 +388,28 @@ class LocalExpertServer:
                 self._connections.remove(connection)
             connection.close()
 
-    def _answer(self, header: bytes, buffers: list[torch.Tensor], slot_bytes: int,
-                peer: object = None) -> tuple[bytes, int]:
+    def _answer(self, header: bytes, views: SlotViews, peer: object = None) -> tuple[bytes, int]:
         """One batch from its header and slot -> (the response header, the output's bytes in the slot). With
         GPU slots (a ``CudaPeer``) the work is ordered after the replica's writes and before its reads by
         CUDA IPC events, not by waiting here."""
         seq, slot, layer, version, rows, hidden, top_k, groups, dtype, scales = _REQUEST.unpack(header)
         cuda = isinstance(peer, CudaPeer)
         try:
-            if slot >= len(buffers) or dtype >= len(_DTYPES):
+            if slot >= len(views.buffers) or dtype >= len(_DTYPES):
                 raise BadBatch("header", f"slot {slot} or dtype code {dtype} out of range")
             if cuda:
                 peer.wait_request(slot)
-            layout, size = _layout(rows, hidden, top_k, groups, _DTYPES[dtype], bool(scales))
-            if size > slot_bytes:
-                raise BadBatch("hidden", f"a batch of {rows} x {hidden} needs {size} bytes, the slot has {slot_bytes}")
-            views = {name: _view(buffers[slot], offset, shape, kind) for name, shape, kind, offset in layout}
-            out = self.serve(ExpertBatch(layer, version, views["hidden"], views.get("scales"),
-                                         views["topk_slots"], views["topk_weights"]))
-            if _region(tuple(out.shape), out.dtype) > slot_bytes:
+            in_slots, size = views.request(rows, hidden, top_k, groups, _DTYPES[dtype], bool(scales))
+            if in_slots is None:
+                raise BadBatch("hidden", f"a batch of {rows} x {hidden} needs {size} bytes, "
+                                         f"the slot has {views.slot_bytes}")
+            batch = in_slots[slot]
+            out = self.serve(ExpertBatch(layer, version, batch["hidden"], batch.get("scales"),
+                                         batch["topk_slots"], batch["topk_weights"]))
+            out_slots = views.response(tuple(out.shape), out.dtype)
+            if out_slots is None:
                 raise BadBatch("hidden", f"the output of {rows} x {hidden} does not fit the slot")
-            _view(buffers[slot], slot_bytes, tuple(out.shape), out.dtype).copy_(out)
+            out_slots[slot].copy_(out)
             return _RESPONSE.pack(seq, _OK, _DTYPES.index(out.dtype)), _region(tuple(out.shape), out.dtype)
         except BadBatch as e:
             status = _PRECONDITION if e.precondition else _BAD
@@ -375,7 +418,7 @@ class LocalExpertServer:
             log.exception("%s: a batch failed", self.label)
             return _RESPONSE.pack(seq, _FAILED, 0) + f"{self.label}: internal error: {e}".encode(), 0
         finally:
-            if cuda and slot < len(buffers):
+            if cuda and slot < len(views.buffers):
                 peer.answered(slot)                    # the replica reads or reuses the slot after this
 
     def close(self) -> None:

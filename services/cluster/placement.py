@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from epserve.services.cluster.planner import EMPTY, plan
@@ -77,9 +78,20 @@ class Placement:
         return tables
 
     def to_physical(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """topk_ids [tokens, k] logical -> physical slots [tokens, k], spreading tokens over replicas
-        (on topk_ids' device, without a device sync)."""
-        row = self.row(layer)
+        """topk_ids [tokens, k] logical -> physical slots [tokens, k] int64, spreading tokens over replicas
+        (token t's choice j takes copy (t + j) mod copies), on topk_ids' device without a device sync."""
+        if topk_ids.device.type == "cpu":
+            return self._to_physical_host(self.row(layer), topk_ids)
+        return self._to_physical_torch(self.row(layer), topk_ids)
+
+    def _to_physical_host(self, row: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """``to_physical`` in numpy: at decode sizes, torch's per-call cost is most of the lookup."""
+        ids = topk_ids.numpy()
+        logical_to_physical, replica_counts = self.logical_to_physical[row].numpy(), self.replica_counts[row].numpy()
+        choice = np.add.outer(np.arange(ids.shape[0]), np.arange(ids.shape[1])) % replica_counts[ids]
+        return torch.from_numpy(logical_to_physical[ids, choice])
+
+    def _to_physical_torch(self, row: int, topk_ids: torch.Tensor) -> torch.Tensor:
         ids = topk_ids.long()
         logical_to_physical, replica_counts = self.tables_on(ids.device)
         counts = replica_counts[row][ids]                                                 # [tokens, k]

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 
 import redis
+from redis.exceptions import NoScriptError
 
 from epserve.services.cluster.keys import Keys, text
 
@@ -170,13 +171,26 @@ class RequestStore:
         record (the engine can drop them).
         """
         batch, logprobs = {rid: ids for rid, ids in batch.items() if ids}, logprobs or {}
-        pipe = self.client.pipeline(transaction=False)
-        for rid, ids in batch.items():
-            entries = json.dumps(logprobs[rid]) if rid in logprobs else ""
-            self._append(keys=[self.keys.request(rid), self.keys.tokens(rid)],
-                         args=[",".join(str(int(t)) for t in ids), len(ids), self.open_ttl_s, entries], client=pipe)
-        results = pipe.execute() if batch else []
+        calls = [(self.keys.request(rid), self.keys.tokens(rid), ",".join(str(int(t)) for t in ids), len(ids),
+                  self.open_ttl_s, json.dumps(logprobs[rid]) if rid in logprobs else "") for rid, ids in batch.items()]
+        results = self._append_all(calls) if calls else []
         return [rid for rid, appended in zip(batch, results) if not appended]
+
+    def _append_all(self, calls: list[tuple]) -> list:
+        """The append script's EVALSHA for each call (its 2 keys, then its args) in one pipeline: one round
+        trip per engine step (a registered script in a pipeline adds a SCRIPT EXISTS round trip to every
+        execute). A Redis that lost the script (restarted) has it loaded again, and the pipeline runs again."""
+        try:
+            return self._appends(calls).execute()
+        except NoScriptError:
+            self.client.script_load(self._append.script)
+            return self._appends(calls).execute()
+
+    def _appends(self, calls: list[tuple]) -> redis.client.Pipeline:
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(self._append.sha, 2, *call)
+        return pipe
 
     def tokens(self, request_id: str) -> list[int]:
         """Every token id emitted so far, in order (from the token log)."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+import numpy as np
 import torch
 
 from epserve.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fp8_dequant
@@ -196,23 +197,25 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         d, row_of = self.device, held.row_of[batch.layer]                        # [1 + slots_per_shard]
         if slots.is_cuda:                                                        # a check would sync: none
             index, rows, any_here = self._rows_unchecked(row_of, slots.to(d))
-        else:
-            index, rows, any_here = self._rows_checked(row_of, slots.to(d), batch.layer)
-        self._count(held, batch.layer, index)
+            self._count(held, batch.layer, index)
+        else:                                      # numpy: torch's per-call cost is most of a decode batch's
+            index, rows_np, any_here = self._rows_checked(row_of.cpu().numpy(), slots.numpy(), batch.layer)
+            self._count_host(held, batch.layer, index)
+            rows = torch.from_numpy(rows_np).to(d)
         weights = held.weights[batch.layer]
         if weights is None or not any_here:
             return torch.zeros(x.shape, dtype=self.dtype, device=d)
         return weights.run(x.to(d), topk_weights.to(d), rows)
 
     @staticmethod
-    def _rows_checked(row_of: torch.Tensor, slots: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _rows_checked(row_of: np.ndarray, slots: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """slots [T, K] (range-checked by _decode) -> (index into row_of [T, K], weight rows [T, K] (-1: none),
         whether any choice is here); BadBatch for a choice of an EMPTY slot."""
-        index = slots.long() + 1
+        index = slots.astype(np.int64) + 1
         rows = row_of[index]
-        lowest, highest = (int(v) for v in torch.aminmax(rows)) if rows.numel() else (-1, -1)
+        lowest, highest = (int(rows.min()), int(rows.max())) if rows.size else (-1, -1)
         if lowest == EMPTY_ROW:
-            empty = (row_of[1:] == EMPTY_ROW).nonzero().flatten().tolist()
+            empty = np.flatnonzero(row_of[1:] == EMPTY_ROW).tolist()
             raise _invalid("topk_slots", f"addresses an empty slot of layer {layer} (empty: {empty})")
         return index, rows, highest >= 0
 
@@ -254,7 +257,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
                                            f"{list(weights.shape)}")
         n = placement.slots_per_shard
         if not slots.is_cuda and slots.numel():
-            lowest, highest = (int(v) for v in torch.aminmax(slots))
+            lowest, highest = int(slots.numpy().min()), int(slots.numpy().max())
             if lowest < -1 or highest >= n:
                 raise _invalid("topk_slots", f"values must be in [-1, {n}), got [{lowest}, {highest}]")
         return x, slots, weights
@@ -282,6 +285,14 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
         ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
         with self._lock:
             held.tally[held.placement.row(layer)].index_add_(0, index.flatten(), ones)
+
+    def _count_host(self, held: _Held, layer: int, index: np.ndarray) -> None:
+        """``_count`` for an index [T, K] on the host: numpy's bincount into a CPU tally."""
+        if held.tally.is_cuda:
+            return self._count(held, layer, torch.from_numpy(index).to(held.tally.device))
+        added = np.bincount(index.ravel(), minlength=held.tally.shape[1])
+        with self._lock:
+            held.tally[held.placement.row(layer)].numpy()[:] += added
 
     def token_counts(self, version: int | None = None) -> torch.Tensor:
         """Tokens served per (MoE layer row, local slot) of ``version`` (default: the newest held)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.unit
 
 class FakeCuda:
     """Events, streams and IPC handles of one process; logs ``(thread, stream, "record" | "wait" | "copy", what)``
-    (a copy out of a slot is logged by ``cuda_transport._view``, on the stream current at the time)."""
+    (a copy out of a slot is logged by ``cuda_transport._copy_out``, on the stream current at the time)."""
 
     def __init__(self):
         self.log: list[tuple[str, str, str, str]] = []
@@ -80,13 +80,13 @@ class FakeCuda:
                             "current_stream": self.current_stream, "stream": self.stream,
                             "device": lambda device: contextlib.nullcontext()}.items():
             monkeypatch.setattr(torch.cuda, name, value)
-        view = cuda_transport._view
+        copy_out = cuda_transport._copy_out
 
-        def logged_view(buffer, offset, shape, dtype):
+        def logged_copy_out(view):
             self.note(self.current_stream(), "copy", "output")
-            return view(buffer, offset, shape, dtype)
+            return copy_out(view)
 
-        monkeypatch.setattr(cuda_transport, "_view", logged_view)
+        monkeypatch.setattr(cuda_transport, "_copy_out", logged_copy_out)
         monkeypatch.setattr(cuda_transport, "share", self.share)
         monkeypatch.setattr(cuda_transport, "gpu_uuid", lambda device: "GPU-fake")
         monkeypatch.setattr(cuda_ipc, "open_shared", lambda description, nbytes, ordinal: self.shared[description])

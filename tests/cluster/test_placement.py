@@ -44,6 +44,19 @@ def test_logical_to_physical_spreads_over_replicas():
     assert {p.shard_of_slot(s) for s in copies} == {0, 1}
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_the_host_lookup_gives_the_device_lookup_s_slots(dtype):
+    """to_physical runs numpy on the CPU and torch on a GPU: both give the same slot for every choice."""
+    generator = torch.Generator().manual_seed(1)
+    load = torch.rand(2, 32, generator=generator) ** 3 * 100
+    p = build_placement(32, 3, 7, [1, 2], load)
+    ids = torch.randint(0, 32, (37, 6), generator=generator, dtype=dtype)
+    for row in range(2):
+        host = p._to_physical_host(row, ids)
+        assert host.dtype == torch.int64 and host.equal(p._to_physical_torch(row, ids))
+        assert (p.physical_to_logical[row][host] == ids).all()
+
+
 def test_json_round_trip_and_validation():
     p = build_placement(16, 2, 2, [1, 2], version=7)
     q = Placement.from_json(p.to_json())

@@ -205,6 +205,16 @@ def test_token_log_and_emitted_count(redis_client, cluster_keys):
     assert requests.get("gone") is None and requests.tokens("gone") == []
 
 
+def test_the_token_log_survives_a_redis_that_lost_its_scripts(redis_client, cluster_keys):
+    """A restarted Redis has no scripts: the step's appends load the script again and still land, once."""
+    requests = RequestStore(redis_client, cluster_keys)
+    requests.create(record("a", "running"))
+    assert requests.append_tokens({"a": [11]}) == []
+    redis_client.script_flush()
+    assert requests.append_tokens({"a": [12, 13]}) == []
+    assert requests.tokens("a") == [11, 12, 13] and requests.get("a").emitted == 3
+
+
 def test_ended_requests_expire_and_stay_ended(redis_client, cluster_keys):
     requests = RequestStore(redis_client, cluster_keys, ttl_s=600)
     for rid in ("done", "cancelled"):

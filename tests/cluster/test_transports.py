@@ -91,7 +91,9 @@ class Shards:
 
 @pytest.fixture(scope="module")
 def shards(path, redis_server):
-    running = Shards(path, redis_server.url)
+    # no placement controller: one would re-place a killed shard's experts (a new version) while the
+    # restart test waits, and the test's batches name the first version
+    running = Shards(path, redis_server.url, controller=False)
     yield running
     running.stop()
 
@@ -217,6 +219,27 @@ def test_a_closed_local_server_takes_no_new_replica():
     server.close()
     with pytest.raises(ExpertShardError, match="cannot connect|hello failed"):
         LocalChannel(0, name, 1 << 16, TransportStats())
+
+
+def test_slot_views_made_once_and_made_again_past_the_limit_carry_every_batch_exactly(monkeypatch):
+    """Both ends reuse tensor views per batch layout; a cache that starts over (LIMIT) makes them again."""
+    monkeypatch.setattr(local_transport.SlotViews, "LIMIT", 3)
+    server = LocalExpertServer(lambda batch: batch.hidden * 2 + batch.topk_weights.sum(1, keepdim=True).to(batch.hidden.dtype)
+                               + batch.topk_slots.sum(1, keepdim=True), "doubling")
+    channel = LocalChannel(0, server.name, 1 << 16, TransportStats())
+    generator = torch.Generator().manual_seed(3)
+    try:
+        for rows in [1, 2, 3, 1, 5, 2, 8, 1, 3] * 2:
+            for dtype in (torch.float32, torch.bfloat16):
+                hidden = torch.randn(rows, 16, generator=generator).to(dtype)
+                slots = torch.randint(-1, 4, (rows, 2), generator=generator, dtype=torch.int32)
+                weights = torch.rand(rows, 2, generator=generator)
+                expected = hidden * 2 + weights.sum(1, keepdim=True).to(dtype) + slots.sum(1, keepdim=True)
+                got = channel.send(ExpertBatch(1, 1, hidden, None, slots, weights)).result(timeout=WAIT_S)
+                assert got.dtype == dtype and got.equal(expected)
+    finally:
+        channel.close(timeout_s=5)
+        server.close()
 
 
 def test_a_shard_that_holds_every_slot_breaks_the_channel(monkeypatch):
