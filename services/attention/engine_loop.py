@@ -54,7 +54,8 @@ class Outputs(Protocol):
     def put(self, item: RequestOutput | StepError) -> None: ...
 
 
-StepTokens = Callable[[dict[str, list[int]], dict[str, list[TokenLogprobs]]], None]  # (ids, logprobs) per request
+# per request: (new ids, how many it emitted before them, logprobs of those that asked)
+StepTokens = Callable[[dict[str, list[int]], dict[str, int], dict[str, list[TokenLogprobs]]], None]
 
 
 class EngineLoop:
@@ -214,9 +215,10 @@ class EngineLoop:
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         tokens = {o.request_id: o.new_token_ids for o in outputs if o.new_token_ids}
+        offsets = {o.request_id: o.completion_tokens - len(o.new_token_ids) for o in outputs if o.new_token_ids}
         logprobs = {o.request_id: o.logprobs for o in outputs if o.new_token_ids and o.logprobs}
         try:
-            self.on_step(tokens, logprobs)
+            self.on_step(tokens, offsets, logprobs)
         except Exception:                                 # noqa: BLE001 - the token log is best effort
             log.exception("publishing step tokens failed")
 

@@ -33,19 +33,36 @@ return 1
 _APPEND = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'aborted' or state == 'failed' then return 0 end
-if ARGV[4] == '' then
-  redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1])
+local count = tonumber(ARGV[2])
+local logged = tonumber(redis.call('HGET', KEYS[1], 'emitted') or '0') - tonumber(ARGV[5])
+if logged >= count then return 1 end
+local ids, entries = ARGV[1], ARGV[4]
+if logged > 0 then
+  local each = {}
+  for id in string.gmatch(ids, '[^,]+') do each[#each + 1] = id end
+  ids = table.concat(each, ',', logged + 1)
+  if entries ~= '' then
+    each = {}
+    for entry in string.gmatch(entries, '[^\\n]+') do each[#each + 1] = entry end
+    entries = table.concat(each, '\\n', logged + 1)
+  end
+  count = count - logged
+end
+if entries == '' then
+  redis.call('XADD', KEYS[2], '*', 'ids', ids)
 else
-  redis.call('XADD', KEYS[2], '*', 'ids', ARGV[1], 'logprobs', ARGV[4])
+  redis.call('XADD', KEYS[2], '*', 'ids', ids, 'logprobs', '[' .. (string.gsub(entries, '\\n', ',')) .. ']')
 end
 local ttl = tonumber(ARGV[3])
 if state == 'finished' then ttl = math.max(1, redis.call('TTL', KEYS[1])) end
 redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('HINCRBY', KEYS[1], 'emitted', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'emitted', count)
 return 1
-"""  # KEYS: record, token log; ARGV: comma-joined ids, how many, TTL, their logprobs as JSON ('' for none)
-# -> 0 when the request is gone or was aborted or failed. A finished request still takes its last tokens: the
-# log is written asynchronously.
+"""  # KEYS: record, token log; ARGV: comma-joined ids, how many, TTL, their logprobs (one JSON entry per id, joined
+# by newlines; '' for none), how many the request emitted before the first of them -> 0 when the request is gone or
+# was aborted or failed. Positional: ids the log holds already (``emitted`` is past them: a write retried after it
+# landed, a resumed request's replica catching up) are skipped, so a retry never logs a token twice. A finished
+# request still takes its last tokens: the log is written asynchronously.
 
 
 _REOPEN = """
@@ -96,6 +113,16 @@ class RequestRecord:
         return cls(fields["request_id"], fields["state"], fields.get("owner"), json.loads(fields["prompt_ids"]),
                    json.loads(fields["sampling"]), int(fields["seed"]), int(fields.get("emitted", 0)),
                    fields.get("finish_reason"))
+
+
+@dataclass
+class TokenRun:
+    """Consecutive new tokens of one request, for its token log."""
+
+    request_id: str
+    offset: int                       # tokens the request emitted before the first of these (its position)
+    ids: list[int]
+    logprobs: list | None = None      # one JSON-able entry per id (``params.logprobs_to_log``) if it asked
 
 
 def _check_state(state: str) -> None:
@@ -162,19 +189,19 @@ class RequestStore:
         """A request admission refused: forgotten (prompt and all) when it never emitted a token, else failed."""
         self._refuse(keys=[self.keys.request(request_id), self.keys.tokens(request_id)], args=[self.ttl_s])
 
-    def append_tokens(self, batch: dict[str, list[int]], logprobs: dict[str, list] | None = None) -> list[str]:
-        """Append one engine step's new token ids per request, in one pipeline.
+    def append_tokens(self, runs: list[TokenRun]) -> list[str]:
+        """Append runs of new token ids (an engine step's, or several steps' of one request), in one pipeline.
 
-        Each request's ids become one stream entry and add to its ``emitted``; ``logprobs`` has, for
-        the requests that asked for them, one JSON-able entry per id (``services.params.logprobs_to_log``),
-        kept in the same entry. Returns the ids not appended because their request ended or has no
-        record (the engine can drop them).
+        Each run becomes one stream entry and adds to its request's ``emitted``, except for the ids the log
+        holds already (positions below ``emitted``: the write is retried, safely, after a timeout that left it
+        unclear whether it landed). Returns the ids of requests whose runs were not appended because the
+        request ended or has no record (the engine can drop them).
         """
-        batch, logprobs = {rid: ids for rid, ids in batch.items() if ids}, logprobs or {}
-        calls = [(self.keys.request(rid), self.keys.tokens(rid), ",".join(str(int(t)) for t in ids), len(ids),
-                  self.open_ttl_s, json.dumps(logprobs[rid]) if rid in logprobs else "") for rid, ids in batch.items()]
+        calls = [(self.keys.request(run.request_id), self.keys.tokens(run.request_id), ",".join(map(str, run.ids)),
+                  len(run.ids), self.open_ttl_s, "\n".join(json.dumps(e) for e in run.logprobs or ()), run.offset)
+                 for run in runs if run.ids]
         results = self._append_all(calls) if calls else []
-        return [rid for rid, appended in zip(batch, results) if not appended]
+        return [run.request_id for run, appended in zip([r for r in runs if r.ids], results) if not appended]
 
     def _append_all(self, calls: list[tuple]) -> list:
         """The append script's EVALSHA for each call (its 2 keys, then its args) in one pipeline: one round

@@ -7,7 +7,7 @@ import redis
 import torch
 
 from epserve.services.cluster.placement import EMPTY, build_placement
-from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore
+from epserve.services.cluster.requests import DuplicateRequest, RequestRecord, RequestStore, TokenRun
 from epserve.services.cluster.state import LoadStats, PlacementStore, choose_placement, read_load_profile
 from tests.waiting import join
 
@@ -193,25 +193,44 @@ def test_request_create_get_and_states(redis_client, cluster_keys):
         requests.set_state("nope", "running")
 
 
+def runs(**ids_by_request) -> list[TokenRun]:
+    """``a=(offset, [ids])`` -> one run per request."""
+    return [TokenRun(rid, offset, ids) for rid, (offset, ids) in ids_by_request.items()]
+
+
 def test_token_log_and_emitted_count(redis_client, cluster_keys):
     requests = RequestStore(redis_client, cluster_keys)
     for rid in ("a", "b"):
         requests.create(record(rid, "running"))
-    assert requests.append_tokens({"a": [11], "b": [21, 22]}) == []               # one engine step
-    assert requests.append_tokens({"a": [12, 13], "b": []}) == []
-    assert requests.append_tokens({"a": [14], "gone": [1]}) == ["gone"]
+    assert requests.append_tokens(runs(a=(0, [11]), b=(0, [21, 22]))) == []               # one engine step
+    assert requests.append_tokens(runs(a=(1, [12, 13]), b=(2, []))) == []
+    assert requests.append_tokens(runs(a=(3, [14]), gone=(0, [1]))) == ["gone"]
     assert requests.tokens("a") == [11, 12, 13, 14] and requests.tokens("b") == [21, 22]
     assert (requests.get("a").emitted, requests.get("b").emitted) == (4, 2)
     assert requests.get("gone") is None and requests.tokens("gone") == []
+
+
+def test_the_token_log_is_positional_a_retried_write_logs_nothing_twice(redis_client, cluster_keys):
+    """A write retried after it landed (a timeout) is skipped; one that landed in part (a retry merged with the
+    next step's tokens) logs the rest, logprobs included; a gap (tokens never logged) is logged as it comes."""
+    requests = RequestStore(redis_client, cluster_keys)
+    requests.create(record("a", "running"))
+    first = [[-0.5, [[10, -0.5]]], [-1.0, [[11, -1.0]]]]
+    assert requests.append_tokens([TokenRun("a", 0, [10, 11], first)]) == []
+    assert requests.append_tokens([TokenRun("a", 0, [10, 11], first)]) == []                      # landed: skipped
+    assert requests.append_tokens([TokenRun("a", 0, [10, 11, 12], first + [[-2.0, [[12, -2.0]]]])]) == []
+    assert requests.token_log("a") == ([10, 11, 12], first + [[-2.0, [[12, -2.0]]]])
+    assert requests.append_tokens(runs(a=(5, [15]))) == [] and requests.tokens("a") == [10, 11, 12, 15]
+    assert requests.get("a").emitted == 4
 
 
 def test_the_token_log_survives_a_redis_that_lost_its_scripts(redis_client, cluster_keys):
     """A restarted Redis has no scripts: the step's appends load the script again and still land, once."""
     requests = RequestStore(redis_client, cluster_keys)
     requests.create(record("a", "running"))
-    assert requests.append_tokens({"a": [11]}) == []
+    assert requests.append_tokens(runs(a=(0, [11]))) == []
     redis_client.script_flush()
-    assert requests.append_tokens({"a": [12, 13]}) == []
+    assert requests.append_tokens(runs(a=(1, [12, 13]))) == []
     assert requests.tokens("a") == [11, 12, 13] and requests.get("a").emitted == 3
 
 
@@ -219,7 +238,7 @@ def test_ended_requests_expire_and_stay_ended(redis_client, cluster_keys):
     requests = RequestStore(redis_client, cluster_keys, ttl_s=600)
     for rid in ("done", "cancelled"):
         requests.create(record(rid, "running"))
-        requests.append_tokens({rid: [7, 8]})
+        requests.append_tokens(runs(**{rid: (0, [7, 8])}))
     assert requests.set_state("done", "finished", finish_reason="length")
     assert requests.set_state("cancelled", "aborted", finish_reason="abort")
     for rid in ("done", "cancelled"):
@@ -228,7 +247,7 @@ def test_ended_requests_expire_and_stay_ended(redis_client, cluster_keys):
     assert requests.get("done").finish_reason == "length"
 
     assert not requests.set_state("cancelled", "running", owner="attention-1")    # an ended request stays ended
-    assert requests.append_tokens({"cancelled": [9], "done": [9]}) == ["cancelled"]   # late log writes: finished
+    assert requests.append_tokens(runs(cancelled=(2, [9]), done=(2, [9]))) == ["cancelled"]   # late: finished
     assert requests.get("cancelled").state == "aborted" and requests.tokens("cancelled") == [7, 8]
     assert requests.tokens("done") == [7, 8, 9] and 0 < redis_client.ttl(cluster_keys.tokens("done")) <= 600
 
@@ -237,7 +256,7 @@ def test_reopen_and_refuse(redis_client, cluster_keys):
     requests = RequestStore(redis_client, cluster_keys, ttl_s=600, open_ttl_s=7200)
     for rid in ("ran", "never"):
         requests.create(record(rid, "running"))
-    requests.append_tokens({"ran": [7, 8]})
+    requests.append_tokens(runs(ran=(0, [7, 8])))
     assert 600 < redis_client.ttl(cluster_keys.tokens("ran")) <= 7200                # the log expires too
     requests.set_state("ran", "aborted", finish_reason="abort")
     requests.reopen("ran")                                                     # a client resumes it
