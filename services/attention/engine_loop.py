@@ -7,6 +7,10 @@ step at once: after every step it passes the tokens of all requests (and the log
 asked) to ``on_step`` together (the attention service queues them for its token-log writer, which
 must not block), then puts each output in its request's queue, in step order.
 
+A resumed request (``emitted_ids``: the tokens its client has) hands those to ``on_step`` (from the loop
+thread, before its first step) as a run at position 0: the positional token log takes only the ones it
+lacks, which an earlier replica's writer may not have written yet, or ever (it died).
+
 A step that fails (an expert shard went away, say) changes nothing: a sequence's KV and tokens only
 advance when a step completes, and sampling is keyed by (seed, position). So the same step simply
 runs again, after a backoff (``BACKOFF_S``, doubling up to ``MAX_BACKOFF_S``) that gives a restarted
@@ -163,6 +167,9 @@ class EngineLoop:
                 self.engine.add_request(request_id, prompt_ids, params, emitted)
             except ValueError as err:
                 self._deliver(StepError(request_id, str(err)))
+                return
+            if emitted and self.on_step is not None:      # resumed: its log first gets what it lacks of them
+                self.on_step({request_id: emitted}, {request_id: 0}, {})
         elif command[0] == "abort":
             output = self.engine.abort(command[1])
             if output is not None:

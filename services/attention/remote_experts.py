@@ -180,14 +180,15 @@ class RemoteExperts(ExpertBackend):
         return parts
 
     def _send(self, wire: _Wire, slots: torch.Tensor, rows: torch.Tensor | None = None) -> list[tuple]:
-        """One ExpertBatch per shard that ``slots`` [R, K] (CPU; -1: a choice not sent now) touches, for the
+        """One ExpertBatch per shard that ``slots`` [R, K] (-1: a choice not sent now) touches, for the
         micro-batch's ``rows`` [R] (None: all of them) -> (shard, its rows of the micro-batch [R'], future).
-        The split is numpy's: at decode sizes torch's per-call cost is most of a layer's dispatch."""
-        p = wire.placement
-        slots_np = slots.numpy()
+        The split is numpy's, on the host: at decode sizes torch's per-call cost is most of a layer's dispatch.
+        (A sync-free wire is on the GPU: only a re-send after a failure comes here with it, and may sync.)"""
+        p, device = wire.placement, wire.hidden.device
+        slots_np = slots.cpu().numpy()
         shard_of = slots_np // p.slots_per_shard                                # [R, K], -1 for -1
         local = (slots_np - shard_of * p.slots_per_shard).astype(np.int32)      # [R, K] slot on its shard
-        weights = (wire.weights if rows is None else wire.weights[rows]).numpy()
+        weights = (wire.weights if rows is None else wire.weights[rows]).detach().cpu().numpy()
         parts = []
         for shard in np.unique(shard_of).tolist():
             if shard < 0:
@@ -195,11 +196,12 @@ class RemoteExperts(ExpertBackend):
             here = shard_of == shard                                            # [R, K]
             picked = here.any(axis=1).nonzero()[0]                              # [R'] rows with a choice there
             every = rows is None and len(picked) == len(slots_np)
-            mine = torch.from_numpy(picked) if rows is None else rows[torch.from_numpy(picked)]
+            picked_rows = torch.from_numpy(picked).to(device)
+            mine = picked_rows if rows is None else rows[picked_rows]
             batch = ExpertBatch(wire.layer, p.version, wire.hidden if every else wire.hidden[mine],
                                 None if wire.scales is None else wire.scales if every else wire.scales[mine],
-                                torch.from_numpy(np.where(here, local, np.int32(-1))[picked]),
-                                torch.from_numpy(np.where(here, weights, np.float32(0))[picked]))
+                                torch.from_numpy(np.where(here, local, np.int32(-1))[picked]).to(device),
+                                torch.from_numpy(np.where(here, weights, np.float32(0))[picked]).to(device))
             parts.append((shard, mine, self._send_one(shard, batch)))
         return parts
 

@@ -74,6 +74,8 @@ class TokenLogWriter:
                 log.warning("token log: writing %d runs of tokens failed (%s); retrying", len(runs), err)
                 with self._cond:                        # the log skips what landed (it is positional)
                     self._pending = runs + self._pending
+                    for run in reversed(runs):          # the next step extends a request's last run
+                        self._last.setdefault(run.request_id, run)
                     if self._stopped:
                         return
                     self._cond.wait(self.retry_s)

@@ -204,7 +204,7 @@ class LocalChannel:
         groups = batch.scales.shape[1] if batch.scales is not None else 0
         rows, hidden, top_k = batch.rows, batch.hidden.shape[1], batch.topk_slots.shape[1]
         views, size = self._views.request(rows, hidden, top_k, groups, batch.hidden.dtype, batch.scales is not None)
-        if views is None or self._views.response((rows, hidden), torch.float32) is None:
+        if views is None or _region((rows, hidden), torch.float32) > self.slot_bytes:
             needed = max(size, _region((rows, hidden), torch.float32))
             raise ValueError(f"expert shard {self.shard}: a batch of {rows} tokens x {hidden} needs {needed} bytes; "
                              f"the local transport's slots hold {self.slot_bytes} (sized for the engine's "
@@ -263,6 +263,8 @@ class LocalChannel:
                 return self._fail(f"a malformed response of {len(message)} bytes")
             if (status != _OK and status not in _CODES) or out_dtype >= len(_DTYPES) or seq not in self._pending:
                 return self._fail(f"a malformed response to batch {seq} (status {status}, dtype {out_dtype})")
+            if status == _OK and _region(self._pending[seq][2], _DTYPES[out_dtype]) > self.slot_bytes:
+                return self._fail(f"the response to batch {seq} ({_DTYPES[out_dtype]}) overflows its slot")
             with self._lock:
                 future, slot, shape = self._pending.pop(seq)
             if status == _OK:

@@ -201,7 +201,8 @@ class RequestStore:
                   len(run.ids), self.open_ttl_s, "\n".join(json.dumps(e) for e in run.logprobs or ()), run.offset)
                  for run in runs if run.ids]
         results = self._append_all(calls) if calls else []
-        return [run.request_id for run, appended in zip([r for r in runs if r.ids], results) if not appended]
+        refused = [run.request_id for run, appended in zip([r for r in runs if r.ids], results) if not appended]
+        return list(dict.fromkeys(refused))
 
     def _append_all(self, calls: list[tuple]) -> list:
         """The append script's EVALSHA for each call (its 2 keys, then its args) in one pipeline: one round

@@ -61,6 +61,7 @@ class _Held:
     weights: dict[int, ExpertWeights | None]     # MoE layer -> its local experts' stacked weights
     row_of: dict[int, torch.Tensor]               # MoE layer -> [1 + slots_per_shard] weight row of local slot + 1
                                                   #   (index 0, no choice: -1; an EMPTY slot: EMPTY_ROW)
+    host_row_of: dict[int, np.ndarray]            # the same on the host (CPU batches)
     tally: torch.Tensor                           # [moe layer rows, 1 + slots_per_shard] int64 choices served per
                                                   #   local slot + 1 (column 0: choices elsewhere), shard's device
     flushed: torch.Tensor                         # [moe layer rows, slots_per_shard]: counts handed to on_flush (CPU)
@@ -117,18 +118,19 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
                              f"the model {self.config.n_routed_experts}")
         if placement.version in self.versions():
             return
-        weights, row_of = {}, {}
+        weights, row_of, host_row_of = {}, {}, {}
         for layer in placement.moe_layers:
             experts = placement.local_experts(layer, self.shard_id)
             present = [e for e in experts if e != EMPTY]
             weights[layer] = self._stack(layer, present) if present else None
             filled = torch.tensor([e != EMPTY for e in experts])
             rows = torch.where(filled, filled.long().cumsum(0) - 1, EMPTY_ROW)
-            row_of[layer] = torch.cat([torch.tensor([-1]), rows]).to(self.device)
+            host_row_of[layer] = torch.cat([torch.tensor([-1]), rows]).numpy()
+            row_of[layer] = torch.from_numpy(host_row_of[layer]).to(self.device)
         shape = (len(placement.moe_layers), placement.slots_per_shard)
         tally = torch.zeros(shape[0], 1 + shape[1], dtype=torch.int64, device=self.device)
         with self._lock:
-            self._held[placement.version] = _Held(placement, weights, row_of, tally,
+            self._held[placement.version] = _Held(placement, weights, row_of, host_row_of, tally,
                                                   torch.zeros(shape, dtype=torch.int64))
             PLACEMENT_VERSION.set(max(self._held))
 
@@ -199,7 +201,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             index, rows, any_here = self._rows_unchecked(row_of, slots.to(d))
             self._count(held, batch.layer, index)
         else:                                      # numpy: torch's per-call cost is most of a decode batch's
-            index, rows_np, any_here = self._rows_checked(row_of.cpu().numpy(), slots.numpy(), batch.layer)
+            index, rows_np, any_here = self._rows_checked(held.host_row_of[batch.layer], slots.numpy(), batch.layer)
             self._count_host(held, batch.layer, index)
             rows = torch.from_numpy(rows_np).to(d)
         weights = held.weights[batch.layer]
@@ -257,7 +259,8 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
                                            f"{list(weights.shape)}")
         n = placement.slots_per_shard
         if not slots.is_cuda and slots.numel():
-            lowest, highest = int(slots.numpy().min()), int(slots.numpy().max())
+            host = slots.numpy()
+            lowest, highest = int(host.min()), int(host.max())
             if lowest < -1 or highest >= n:
                 raise _invalid("topk_slots", f"values must be in [-1, {n}), got [{lowest}, {highest}]")
         return x, slots, weights

@@ -8,9 +8,18 @@ import time
 import pytest
 import redis
 
+import queue
+
+import torch
+
+from epserve.services.attention.engine_loop import EngineLoop
 from epserve.services.attention.token_log import TokenLogWriter
+from epserve.services.engine.config import EngineConfig
+from epserve.services.engine.engine import LLMEngine
+from epserve.services.engine.params import SamplingParams
+from epserve.services.model.tiny import tiny_model_path
 from epserve.services.cluster.redis_server import EmbeddedRedis
-from epserve.services.cluster.requests import RequestRecord, RequestStore
+from epserve.services.cluster.requests import RequestRecord, RequestStore, TokenRun
 from epserve.services.engine.params import TokenLogprobs
 from epserve.services.params import logprobs_from_log, logprobs_to_proto
 from tests.waiting import wait_until
@@ -91,3 +100,29 @@ def test_a_write_that_timed_out_but_landed_is_not_logged_twice(cluster_keys):
             assert store.tokens("a") == [10, 11, 12, 13] and store.get("a").emitted == 4
         finally:
             writer.stop()
+
+
+def test_a_resumed_request_fills_its_log_behind_it_and_logs_each_token_once(redis_client, cluster_keys):
+    """A request resumed on a new replica with the 5 tokens its client has, while the log holds only 3 (the old
+    replica's writer was behind): the new replica logs the 2 missing ones first, then its steps; a late write of
+    the old writer lands on positions the log holds already and adds nothing."""
+    prompt, params = [12, 13, 14, 15, 16, 17], SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    engine = LLMEngine.from_path(tiny_model_path(), EngineConfig(micro_batches=1), dtype=torch.float32)
+    (undisturbed,) = [s.output_ids for s in engine.generate([prompt], params)]
+    store = RequestStore(redis_client, cluster_keys)
+    store.create(RequestRecord("r", "running", "attention-0", prompt, {}, 7))
+    assert store.append_tokens([TokenRun("r", 0, undisturbed[:3])]) == []                 # the old writer, behind
+    writer = TokenLogWriter(store, retry_s=0.05)
+    loop = EngineLoop(engine, on_step=writer.append, step_retries=0).start()
+    outputs: queue.Queue = queue.Queue()
+    try:
+        loop.submit("r", prompt, params, outputs, emitted_ids=undisturbed[:5])
+        while not outputs.get(timeout=60).finished:
+            pass
+        wait_until(lambda: len(store.tokens("r")) >= len(undisturbed), 30, "the log complete",
+                   state=lambda: store.tokens("r"))
+        assert store.append_tokens([TokenRun("r", 3, undisturbed[3:6])]) == []           # the old writer, late
+        assert store.tokens("r") == undisturbed and store.get("r").emitted == len(undisturbed)
+    finally:
+        loop.stop()
+        writer.stop()

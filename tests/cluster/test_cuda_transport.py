@@ -67,6 +67,37 @@ def test_every_layer_and_micro_batch_over_cuda_ipc_equals_the_in_process_shards(
         shards.stop()
 
 
+def test_a_killed_shard_s_tokens_go_to_the_other_copies_on_the_gpu(path, config, redis_server):
+    """Sync-free dispatch on the GPU, every expert on both shards: a SIGKILLed shard's part is sent again to the
+    survivor (the re-send's host-side split gets GPU tensors) and the layer still equals the in-process shards."""
+    shards = Shards(path, redis_server.url, device="cuda", dtype="bfloat16", redundant=config.n_routed_experts,
+                    controller=False)
+    transport = None
+    try:
+        placement = choose_placement(shards.registry.client, shards.registry.keys, num_experts=config.n_routed_experts,
+                                     num_shards=SHARDS, redundant=config.n_routed_experts, moe_layers=config.moe_layers)
+        transport = ExpertTransport(shards.endpoints(), mode="local", device="cuda",
+                                    local_slot_bytes=slot_bytes_for(32, config.hidden_size, config.num_experts_per_tok))
+        remote = RemoteExperts(placement, transport)
+        reference = RemoteExperts(placement, InProcess([ExpertShard(path, s, placement, dtype=DTYPE, device="cuda")
+                                                        for s in range(SHARDS)]), sync_free=True)
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        layer = config.moe_layers[0]
+        x = torch.randn(24, config.hidden_size, device="cuda", generator=generator).to(DTYPE)
+        ids = torch.stack([torch.randperm(config.n_routed_experts, device="cuda", generator=generator)[
+            :config.num_experts_per_tok] for _ in range(24)])
+        weights = torch.rand(ids.shape, device="cuda", generator=generator)
+        want = reference.combine(reference.dispatch(layer, x, weights, ids)).float()
+        shards.kill(1)
+        got = remote.combine(remote.dispatch(layer, x, weights, ids)).float()          # sent, failed, sent again
+        assert remote.stats.rerouted > 0 and got.is_cuda
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    finally:
+        if transport is not None:
+            transport.close()
+        shards.stop()
+
+
 # ---- no host round trip ------------------------------------------------------------------------------
 def _serve_without_syncs(path: str, shard_id: int, placement_json: str, names, errors, stop) -> None:
     """A shard process: serve over the local transport with torch's sync debug mode raising on any sync."""
