@@ -302,8 +302,12 @@ def test_killed_expert_shard_is_restarted_and_the_cluster_serves_again(model_dir
         served = _served_again(up, "the restarted shard")
         assert served.token_ids == expected[0]
         assert pid not in up.children() and up.process.poll() is None
-        shard = find_service(read_up_state(up.state_file), "expert", "1")        # the state file follows it
-        assert shard["restarts"] == 1 and shard["pid"] in up.children() and shard["address"]
+        def restarted_shard():                                                   # the state file follows it,
+            shard = find_service(read_up_state(up.state_file), "expert", "1")   # once up's monitor has looked
+            return shard if shard["address"] else None
+
+        shard = wait_until(restarted_shard, 30, "the restarted shard's address in the state file")
+        assert shard["restarts"] == 1 and shard["pid"] in up.children()
     finally:
         up.stop()
 

@@ -11,6 +11,7 @@ from epserve.services.cluster.requests import RequestStore
 from epserve.services.router.auth import namespaced, tenant_of
 from epserve.services.up_state import read_up_state
 from tests.e2e.test_cluster import UpCluster
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 KEYS = ("key-a", "key-b", "key-c", "key-d")
@@ -43,8 +44,8 @@ def test_two_keys_use_one_id_and_only_the_owner_may_abort(up):
         assert short.request_id == "same" and len(short.token_ids) == 8     # b's own "same"
         tokens = first + [t for chunk in chunks for t in chunk.token_ids]
         assert tokens == stream.result.token_ids and len(tokens) == 400 and tokens[:8] == short.token_ids
-    records = {key: store.get(namespaced(tenant(key), "same")) for key in ("key-a", "key-b")}
-    assert records["key-a"].emitted == 400 and records["key-b"].emitted == 8
+    emitted = lambda: {key: store.get(namespaced(tenant(key), "same")).emitted for key in ("key-a", "key-b")}  # noqa: E731
+    wait_until(lambda: emitted() == {"key-a": 400, "key-b": 8}, 30, "both token logs written", state=emitted)
     assert store.get("same") is None                                        # no id outside a namespace
 
 
@@ -52,7 +53,9 @@ def test_another_key_cannot_resume_a_request(up):
     store = RequestStore(up.redis, up.registry.keys)
     with Client(up.endpoint, api_key="key-a") as a, Client(up.endpoint, api_key="key-b") as b:
         a.generate(PROMPT, max_tokens=6, temperature=0, ignore_eos=True, request_id="mine")
-        before = store.get(namespaced(tenant("key-a"), "mine"))
+        mine = namespaced(tenant("key-a"), "mine")                     # the router records the end after the
+        before = wait_until(lambda: (r := store.get(mine)).state == "finished" and r, 30,   # client saw it
+                            "the request's record to end", state=lambda: store.get(mine))
         b.generate(PROMPT, max_tokens=3, temperature=0, ignore_eos=True, request_id="mine")    # its own request
     assert store.get(namespaced(tenant("key-a"), "mine")) == before
 
