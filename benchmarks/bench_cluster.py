@@ -5,7 +5,8 @@
                                        [--transport auto|grpc|local] [--device cuda]
 
 Starts ``epserve up`` (separate processes on loopback), sends ``concurrency`` greedy requests at
-once through the SDK and counts generated tokens per second of wall time; then runs the same
+once through the SDK (round after round, for at least ``--min-seconds``) and counts generated tokens
+per second of wall time; then runs the same
 requests through an in-process ``LLMEngine`` (all added at once) while every cluster process is
 stopped (SIGSTOP), alternating the two ``--repeats`` times. Prints the medians, their ranges and
 the ratio (both on ``--device``: the GPU when there is one, where ``local`` is CUDA IPC),
@@ -37,20 +38,22 @@ from epserve.services.up_state import wait_ready
 RESUME_S = 2.0      # after a pause: heartbeats re-register what expired in Redis (TTL 3 s) meanwhile
 
 
-def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: int,
-                         roles: dict[int, str]) -> tuple[float, dict[str, float]]:
-    """-> (tokens/s, CPU ms per generated token by process role). The load is one asyncio client
-    (``AsyncClient``, as the load-test harness uses) so that it takes little of the machine."""
+def cluster_tokens_per_s(endpoint: str, prompts: list[list[int]], new_tokens: int, roles: dict[int, str],
+                         min_seconds: float) -> tuple[float, dict[str, float]]:
+    """-> (tokens/s, CPU ms per generated token by process role), over rounds of ``prompts`` (all at once)
+    until ``min_seconds`` have passed. The load is one asyncio client (``AsyncClient``, as the load-test
+    harness uses) so that it takes little of the machine."""
     from epserve_client import AsyncClient
 
     async def run() -> tuple[float, dict[str, float]]:
         async with AsyncClient(endpoint, timeout=600) as client:
             await client.generate(prompts[0], max_tokens=4, temperature=0)            # warm-up
-            cpu_before, start = cpu_seconds(roles), time.perf_counter()
-            results = await asyncio.gather(*[
-                client.generate(p, max_tokens=new_tokens, temperature=0, ignore_eos=True) for p in prompts])
+            cpu_before, start, tokens = cpu_seconds(roles), time.perf_counter(), 0
+            while tokens == 0 or time.perf_counter() - start < min_seconds:
+                results = await asyncio.gather(*[
+                    client.generate(p, max_tokens=new_tokens, temperature=0, ignore_eos=True) for p in prompts])
+                tokens += sum(len(r.token_ids) for r in results)
             elapsed, cpu_after = time.perf_counter() - start, cpu_seconds(roles)
-        tokens = sum(len(r.token_ids) for r in results)
         cpu_ms = {role: 1e3 * (cpu_after[role] - cpu_before.get(role, 0.0)) / tokens for role in cpu_after}
         return tokens / elapsed, cpu_ms
 
@@ -68,12 +71,14 @@ def cpu_seconds(roles: dict[int, str]) -> dict[str, float]:
     return totals
 
 
-def engine_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> float:
+def engine_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, min_seconds: float) -> float:
+    """Tokens/s of the in-process engine over rounds of ``prompts`` (all at once) until ``min_seconds`` have passed."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))     # warm-up
-    start = time.perf_counter()
-    seqs = engine.generate(prompts, params)
-    return sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - start)
+    start, tokens = time.perf_counter(), 0
+    while tokens == 0 or time.perf_counter() - start < min_seconds:
+        tokens += sum(len(s.output_ids) for s in engine.generate(prompts, params))
+    return tokens / (time.perf_counter() - start)
 
 
 def start_cluster(args, state_file: str) -> tuple[subprocess.Popen, dict[int, str]]:
@@ -106,6 +111,9 @@ def main() -> None:
                                          "(default: as epserve up, the GPU if there is one)")
     parser.add_argument("--port", type=int, default=50599)
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each, alternating; medians reported")
+    parser.add_argument("--min-seconds", type=float, default=2.0,
+                        help="each measurement repeats its round of requests until this long has passed "
+                             "(one 64-token round at c=1 is under a second: too short on a noisy machine)")
     args = parser.parse_args()
     args.device = default_device(args.device)
     path = resolve_model(args.model)
@@ -122,8 +130,9 @@ def main() -> None:
         for _ in range(args.repeats):           # alternate, so a drift of the machine hits both alike
             for c in levels:
                 with paused([process.pid, *roles]):
-                    single[c].append(engine_tokens_per_s(engine, prompts[c], args.new_tokens))
-                cluster[c].append(cluster_tokens_per_s(f"127.0.0.1:{args.port}", prompts[c], args.new_tokens, roles))
+                    single[c].append(engine_tokens_per_s(engine, prompts[c], args.new_tokens, args.min_seconds))
+                cluster[c].append(cluster_tokens_per_s(f"127.0.0.1:{args.port}", prompts[c], args.new_tokens, roles,
+                                                       args.min_seconds))
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -148,7 +157,7 @@ def report(args, levels: list[int], single: dict[int, list[float]], cluster: dic
     """Medians over the repeats, with ranges; the ratio is of the medians."""
     print(f"model={args.model} device={args.device} attention={args.attention} shards={args.expert_shards} "
           f"redundant={args.redundant_experts} transport={args.transport} micro_batches={args.micro_batches} (min {args.micro_batch_min_tokens} tokens) new_tokens={args.new_tokens} "
-          f"repeats={args.repeats} (medians)")
+          f"repeats={args.repeats} of at least {args.min_seconds:g} s (medians)")
     print(f"{'concurrency':>11} {'single-process tok/s':>21} {'(range)':>15} {'cluster tok/s':>14} {'(range)':>15} "
           f"{'ratio':>6}")
     for c in levels:
