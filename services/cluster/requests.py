@@ -197,9 +197,9 @@ class RequestStore:
         unclear whether it landed). Returns the ids of requests whose runs were not appended because the
         request ended or has no record (the engine can drop them).
         """
-        calls = [(self.keys.request(run.request_id), self.keys.tokens(run.request_id), ",".join(map(str, run.ids)),
-                  len(run.ids), self.open_ttl_s, "\n".join(json.dumps(e) for e in run.logprobs or ()), run.offset)
-                 for run in runs if run.ids]
+        calls = [(self.keys.request(run.request_id), self.keys.tokens(run.request_id),
+                  ",".join(str(int(t)) for t in run.ids), len(run.ids), self.open_ttl_s,
+                  "\n".join(json.dumps(e) for e in run.logprobs or ()), run.offset) for run in runs if run.ids]
         results = self._append_all(calls) if calls else []
         refused = [run.request_id for run, appended in zip([r for r in runs if r.ids], results) if not appended]
         return list(dict.fromkeys(refused))
