@@ -8,6 +8,7 @@ spreading a replicated expert's tokens over its copies.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -87,9 +88,8 @@ class Placement:
     def _to_physical_host(self, row: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """``to_physical`` in numpy: at decode sizes, torch's per-call cost is most of the lookup."""
         ids = topk_ids.numpy()
-        logical_to_physical, replica_counts = self.logical_to_physical[row].numpy(), self.replica_counts[row].numpy()
-        choice = np.add.outer(np.arange(ids.shape[0]), np.arange(ids.shape[1])) % replica_counts[ids]
-        return torch.from_numpy(logical_to_physical[ids, choice])
+        logical_to_physical, replica_counts = self.logical_to_physical.numpy()[row], self.replica_counts.numpy()[row]
+        return torch.from_numpy(logical_to_physical[ids, _spread(*ids.shape) % replica_counts[ids]])
 
     def _to_physical_torch(self, row: int, topk_ids: torch.Tensor) -> torch.Tensor:
         ids = topk_ids.long()
@@ -121,6 +121,14 @@ class Placement:
         p2l = self.physical_to_logical
         slot_load = torch.where(p2l >= 0, per_copy.gather(1, p2l.clamp(min=0)), torch.zeros(()))
         return slot_load.view(len(self.moe_layers), self.num_shards, self.slots_per_shard).sum(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _spread(tokens: int, k: int) -> np.ndarray:
+    """[tokens, k]: token t's choice j takes copy (t + j) mod copies (read-only: it is shared)."""
+    spread = np.add.outer(np.arange(tokens), np.arange(k))
+    spread.flags.writeable = False
+    return spread
 
 
 def build_placement(num_experts: int, num_shards: int, redundant: int, moe_layers: Sequence[int],
