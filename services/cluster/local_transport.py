@@ -263,7 +263,7 @@ class LocalChannel:
                 return self._fail(f"a malformed response of {len(message)} bytes")
             if (status != _OK and status not in _CODES) or out_dtype >= len(_DTYPES) or seq not in self._pending:
                 return self._fail(f"a malformed response to batch {seq} (status {status}, dtype {out_dtype})")
-            if status == _OK and _region(self._pending[seq][2], _DTYPES[out_dtype]) > self.slot_bytes:
+            if status == _OK and self._views.response(self._pending[seq][2], _DTYPES[out_dtype]) is None:
                 return self._fail(f"the response to batch {seq} ({_DTYPES[out_dtype]}) overflows its slot")
             with self._lock:
                 future, slot, shape = self._pending.pop(seq)

@@ -295,7 +295,7 @@ class ExpertShard(expert_pb2_grpc.ExpertServiceServicer):
             return self._count(held, layer, torch.from_numpy(index).to(held.tally.device))
         added = np.bincount(index.ravel(), minlength=held.tally.shape[1])
         with self._lock:
-            held.tally[held.placement.row(layer)].numpy()[:] += added
+            held.tally.numpy()[held.placement.row(layer)] += added
 
     def token_counts(self, version: int | None = None) -> torch.Tensor:
         """Tokens served per (MoE layer row, local slot) of ``version`` (default: the newest held)
