@@ -43,6 +43,7 @@ class Settings:
     metadata: tuple[tuple[str, str], ...]
     timeout: float | None
     resume_attempts: int
+    wait_for_ready: bool                # a call waits for an unreachable router (to its deadline) instead of failing
 
     def open(self, module: Any, target: str) -> Any:
         """A channel to ``target`` from ``module`` (``grpc`` or ``grpc.aio``): secure when TLS was asked for."""
@@ -54,10 +55,14 @@ class Settings:
         """The gRPC ``timeout`` of one call: its own, or the client's when not given."""
         return self.timeout if isinstance(timeout, ClientDefault) else timeout
 
+    def call_options(self, timeout: float | None) -> dict[str, Any]:
+        """The keyword arguments of one gRPC call with deadline ``timeout``."""
+        return {"timeout": timeout, "metadata": self.metadata, "wait_for_ready": self.wait_for_ready}
+
 
 def settings(target: str | Sequence[str], *, api_key: str | None, tls: bool, root_certificates: bytes | None,
              timeout: float | None, max_retries: int, initial_backoff: float, max_backoff: float,
-             options: Sequence[tuple[str, Any]], resume_attempts: int = 8) -> Settings:
+             options: Sequence[tuple[str, Any]], resume_attempts: int = 8, wait_for_ready: bool = False) -> Settings:
     """Validates the client's arguments and turns them into channel options, credentials, metadata."""
     targets = (target,) if isinstance(target, str) else tuple(target)
     if not targets or not all(isinstance(t, str) and t for t in targets):
@@ -70,7 +75,7 @@ def settings(target: str | Sequence[str], *, api_key: str | None, tls: bool, roo
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     config = service_config(max_retries, initial_backoff, max_backoff)
     channel_options = (("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config)), *options)
-    return Settings(targets, credentials, channel_options, metadata, timeout, resume_attempts)
+    return Settings(targets, credentials, channel_options, metadata, timeout, resume_attempts, wait_for_ready)
 
 
 def service_config(max_retries: int, initial_backoff: float, max_backoff: float) -> dict:

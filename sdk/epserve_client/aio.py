@@ -102,11 +102,11 @@ class AsyncClient:
     def __init__(self, target: str | Sequence[str], *, api_key: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, timeout: float | None = 60.0, max_retries: int = 4,
                  initial_backoff: float = 0.1, max_backoff: float = 2.0, options: Sequence[tuple[str, Any]] = (),
-                 resume_attempts: int = 8):
+                 resume_attempts: int = 8, wait_for_ready: bool = False):
         self._settings = _wire.settings(
             target, api_key=api_key, tls=tls, root_certificates=root_certificates, timeout=timeout,
             max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff, options=options,
-            resume_attempts=resume_attempts)
+            resume_attempts=resume_attempts, wait_for_ready=wait_for_ready)
         self._channels: dict[int, Any] = {}
         self._stub = self._router(0)
 
@@ -144,11 +144,11 @@ class AsyncClient:
             request_id=request_id)
         deadline = self._settings.deadline(timeout)
         resumer = _wire.resumer(request, self._settings, deadline)
-        call = self._stub.Generate(request, timeout=deadline, metadata=self._settings.metadata)
+        call = self._stub.Generate(request, **self._settings.call_options(deadline))
         return AsyncGenerateStream(call, request_id, resumer, self._reopen, logprobs=logprobs is not None)
 
     def _reopen(self, request: pb.GenerateRequest, timeout: float | None, index: int) -> Any:
-        return self._router(index).Generate(request, timeout=timeout, metadata=self._settings.metadata)
+        return self._router(index).Generate(request, **self._settings.call_options(timeout))
 
     async def model_info(self, *, timeout: Timeout = CLIENT_DEFAULT) -> ModelInfo:
         """What the cluster serves: model, vocabulary, context, replicas and shards."""
@@ -172,6 +172,6 @@ class AsyncClient:
 
     async def _unary(self, method: Any, request: Any, timeout: Timeout, request_id: str | None) -> Any:
         try:
-            return await method(request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata)
+            return await method(request, **self._settings.call_options(self._settings.deadline(timeout)))
         except grpc.RpcError as error:
             raise error_from_rpc(error, request_id) from error

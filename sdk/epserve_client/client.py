@@ -88,18 +88,21 @@ class Client:
     ``initial_backoff`` to ``max_backoff`` seconds, a stream only before its first response; a
     stream that breaks later (its router died) is resumed up to ``resume_attempts`` times: called
     again (on the next router of the list) with its request id and the number of tokens received,
-    it goes on where it was, each token once (0: off). ``options`` are extra gRPC channel
-    options.
+    it goes on where it was, each token once (0: off). ``wait_for_ready=True`` makes a call to a
+    router that cannot be reached (restarting, not up yet) wait for it until the call's deadline,
+    instead of failing with UNAVAILABLE once the retries are spent: a client that rides out a router
+    restart of any length within its deadline (gRPC's wait-for-ready semantics). ``options`` are extra
+    gRPC channel options.
     """
 
     def __init__(self, target: str | Sequence[str], *, api_key: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, timeout: float | None = 60.0, max_retries: int = 4,
                  initial_backoff: float = 0.1, max_backoff: float = 2.0, options: Sequence[tuple[str, Any]] = (),
-                 resume_attempts: int = 8):
+                 resume_attempts: int = 8, wait_for_ready: bool = False):
         self._settings = _wire.settings(
             target, api_key=api_key, tls=tls, root_certificates=root_certificates, timeout=timeout,
             max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff, options=options,
-            resume_attempts=resume_attempts)
+            resume_attempts=resume_attempts, wait_for_ready=wait_for_ready)
         self._channels: dict[int, Any] = {}
         self._stub = self._router(0)
 
@@ -144,11 +147,11 @@ class Client:
             request_id=request_id)
         deadline = self._settings.deadline(timeout)
         resumer = _wire.resumer(request, self._settings, deadline)
-        call = self._stub.Generate(request, timeout=deadline, metadata=self._settings.metadata)
+        call = self._stub.Generate(request, **self._settings.call_options(deadline))
         return GenerateStream(call, request_id, resumer, self._reopen, logprobs=logprobs is not None)
 
     def _reopen(self, request: pb.GenerateRequest, timeout: float | None, index: int) -> Any:
-        return self._router(index).Generate(request, timeout=timeout, metadata=self._settings.metadata)
+        return self._router(index).Generate(request, **self._settings.call_options(timeout))
 
     def model_info(self, *, timeout: Timeout = CLIENT_DEFAULT) -> ModelInfo:
         """What the cluster serves: model, vocabulary, context, replicas and shards."""
@@ -172,6 +175,6 @@ class Client:
 
     def _unary(self, method: Any, request: Any, timeout: Timeout, request_id: str | None) -> Any:
         try:
-            return method(request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata)
+            return method(request, **self._settings.call_options(self._settings.deadline(timeout)))
         except grpc.RpcError as error:
             raise error_from_rpc(error, request_id) from error

@@ -139,16 +139,16 @@ def _text(tokens) -> str:
 
 
 class ScriptedServer:
-    """The servicer served on ``127.0.0.1:<free port>`` (TLS when ``credentials`` are given)."""
+    """The servicer served on ``127.0.0.1:<port>`` (0: a free one; TLS when ``credentials`` are given)."""
 
-    def __init__(self, credentials: grpc.ServerCredentials | None = None):
+    def __init__(self, credentials: grpc.ServerCredentials | None = None, port: int = 0):
         self.servicer = ScriptedServicer()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, self._server)
         if credentials is None:
-            self.port = self._server.add_insecure_port("127.0.0.1:0")
+            self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         else:
-            self.port = self._server.add_secure_port("127.0.0.1:0", credentials)
+            self.port = self._server.add_secure_port(f"127.0.0.1:{port}", credentials)
         self.target = f"127.0.0.1:{self.port}"
         self._server.start()
 

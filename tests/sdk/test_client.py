@@ -1,5 +1,6 @@
 """The SDK against a real gRPC server on loopback (tests/sdk/scripted_server.py)."""
 import asyncio
+import threading
 import time
 
 import grpc
@@ -125,6 +126,34 @@ def test_no_retries_when_max_retries_is_zero(server):
     with Client(server.target, max_retries=0) as c, pytest.raises(Unavailable):
         c.model_info()
     assert len(server.servicer.calls) == 1
+
+
+def test_wait_for_ready_rides_out_a_router_that_is_down_until_it_is_back():
+    """A router restarting: without wait_for_ready the call fails at once (no retries left); with it, the
+    call waits and is answered once a server listens on the port again, blocking and asyncio alike."""
+    gone = ScriptedServer()
+    port = gone.port
+    gone.stop()
+    with Client(f"127.0.0.1:{port}", max_retries=0, timeout=30) as c, pytest.raises(Unavailable):
+        c.model_info()
+    back: list[ScriptedServer] = []
+    starter = threading.Timer(1.5, lambda: back.append(ScriptedServer(port=port)))
+    starter.start()
+    try:
+        with Client(f"127.0.0.1:{port}", max_retries=0, timeout=30, wait_for_ready=True) as c:
+            assert c.generate("x", max_tokens=2).token_ids == [100, 101]
+        back.pop().stop()
+
+        async def main():
+            async with AsyncClient(f"127.0.0.1:{port}", max_retries=0, timeout=30, wait_for_ready=True) as c:
+                threading.Timer(1.5, lambda: back.append(ScriptedServer(port=port))).start()
+                return (await c.generate("x", max_tokens=2)).token_ids
+
+        assert asyncio.run(main()) == [100, 101]
+    finally:
+        starter.cancel()
+        for server in back:
+            server.stop()
 
 
 def test_stream_that_yielded_tokens_is_never_replayed_without_resume(server):
