@@ -25,7 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inter", type=int, help="I, the expert intermediate size (default 2048 on CUDA, 128 on CPU)")
     p.add_argument("--experts", type=int, help="E local experts (default 256 on CUDA, 16 on CPU)")
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--modes", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    p.add_argument("--modes", nargs="+", choices=["fp32", "bf16", "fp8"],
+                   help="weights (x is bf16, or fp32 with fp32 weights: the CPU's serving dtype); "
+                        "default bf16 fp8 on CUDA, fp32 bf16 fp8 on CPU")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-reference", action="store_true", help="skip timing the torch paths")
     args = p.parse_args(argv)
@@ -34,14 +36,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.hidden = args.hidden or (7168 if cuda else 256)
     args.inter = args.inter or (2048 if cuda else 128)
     args.experts = args.experts or (256 if cuda else 16)
+    args.modes = args.modes or (["bf16", "fp8"] if cuda else ["fp32", "bf16", "fp8"])
     return args
 
 
 def make_weights(E: int, D: int, I: int, mode: str, device: str) -> tuple[list, dict]:
     """Random ``w_gate, w_up, w_down`` (and FP8 block scales): ``[E, I, D], [E, I, D], [E, D, I]``."""
     shapes = ((I, D), (I, D), (D, I))
-    if mode == "bf16":
-        return [torch.randn(E, n, k, dtype=torch.bfloat16, device=device) / k ** 0.5 for n, k in shapes], {}
+    if mode in ("fp32", "bf16"):
+        dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+        return [torch.randn(E, n, k, dtype=dtype, device=device) / k ** 0.5 for n, k in shapes], {}
     weights = [torch.randn(E, n, k, dtype=torch.bfloat16, device=device).to(FP8_DTYPE) for n, k in shapes]
     scales = [torch.full((E, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), k ** -0.5, device=device) for n, k in shapes]
     return weights, dict(zip(("w_gate_scale", "w_up_scale", "w_down_scale"), scales))
@@ -57,7 +61,7 @@ def make_routing(T: int, E: int, K: int, device: str) -> tuple[torch.Tensor, tor
 def bench_case(args, T: int, mode: str, weights: list, scales: dict) -> list[dict]:
     cuda = args.device.startswith("cuda")
     D, I, E, K = args.hidden, args.inter, args.experts, args.topk
-    x = torch.randn(T, D, dtype=torch.bfloat16, device=args.device)
+    x = torch.randn(T, D, dtype=torch.float32 if mode == "fp32" else torch.bfloat16, device=args.device)
     topk_weights, topk_ids = make_routing(T, E, K, args.device)
     call = (x, *weights, topk_weights, topk_ids)
     providers = {}
