@@ -135,15 +135,20 @@ def fused_moe_reference(
 
 def _add_expert(out, x, e: int, choice, weights: tuple, scales: dict, topk_weights) -> None:
     """out [T, D] fp32 += expert ``e``'s output for its choices ``choice`` [n] (flat ids into [T, K]), times
-    their routing weights; the expert's weights are views (dequantised if FP8), never a gathered copy."""
-    w_gate, w_up, w_down = weights
+    their routing weights."""
     token = choice // topk_weights.shape[1]
-    xe = x.index_select(0, token)                                          # [n, D]
-    gate = F.linear(xe, _expert_weight(w_gate, scales["w_gate_scale"], e, x.dtype)).float()
-    up = F.linear(xe, _expert_weight(w_up, scales["w_up_scale"], e, x.dtype)).float()
-    h = (F.silu(gate) * up).to(x.dtype)                                    # [n, I]
-    y = F.linear(h, _expert_weight(w_down, scales["w_down_scale"], e, x.dtype)).float()
+    y = _expert_output(x.index_select(0, token), e, weights, scales)      # [n, D] fp32
     out.index_add_(0, token, y * topk_weights.reshape(-1)[choice, None])
+
+
+def _expert_output(xe, e: int, weights: tuple, scales: dict):
+    """xe [n, D] -> expert ``e``'s output [n, D] in fp32, from views of its weights (dequantised if FP8),
+    never a gathered copy."""
+    w_gate, w_up, w_down = weights
+    gate = F.linear(xe, _expert_weight(w_gate, scales["w_gate_scale"], e, xe.dtype)).float()
+    up = F.linear(xe, _expert_weight(w_up, scales["w_up_scale"], e, xe.dtype)).float()
+    h = (F.silu(gate) * up).to(xe.dtype)                                   # [n, I]
+    return F.linear(h, _expert_weight(w_down, scales["w_down_scale"], e, xe.dtype)).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,10 +182,12 @@ def fused_moe_torch(
 
     The kept choices are grouped by expert into ``xs [H, rows, D]`` (H experts hit, each group
     zero-padded to the busiest one's count), so a layer costs ~10 torch calls instead of ~8 per
-    expert: what decides CPU decode speed. Falls back to ``fused_moe_reference`` when padding would
-    exceed ``PAD_LIMIT`` x the kept choices (one expert takes most tokens), or when the hit experts'
-    weights it must gather or dequantise exceed ``COPY_LIMIT_BYTES`` (real model sizes: the
-    reference handles one expert at a time).
+    expert: what decides CPU decode speed. When at least half the experts are hit, all of them get a
+    group (the others zero rows), so the GEMMs read the weights in place instead of a gathered copy. A
+    few float32 choices on the CPU go one expert at a time (``_few_choices``). Falls back to
+    ``fused_moe_reference`` when padding would exceed ``PAD_LIMIT`` x the kept choices (one expert
+    takes most tokens), or when the hit experts' weights it must gather or dequantise exceed
+    ``COPY_LIMIT_BYTES`` (real model sizes: the reference handles one expert at a time).
     """
     scales = {"w_gate_scale": w_gate_scale, "w_up_scale": w_up_scale, "w_down_scale": w_down_scale}
     _check_inputs(x, w_gate, w_up, w_down, topk_weights, topk_ids, scales)
@@ -193,7 +200,12 @@ def fused_moe_torch(
     if kept.numel() == 0:
         return out.to(x.dtype)
     hit, group, counts = torch.unique(flat_ids[kept], return_inverse=True, return_counts=True)  # [H], [n], [H]
-    rows = int(counts.max())
+    rows, experts = int(counts.max()), w_gate.shape[0]
+    if w_gate_scale is None and 2 * hit.numel() >= experts and experts * rows <= PAD_LIMIT * kept.numel():
+        # most experts hit: every expert gets a group (the others zero rows), so no weight is copied; a copy
+        # of the hit ones costs more than the padded rows' GEMMs at decode sizes
+        every = torch.zeros(experts, dtype=counts.dtype, device=x.device)
+        hit, group, counts = torch.arange(experts, device=x.device), hit[group], every.index_copy_(0, hit, counts)
     if hit.numel() * rows > PAD_LIMIT * kept.numel() or _copy_bytes(x, w_gate, w_gate_scale, hit) > COPY_LIMIT_BYTES:
         return fused_moe_reference(x, w_gate, w_up, w_down, topk_weights, topk_ids, **scales)
     order = torch.argsort(group, stable=True)
@@ -220,9 +232,14 @@ def _few_choices(x, weights: tuple, scales: dict, topk_weights, topk_ids) -> tor
     for choice, e in enumerate(topk_ids.reshape(-1).tolist()):
         if e >= 0:
             by_expert.setdefault(e, []).append(choice)
+    k, routing = topk_ids.shape[1], topk_weights.reshape(-1).tolist()
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)      # [T, D]
     for e, choices in by_expert.items():
-        _add_expert(out, x, e, torch.tensor(choices, device=x.device), weights, scales, topk_weights)
+        if len(choices) == 1:                     # one token (the usual case): slices, its weight a number
+            t = choices[0] // k
+            out[t:t + 1].add_(_expert_output(x[t:t + 1], e, weights, scales), alpha=routing[choices[0]])
+        else:
+            _add_expert(out, x, e, torch.tensor(choices, device=x.device), weights, scales, topk_weights)
     return out.to(x.dtype)
 
 

@@ -183,6 +183,19 @@ def test_batched_vs_naive_loop(T, D, I, E, K, drop, monkeypatch):
     assert_close_rel(fused_moe_torch(*args).double(), naive_moe(*args), 1e-5)
 
 
+@pytest.mark.parametrize("used", [6, 3])
+def test_batched_with_most_or_few_experts_hit(used, monkeypatch):
+    """6 of 8 experts hit: all 8 go through the bmm (2 with zero rows), no weight copied; 3 of 8: the hit ones'
+    weights are gathered. Both against the naive loop."""
+    import epserve.kernels.fused_moe as mod
+    monkeypatch.setattr(mod, "fused_moe_reference", None)
+    monkeypatch.setattr(mod, "FEW_CHOICES", 0)
+    experts = torch.tensor([7, 1, 4, 2, 6, 5])[:used]                            # not in order, not from 0
+    ids = torch.stack([experts[torch.arange(12) % used], experts[(torch.arange(12) + 1) % used]], dim=1)   # [12, 2]
+    args, _ = make_moe(12, 32, 16, 8, 2, torch.float32, ids=ids, device="cpu")
+    assert_close_rel(fused_moe_torch(*args).double(), naive_moe(*args), 1e-5)
+
+
 @pytest.mark.parametrize("T,D,I,E,K,drop", [(1, 16, 8, 4, 1, 0.0), (1, 64, 32, 17, 4, 0.5), (4, 24, 20, 6, 3, 0.3),
                                           (2, 32, 16, 8, 8, 0.0), (13, 32, 16, 8, 8, 0.2)])
 def test_few_choices_vs_naive_loop(T, D, I, E, K, drop, monkeypatch):
