@@ -7,7 +7,9 @@ thread each, as ``epserve up`` runs them), then, in this process, an ``LLMEngine
 experts are those shards (no router, no streaming: the engine's step alone). For each batch size
 it prefills that many 16-token prompts and times ``--steps`` decode steps, once per micro-batch
 count (``micro_batch_min_tokens`` 1, so the split always happens). This is what the attention
-service's ``--micro-batch-min-tokens`` default rests on.
+service's ``--micro-batch-min-tokens`` default rests on. Beside the step it prints the mean wall
+time of one ``dispatch`` and one ``combine`` (per MoE layer and micro-batch; the shared expert runs
+between the two): where the shards' round trips go.
 """
 from __future__ import annotations
 
@@ -44,8 +46,35 @@ def start_shards(args, redis_url: str) -> list[subprocess.Popen]:
             for shard in range(args.expert_shards)]
 
 
-def step_ms(path, backend: RemoteExperts, seqs: int, micro_batches: int, steps: int) -> float:
-    """Mean wall ms of one decode step of ``seqs`` sequences."""
+class PhaseTimes:
+    """Wall time spent in a backend's ``dispatch`` and ``combine``, summed from the last ``reset``."""
+
+    def __init__(self, backend: RemoteExperts):
+        self.seconds = {"dispatch": 0.0, "combine": 0.0}
+        self.calls = 0
+        for name in self.seconds:                       # instance attributes shadow the methods
+            setattr(backend, name, self._timed(name, getattr(backend, name)))
+
+    def _timed(self, name: str, method):
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+                self.calls += name == "dispatch"
+        return timed
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+        self.calls = 0
+
+    def us_per_call(self) -> dict[str, float]:
+        return {f"{name}_us": round(1e6 * s / max(self.calls, 1), 1) for name, s in self.seconds.items()}
+
+
+def step_ms(path, backend: RemoteExperts, seqs: int, micro_batches: int, steps: int, phases: PhaseTimes) -> float:
+    """Mean wall ms of one decode step of ``seqs`` sequences (``phases`` reset at its start)."""
     config = EngineConfig(max_num_seqs=seqs, max_num_batched_tokens=4096, micro_batches=micro_batches,
                           micro_batch_min_tokens=1)
     engine = LLMEngine.from_path(path, config, dtype=torch.float32, backend=backend)
@@ -55,6 +84,7 @@ def step_ms(path, backend: RemoteExperts, seqs: int, micro_batches: int, steps: 
         engine.add_request(f"r{i}", prompt, params)
     for _ in range(4):                                   # prefill and warm-up
         engine.step()
+    phases.reset()
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -81,8 +111,12 @@ def main() -> None:
             transport = ExpertTransport({int(s.service_id): ShardEndpoint.from_service(s) for s in found},
                                         mode=args.transport)
             backend = RemoteExperts(PlacementStore(client, keys).current(), transport)
-            rows = [{"seqs": n, "micro_batches": m, "ms_per_step": round(step_ms(path, backend, n, m, args.steps), 2)}
-                    for n in map(int, args.seqs.split(",")) for m in map(int, args.micro_batches.split(","))]
+            phases = PhaseTimes(backend)
+            rows = []
+            for n in map(int, args.seqs.split(",")):
+                for m in map(int, args.micro_batches.split(",")):
+                    ms = step_ms(path, backend, n, m, args.steps, phases)
+                    rows.append({"seqs": n, "micro_batches": m, "ms_per_step": round(ms, 2), **phases.us_per_call()})
             transport.close()
         finally:
             for shard in shards:
