@@ -14,10 +14,9 @@ to x.dtype, and scale each tile's partial product by its block scale in fp32 (ex
 tile lies inside one 128x128 block).
 
 Entry points: ``fused_moe`` dispatches to ``fused_moe_triton`` when ``use_triton(x)``, else to
-``fused_moe_torch``, the CPU path (one batched GEMM per projection over the experts hit; for a few
-choices, one expert at a time grouped on the host), which itself falls back to
-``fused_moe_reference`` (one expert at a time, the definition) when batching would pad or copy too
-much.
+``fused_moe_torch``, the CPU path (one batched GEMM per projection over the experts hit), which
+itself falls back to ``fused_moe_reference`` (one expert at a time, the definition) when batching
+would pad or copy too much.
 
 Triton pipeline (``fused_moe_triton``), N = T * K choices:
   1. ``moe_align``: choices sorted by expert, groups padded to ``BLOCK_M`` rows.
@@ -120,42 +119,30 @@ def fused_moe_reference(
     """Torch MoE: one pass per expert that has tokens (index_select -> 3 GEMMs -> index_add)."""
     _check_inputs(x, w_gate, w_up, w_down, topk_weights, topk_ids,
                   {"w_gate_scale": w_gate_scale, "w_up_scale": w_up_scale, "w_down_scale": w_down_scale})
-    scales = {"w_gate_scale": w_gate_scale, "w_up_scale": w_up_scale, "w_down_scale": w_down_scale}
+    num_tokens, k = topk_ids.shape
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)      # [T, D]
     flat_ids = topk_ids.reshape(-1)                                        # [T * K]
+    flat_weights = topk_weights.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)                           # -1 choices first
     counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=w_gate.shape[0])
     starts = (torch.cumsum(counts, 0) - counts + (flat_ids < 0).sum()).tolist()
     sizes = counts.tolist()
     for e in torch.nonzero(counts).flatten().tolist():
         choice = order[starts[e]: starts[e] + sizes[e]]                    # [n] flat choice ids
-        _add_expert(out, x, e, choice, (w_gate, w_up, w_down), scales, topk_weights)
+        token = choice // k
+        xe = x.index_select(0, token)                                      # [n, D]
+        gate = F.linear(xe, _expert_weight(w_gate, w_gate_scale, e, x.dtype)).float()
+        up = F.linear(xe, _expert_weight(w_up, w_up_scale, e, x.dtype)).float()
+        h = (F.silu(gate) * up).to(x.dtype)                                # [n, I]
+        y = F.linear(h, _expert_weight(w_down, w_down_scale, e, x.dtype)).float()
+        out.index_add_(0, token, y * flat_weights[choice, None])
     return out.to(x.dtype)
-
-
-def _add_expert(out, x, e: int, choice, weights: tuple, scales: dict, topk_weights) -> None:
-    """out [T, D] fp32 += expert ``e``'s output for its choices ``choice`` [n] (flat ids into [T, K]), times
-    their routing weights."""
-    token = choice // topk_weights.shape[1]
-    y = _expert_output(x.index_select(0, token), e, weights, scales)      # [n, D] fp32
-    out.index_add_(0, token, y * topk_weights.reshape(-1)[choice, None])
-
-
-def _expert_output(xe, e: int, weights: tuple, scales: dict):
-    """xe [n, D] -> expert ``e``'s output [n, D] in fp32, from views of its weights (dequantised if FP8),
-    never a gathered copy."""
-    w_gate, w_up, w_down = weights
-    gate = F.linear(xe, _expert_weight(w_gate, scales["w_gate_scale"], e, xe.dtype)).float()
-    up = F.linear(xe, _expert_weight(w_up, scales["w_up_scale"], e, xe.dtype)).float()
-    h = (F.silu(gate) * up).to(xe.dtype)                                   # [n, I]
-    return F.linear(h, _expert_weight(w_down, scales["w_down_scale"], e, xe.dtype)).float()
 
 
 # --------------------------------------------------------------------------------------------
 # Batched torch path (the CPU path of fused_moe)
 # --------------------------------------------------------------------------------------------
 PAD_LIMIT = 4                   # batched path only while padded rows <= PAD_LIMIT x kept choices
-FEW_CHOICES = 16                # at most this many choices (T * K), float32 on the CPU: one expert at a time
 COPY_LIMIT_BYTES = 256 << 20    # ... and while the hit experts' weights it copies or dequantises fit this
 
 
@@ -183,16 +170,13 @@ def fused_moe_torch(
     The kept choices are grouped by expert into ``xs [H, rows, D]`` (H experts hit, each group
     zero-padded to the busiest one's count), so a layer costs ~10 torch calls instead of ~8 per
     expert: what decides CPU decode speed. When at least half the experts are hit, all of them get a
-    group (the others zero rows), so the GEMMs read the weights in place instead of a gathered copy. A
-    few float32 choices on the CPU go one expert at a time (``_few_choices``). Falls back to
-    ``fused_moe_reference`` when padding would exceed ``PAD_LIMIT`` x the kept choices (one expert
-    takes most tokens), or when the hit experts' weights it must gather or dequantise exceed
-    ``COPY_LIMIT_BYTES`` (real model sizes: the reference handles one expert at a time).
+    group (the others zero rows), so the GEMMs read the weights in place instead of a gathered copy.
+    Falls back to ``fused_moe_reference`` when padding would exceed ``PAD_LIMIT`` x the kept choices
+    (one expert takes most tokens), or when the hit experts' weights it must gather or dequantise
+    exceed ``COPY_LIMIT_BYTES`` (real model sizes: the reference handles one expert at a time).
     """
     scales = {"w_gate_scale": w_gate_scale, "w_up_scale": w_up_scale, "w_down_scale": w_down_scale}
     _check_inputs(x, w_gate, w_up, w_down, topk_weights, topk_ids, scales)
-    if x.dtype == torch.float32 and not x.is_cuda and topk_ids.numel() <= FEW_CHOICES:
-        return _few_choices(x, (w_gate, w_up, w_down), scales, topk_weights, topk_ids)
     num_tokens, k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1).long()                                 # [T * K]
     kept = (flat_ids >= 0).nonzero().squeeze(1)                            # [n] flat choice ids
@@ -203,7 +187,8 @@ def fused_moe_torch(
     rows, experts = int(counts.max()), w_gate.shape[0]
     if w_gate_scale is None and 2 * hit.numel() >= experts and experts * rows <= PAD_LIMIT * kept.numel():
         # most experts hit: every expert gets a group (the others zero rows), so no weight is copied; a copy
-        # of the hit ones costs more than the padded rows' GEMMs at decode sizes
+        # of the hit ones costs more than the padded rows' GEMMs at decode sizes. The result is the gathered
+        # path's bit for bit (greedy parity across the cluster's batch shapes leans on the same numerics)
         every = torch.zeros(experts, dtype=counts.dtype, device=x.device)
         hit, group, counts = torch.arange(experts, device=x.device), hit[group], every.index_copy_(0, hit, counts)
     if hit.numel() * rows > PAD_LIMIT * kept.numel() or _copy_bytes(x, w_gate, w_gate_scale, hit) > COPY_LIMIT_BYTES:
@@ -219,27 +204,6 @@ def fused_moe_torch(
     h = (F.silu(gate) * up).to(x.dtype)                                    # [H, rows, I]
     y = torch.bmm(h, _hit_experts(w_down, w_down_scale, hit, x.dtype).transpose(1, 2))   # [H, rows, D]
     out.index_add_(0, token, y[group, row].float() * topk_weights.reshape(-1)[choice, None])
-    return out.to(x.dtype)
-
-
-def _few_choices(x, weights: tuple, scales: dict, topk_weights, topk_ids) -> torch.Tensor:
-    """``fused_moe_torch`` for a few choices in float32 on the CPU (decode at 1-4 tokens): the choices are
-    grouped by expert on the host and each expert runs on views of its weights. At T=1 the batched path's
-    sort, unique and weight gather (a copy of every hit expert) cost more than its GEMMs. Not in bfloat16 or
-    float16: there a small GEMM costs ~0.3 ms a call on the CPU, and the batched path's one bmm per projection
-    is cheaper (docs/performance.md, fused_moe)."""
-    by_expert: dict[int, list[int]] = {}
-    for choice, e in enumerate(topk_ids.reshape(-1).tolist()):
-        if e >= 0:
-            by_expert.setdefault(e, []).append(choice)
-    k, routing = topk_ids.shape[1], topk_weights.reshape(-1).tolist()
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)      # [T, D]
-    for e, choices in by_expert.items():
-        if len(choices) == 1:                     # one token (the usual case): slices, its weight a number
-            t = choices[0] // k
-            out[t:t + 1].add_(_expert_output(x[t:t + 1], e, weights, scales), alpha=routing[choices[0]])
-        else:
-            _add_expert(out, x, e, torch.tensor(choices, device=x.device), weights, scales, topk_weights)
     return out.to(x.dtype)
 
 
