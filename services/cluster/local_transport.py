@@ -116,9 +116,13 @@ class SlotViews:
         key = (shape, dtype)
         found = self._cache.get(key)
         if found is None:
-            fits = _region(shape, dtype) <= self.slot_bytes
+            fits = self.output_fits(shape, dtype)
             found = self._keep(key, ([_view(b, self.slot_bytes, shape, dtype) for b in self.buffers] if fits else None,))
         return found[0]
+
+    def output_fits(self, shape: tuple[int, int], dtype: torch.dtype) -> bool:
+        """Whether an output fits a slot's response region (no views made)."""
+        return _region(shape, dtype) <= self.slot_bytes
 
     def _keep(self, key: tuple, value: tuple) -> tuple:
         if len(self._cache) >= self.LIMIT:
@@ -204,7 +208,7 @@ class LocalChannel:
         groups = batch.scales.shape[1] if batch.scales is not None else 0
         rows, hidden, top_k = batch.rows, batch.hidden.shape[1], batch.topk_slots.shape[1]
         views, size = self._views.request(rows, hidden, top_k, groups, batch.hidden.dtype, batch.scales is not None)
-        if views is None or _region((rows, hidden), torch.float32) > self.slot_bytes:
+        if views is None or not self._views.output_fits((rows, hidden), torch.float32):    # the widest output
             needed = max(size, _region((rows, hidden), torch.float32))
             raise ValueError(f"expert shard {self.shard}: a batch of {rows} tokens x {hidden} needs {needed} bytes; "
                              f"the local transport's slots hold {self.slot_bytes} (sized for the engine's "

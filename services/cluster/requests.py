@@ -197,12 +197,12 @@ class RequestStore:
         unclear whether it landed). Returns the ids of requests whose runs were not appended because the
         request ended or has no record (the engine can drop them).
         """
+        runs = [run for run in runs if run.ids]
         calls = [(self.keys.request(run.request_id), self.keys.tokens(run.request_id),
                   ",".join(str(int(t)) for t in run.ids), len(run.ids), self.open_ttl_s,
-                  "\n".join(json.dumps(e) for e in run.logprobs or ()), run.offset) for run in runs if run.ids]
+                  "\n".join(json.dumps(e) for e in run.logprobs or ()), run.offset) for run in runs]
         results = self._append_all(calls) if calls else []
-        refused = [run.request_id for run, appended in zip([r for r in runs if r.ids], results) if not appended]
-        return list(dict.fromkeys(refused))
+        return list(dict.fromkeys(run.request_id for run, appended in zip(runs, results) if not appended))
 
     def _append_all(self, calls: list[tuple]) -> list:
         """The append script's EVALSHA for each call (its 2 keys, then its args) in one pipeline: one round

@@ -1,26 +1,23 @@
 """The attention replica's token-log writer against a real Redis: steps are logged in order (with the logprobs
 of requests that asked), and a Redis that is away only delays them."""
 import os
+import queue
 import signal
 import socket
 import time
 
 import pytest
 import redis
-
-import queue
-
 import torch
 
 from epserve.services.attention.engine_loop import EngineLoop
 from epserve.services.attention.token_log import TokenLogWriter
-from epserve.services.engine.config import EngineConfig
-from epserve.services.engine.engine import LLMEngine
-from epserve.services.engine.params import SamplingParams
-from epserve.services.model.tiny import tiny_model_path
 from epserve.services.cluster.redis_server import EmbeddedRedis
 from epserve.services.cluster.requests import RequestRecord, RequestStore, TokenRun
-from epserve.services.engine.params import TokenLogprobs
+from epserve.services.engine.config import EngineConfig
+from epserve.services.engine.engine import LLMEngine
+from epserve.services.engine.params import SamplingParams, TokenLogprobs
+from epserve.services.model.tiny import tiny_model_path
 from epserve.services.params import logprobs_from_log, logprobs_to_proto
 from tests.waiting import wait_until
 
