@@ -254,6 +254,9 @@ class LocalChannel:
         return None
 
     def _read(self) -> None:
+        """Resolve each answer's future until the connection ends. Anything unexpected on the way (a CUDA error
+        copying an output out of its slot, no memory) breaks the channel as a lost connection does: the answer's
+        batch and every pending one fail, none is left waiting."""
         while True:
             try:
                 message = self._receive_message()
@@ -262,25 +265,40 @@ class LocalChannel:
             if not message:
                 return self._fail("transport closed" if self._closed else "the shard closed the connection")
             try:
-                seq, status, out_dtype = _RESPONSE.unpack_from(message)
-            except struct.error:
-                return self._fail(f"a malformed response of {len(message)} bytes")
-            if (status != _OK and status not in _CODES) or out_dtype >= len(_DTYPES) or seq not in self._pending:
-                return self._fail(f"a malformed response to batch {seq} (status {status}, dtype {out_dtype})")
-            if status == _OK and self._views.response(self._pending[seq][2], _DTYPES[out_dtype]) is None:
-                return self._fail(f"the response to batch {seq} ({_DTYPES[out_dtype]}) overflows its slot")
-            with self._lock:
-                future, slot, shape = self._pending.pop(seq)
+                problem = self._resolve_answer(message)
+            except Exception as e:                                  # noqa: BLE001 - see the docstring
+                problem = f"reading an answer failed: {e!r}"
+            if problem:
+                return self._fail(problem)
+
+    def _resolve_answer(self, message: bytes) -> str | None:
+        """Resolve the future of the batch ``message`` answers; what is wrong with the answer, if anything."""
+        try:
+            seq, status, out_dtype = _RESPONSE.unpack_from(message)
+        except struct.error:
+            return f"a malformed response of {len(message)} bytes"
+        if (status != _OK and status not in _CODES) or out_dtype >= len(_DTYPES) or seq not in self._pending:
+            return f"a malformed response to batch {seq} (status {status}, dtype {out_dtype})"
+        if status == _OK and self._views.response(self._pending[seq][2], _DTYPES[out_dtype]) is None:
+            return f"the response to batch {seq} ({_DTYPES[out_dtype]}) overflows its slot"
+        with self._lock:
+            future, slot, shape = self._pending.pop(seq)
+        try:
             if status == _OK:
                 out = self._take_output(slot, shape, _DTYPES[out_dtype])
                 self.stats.add_received(self.shard, out.nbytes + _RESPONSE.size)
                 self._free.put(slot)
                 future.set_result(out)
-                continue
+                return None
             self._settle(slot)
             self._free.put(slot)
             future.set_exception(ExpertShardError(self.shard, self.address,
                                                   message[_RESPONSE.size:].decode(errors="replace"), _CODES[status]))
+            return None
+        except Exception as e:                                      # noqa: BLE001 - this batch fails, then the channel
+            problem = f"reading the answer to batch {seq} failed: {e!r}"
+            future.set_exception(ExpertShardError(self.shard, self.address, problem))
+            return problem
 
     def _fail(self, reason: str) -> None:
         with self._lock:

@@ -168,12 +168,18 @@ class GrpcChannel:
                     if future is not None:
                         future.set_exception(self._error)
                     return
-                future.set_result(from_proto(response.output))
+                try:
+                    future.set_result(from_proto(response.output))
+                except Exception as e:                     # noqa: BLE001 - this batch fails, then the stream (below)
+                    future.set_exception(ExpertShardError(self.shard, self.address, f"undecodable output: {e!r}"))
+                    raise
             self._fail("transport closed" if self._closed else "the shard ended the stream")
         except grpc.RpcError as e:
             self._fail(f"{e.code().name}: {e.details()}", e.code())
         except DecodeError as e:
             self._fail(f"undecodable CombineResponse: {e}")
+        except Exception as e:                             # noqa: BLE001 - anything else breaks the stream too,
+            self._fail(f"reading a response failed: {e!r}")   # so that no batch is left waiting
 
     def _fail(self, reason: str, code: grpc.StatusCode | None = None) -> None:
         """Break the stream: record the error, fail what is pending, end the request iterator."""

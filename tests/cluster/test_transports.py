@@ -18,7 +18,7 @@ import pytest
 import redis
 import torch
 
-from epserve.services.cluster import local_transport, nixl_transport
+from epserve.services.cluster import local_transport, nixl_transport, transport as transport_module
 from epserve.services.cluster.expert_batch import ExpertBatch
 from epserve.services.cluster.expert_channel import TransportStats
 from epserve.services.cluster.local_transport import LocalChannel, LocalExpertServer
@@ -188,6 +188,32 @@ def test_an_oversize_batch_is_refused_before_it_is_sent(shards, placement, confi
             transport.send(1, big)
         small = random_batch(placement, config, config.moe_layers[0], 4, torch.Generator().manual_seed(3))
         assert transport.send(1, small).result(timeout=WAIT_S).shape == (4, config.hidden_size)
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("mode", TRANSPORTS)
+def test_an_answer_the_replica_cannot_read_fails_its_batches_and_the_next_send_reconnects(
+        shards, placement, config, mode, monkeypatch):
+    """A failure while reading an answer (on a GPU a CUDA error copying it out of its slot; no memory; an output
+    that does not decode) fails the batches in flight with the shard's name, instead of ending the reader with
+    them left waiting; the channel is broken, and the next send goes through a new one."""
+    batch = random_batch(placement, config, config.moe_layers[0], 4, torch.Generator().manual_seed(11))
+    transport = make_transport(shards, mode)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("copy-out failed")
+
+    try:
+        expected = transport.send(0, batch).result(timeout=WAIT_S)
+        with monkeypatch.context() as patch:
+            patch.setattr(LocalChannel, "_take_output", fail)               # the local and nixl channels
+            patch.setattr(transport_module, "from_proto", fail)             # the gRPC channel
+            in_flight = [transport.send(0, batch) for _ in range(2)]
+            for future in in_flight:
+                with pytest.raises(ExpertShardError, match="expert shard 0 .*copy-out failed"):
+                    future.result(timeout=10)
+        assert transport.send(0, batch).result(timeout=WAIT_S).equal(expected)
     finally:
         transport.close()
 
