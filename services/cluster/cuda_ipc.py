@@ -51,12 +51,17 @@ class CudaPeer:
         """RuntimeError when this process cannot use them (no CUDA, another GPU, IPC refused)."""
         if not torch.cuda.is_available():
             raise RuntimeError("this shard has no CUDA")
-        memory = open_shared(hello["memory"], hello["nbytes"], _ordinal(hello["gpu"]))
-        self.device = memory.device
-        self.slots = list(memory.view(-1, 2 * slot_bytes))          # [slots] views [2 x slot_bytes]
+        if hello["nbytes"] % (2 * slot_bytes):
+            raise RuntimeError(f"{hello['nbytes']} bytes of slots are not slots of 2 x {slot_bytes} bytes")
+        ordinal = _ordinal(hello["gpu"])
+        self.device = torch.device("cuda", ordinal)
         self._requests = [torch.cuda.Event.from_ipc_handle(self.device, bytes.fromhex(h)) for h in hello["requests"]]
         self._responses = [torch.cuda.Event.from_ipc_handle(self.device, bytes.fromhex(h))
                            for h in hello["responses"]]
+        # the memory last, once nothing else can fail: freeing memory opened by IPC synchronises the device,
+        # which a process in sync-debug "error" mode (the GPU tests' shards) turns into an abort
+        memory = open_shared(hello["memory"], hello["nbytes"], ordinal)
+        self.slots = list(memory.view(-1, 2 * slot_bytes))          # [slots] views [2 x slot_bytes]
 
     def wait_request(self, slot: int) -> None:
         """Work this thread enqueues from now on runs after the replica's copy into ``slot``."""

@@ -174,11 +174,12 @@ def test_a_gpu_batch_s_bad_choices_are_dropped_and_counted_not_checked_on_the_ho
     """Served unchecked (a check would sync): a choice of a slot out of range or EMPTY counts as -1 and
     adds to ``refused``; the other choices are served as usual."""
     placement = build_placement(config.n_routed_experts, 3, 0, config.moe_layers)      # S=3 leaves EMPTY slots
-    shard = ExpertShard(path, 0, placement, dtype=DTYPE, device="cuda")
     layer, n = config.moe_layers[0], placement.slots_per_shard
-    empty = [s for s, e in enumerate(placement.local_experts(layer, 0)) if e < 0]
-    assert empty, "shard 0 should have an EMPTY slot"
+    shard_id = next(s for s in range(3) if min(placement.local_experts(layer, s)) < 0)   # where the planner left one
+    shard = ExpertShard(path, shard_id, placement, dtype=DTYPE, device="cuda")
+    empty = [s for s, e in enumerate(placement.local_experts(layer, shard_id)) if e < 0]
     good = torch.tensor([[0, 1], [2, -1], [1, 0]], dtype=torch.int32)
+    assert not set(empty) & {0, 1, 2}, empty                             # the good choices hold experts
     bad = good.clone()
     bad[0, 1], bad[1, 1], bad[2, 0] = n + 5, empty[0], -7                # three bad choices
     x, weights = torch.randn(3, config.hidden_size).to(DTYPE), torch.rand(3, 2)
