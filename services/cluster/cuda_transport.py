@@ -10,8 +10,10 @@ events, both made by the replica and opened by the shard from their handles::
     shard    header -> its stream waits request[s] -> serve (enqueued, not waited for) -> output into s
              -> response[s].record -> header -> socket
     replica  header -> the transport's copy stream waits response[s] -> output copied out of s
-             -> released[s].record (copy stream) -> s free; ``combine`` makes its stream wait for the
-             copy stream (``ExpertTransport.take``) before it reads the output
+             -> its own ``copied`` event and released[s].record (copy stream) -> s free; ``combine``
+             makes its stream wait for that output's ``copied`` (``ExpertTransport.take``) before it reads
+             it: not for the whole copy stream, where the next micro-batch's copies may already wait on
+             the shards' work for it
     replica  the next batch into s: the sender's stream first waits released[s]
 
 Nothing waits on the host: each side only enqueues waits on the other's events. Output copies run on a
@@ -81,6 +83,8 @@ class CudaChannel(LocalChannel):
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._responses[slot])
             out = _copy_out(self._views.response(shape, dtype)[slot])
+            out.copied = torch.cuda.Event()                 # this copy done: what ExpertTransport.take waits for
+            out.copied.record(self._copy_stream)
             self._released[slot].record(self._copy_stream)
         return out
 

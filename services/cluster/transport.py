@@ -258,12 +258,15 @@ class ExpertTransport:
             raise ExpertShardError(shard, "?", f"no endpoint known (known: {sorted(self._channels)})")
         return channel.send(batch)
 
-    def take(self, output: torch.Tensor) -> torch.Tensor:
-        """A future's ``output``, made safe to read on the current stream (a GPU output is copied out of
-        its slot on the copy stream: this stream waits for that, and the allocator learns of the use)."""
-        if output.is_cuda and self._copy_stream is not None:
+    @staticmethod
+    def take(output: torch.Tensor) -> torch.Tensor:
+        """A future's ``output``, made safe to read on the current stream. A ``CudaChannel``'s output is copied
+        out of its slot on the copy stream: this stream waits for that copy (its ``copied`` event; not for the
+        whole copy stream, which may hold later micro-batches' copies), and the allocator learns of the use."""
+        copied = getattr(output, "copied", None)
+        if copied is not None:
             stream = torch.cuda.current_stream(output.device)
-            stream.wait_stream(self._copy_stream)
+            stream.wait_event(copied)
             output.record_stream(stream)
         return output
 

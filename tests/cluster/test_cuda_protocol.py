@@ -20,6 +20,7 @@ from epserve.services.cluster import cuda_ipc, cuda_transport
 from epserve.services.cluster.expert_batch import ExpertBatch
 from epserve.services.cluster.expert_channel import TransportStats
 from epserve.services.cluster.local_transport import SLOTS, LocalExpertServer, slot_bytes_for
+from epserve.services.cluster.transport import ExpertTransport
 
 pytestmark = pytest.mark.unit
 
@@ -87,6 +88,7 @@ class FakeCuda:
             return copy_out(view)
 
         monkeypatch.setattr(cuda_transport, "_copy_out", logged_copy_out)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: self.note(stream, "use", "output"))
         monkeypatch.setattr(cuda_transport, "share", self.share)
         monkeypatch.setattr(cuda_transport, "gpu_uuid", lambda device: "GPU-fake")
         monkeypatch.setattr(cuda_ipc, "open_shared", lambda description, nbytes, ordinal: self.shared[description])
@@ -133,9 +135,33 @@ def test_every_batch_is_ordered_by_its_slot_s_events(monkeypatch):
                     (shard, f"default:{shard}", "wait", events["requests"][s]),
                     (shard, f"default:{shard}", "record", events["responses"][s]),       # after the output is in
                     (reader, "copy", "wait", events["responses"][s]),                    # then, on the copy stream:
-                    (reader, "copy", "copy", "output"),                                  # the output copied out
+                    (reader, "copy", "copy", "output"),                                  # the output copied out,
+                    (reader, "copy", "record", outputs[i].copied.name),                  # its own event
                     (reader, "copy", "record", events["released"][s])]                  # and the slot released
-        assert fake.log[7 * i:7 * i + 7] == expected, (i, fake.log[7 * i:7 * i + 7])
+        assert fake.log[8 * i:8 * i + 8] == expected, (i, fake.log[8 * i:8 * i + 8])
+
+
+def test_combine_waits_for_its_own_output_s_copy_not_for_the_next_micro_batch_s(monkeypatch):
+    """Both micro-batches' outputs are queued on the copy stream as soon as their headers come (a shard answers
+    once its work is enqueued); reading the first must not wait on the copy stream's tail, where the second's
+    copy waits for the shard's work on it: that would undo the overlap of two micro-batches."""
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    server = LocalExpertServer(_doubling([]), "expert shard 0")
+    channel = _channel(fake, server)
+    try:
+        futures = [channel.send(ExpertBatch(1, 1, torch.randn(rows, 16), None, torch.zeros(rows, 2, dtype=torch.int32),
+                                            torch.rand(rows, 2))) for rows in (3, 5)]
+        first, second = (future.result(timeout=30) for future in futures)
+    finally:
+        channel.close(timeout_s=5)
+        server.close()
+    before = len(fake.log)
+    assert ExpertTransport.take(first) is first
+    replica = threading.current_thread().name
+    assert fake.log[before:] == [(replica, f"default:{replica}", "wait", first.copied.name),
+                                 (replica, f"default:{replica}", "use", "output")]
+    assert first.copied.name != second.copied.name
 
 
 def test_a_refused_batch_still_waits_for_the_shard_before_its_slot_is_reused(monkeypatch):
