@@ -15,8 +15,9 @@ The socket is SOCK_SEQPACKET in Linux's abstract namespace (message boundaries; 
 up): blocking reads, so waiting costs no CPU. An abstract socket has no file mode: any process in the
 network namespace may connect, so the shard admits only peers running as its own user (SO_PEERCRED)
 and closes other connections before reading a byte. A batch the shard refuses fails its own future with
-the shard's message; a connection that ends fails every pending batch and breaks the channel (the
-transport then reconnects through the registry). A replica on a GPU sends GPU slots instead of memfds
+the shard's message; a connection that ends, or an answer the replica cannot read (a CUDA error copying
+it out), breaks the channel and fails every pending batch (the transport then reconnects through the
+registry). A replica on a GPU sends GPU slots instead of memfds
 (``cuda_transport.CudaChannel``; the server opens them with ``cuda_ipc.CudaPeer``).
 """
 from __future__ import annotations
@@ -255,20 +256,19 @@ class LocalChannel:
 
     def _read(self) -> None:
         """Resolve each answer's future until the connection ends. Anything unexpected on the way (a CUDA error
-        copying an output out of its slot, no memory) breaks the channel as a lost connection does: the answer's
-        batch and every pending one fail, none is left waiting."""
+        copying an output out of its slot, no memory, NIXL's progress failing) breaks the channel as a lost
+        connection does: the channel is broken first, then the answer's batch and every pending one fail."""
         while True:
             try:
                 message = self._receive_message()
             except OSError as e:
                 return self._fail(f"connection lost: {e}")
+            except Exception as e:                                  # noqa: BLE001 - see the docstring
+                log.exception("%s: receiving an answer failed", self.address)
+                return self._fail(f"receiving an answer failed: {e!r}")
             if not message:
                 return self._fail("transport closed" if self._closed else "the shard closed the connection")
-            try:
-                problem = self._resolve_answer(message)
-            except Exception as e:                                  # noqa: BLE001 - see the docstring
-                problem = f"reading an answer failed: {e!r}"
-            if problem:
+            if problem := self._resolve_answer(message):
                 return self._fail(problem)
 
     def _resolve_answer(self, message: bytes) -> str | None:
@@ -277,28 +277,39 @@ class LocalChannel:
             seq, status, out_dtype = _RESPONSE.unpack_from(message)
         except struct.error:
             return f"a malformed response of {len(message)} bytes"
-        if (status != _OK and status not in _CODES) or out_dtype >= len(_DTYPES) or seq not in self._pending:
+        with self._lock:
+            entry = self._pending.get(seq)
+        if (status != _OK and status not in _CODES) or out_dtype >= len(_DTYPES) or entry is None:
             return f"a malformed response to batch {seq} (status {status}, dtype {out_dtype})"
-        if status == _OK and self._views.response(self._pending[seq][2], _DTYPES[out_dtype]) is None:
+        if status == _OK and self._views.response(entry[2], _DTYPES[out_dtype]) is None:
             return f"the response to batch {seq} ({_DTYPES[out_dtype]}) overflows its slot"
         with self._lock:
-            future, slot, shape = self._pending.pop(seq)
+            if self._pending.pop(seq, None) is None:
+                return f"the channel failed while batch {seq} was answered"
+        future, slot, shape = entry
         try:
-            if status == _OK:
-                out = self._take_output(slot, shape, _DTYPES[out_dtype])
-                self.stats.add_received(self.shard, out.nbytes + _RESPONSE.size)
-                self._free.put(slot)
-                future.set_result(out)
-                return None
-            self._settle(slot)
-            self._free.put(slot)
-            future.set_exception(ExpertShardError(self.shard, self.address,
-                                                  message[_RESPONSE.size:].decode(errors="replace"), _CODES[status]))
-            return None
-        except Exception as e:                                      # noqa: BLE001 - this batch fails, then the channel
+            self._deliver(future, slot, shape, status, out_dtype, message)
+        except Exception as e:                                      # noqa: BLE001 - see _read
+            log.exception("%s: reading the answer to batch %d failed", self.address, seq)
             problem = f"reading the answer to batch {seq} failed: {e!r}"
-            future.set_exception(ExpertShardError(self.shard, self.address, problem))
+            self._fail(problem)                                    # broken before anyone learns of the failure
+            future.set_exception(self._error)
             return problem
+        return None
+
+    def _deliver(self, future: Future, slot: int, shape: tuple[int, int], status: int, out_dtype: int,
+                 message: bytes) -> None:
+        """The batch's output (copied out of ``slot``) or the shard's refusal to its future; the slot free."""
+        if status == _OK:
+            out = self._take_output(slot, shape, _DTYPES[out_dtype])
+            self.stats.add_received(self.shard, out.nbytes + _RESPONSE.size)
+            self._free.put(slot)
+            future.set_result(out)
+            return
+        self._settle(slot)
+        self._free.put(slot)
+        future.set_exception(ExpertShardError(self.shard, self.address,
+                                              message[_RESPONSE.size:].decode(errors="replace"), _CODES[status]))
 
     def _fail(self, reason: str) -> None:
         with self._lock:

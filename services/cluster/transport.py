@@ -169,17 +169,21 @@ class GrpcChannel:
                         future.set_exception(self._error)
                     return
                 try:
-                    future.set_result(from_proto(response.output))
-                except Exception as e:                     # noqa: BLE001 - this batch fails, then the stream (below)
-                    future.set_exception(ExpertShardError(self.shard, self.address, f"undecodable output: {e!r}"))
-                    raise
+                    output = from_proto(response.output)
+                except Exception as e:                     # noqa: BLE001 - the stream breaks first, then the batch fails
+                    log.exception("%s: decoding the output of %s failed", self.address, request_id)
+                    self._fail(f"undecodable output of {request_id}: {e!r}")
+                    future.set_exception(self._error)
+                    return
+                future.set_result(output)
             self._fail("transport closed" if self._closed else "the shard ended the stream")
         except grpc.RpcError as e:
             self._fail(f"{e.code().name}: {e.details()}", e.code())
         except DecodeError as e:
             self._fail(f"undecodable CombineResponse: {e}")
         except Exception as e:                             # noqa: BLE001 - anything else breaks the stream too,
-            self._fail(f"reading a response failed: {e!r}")   # so that no batch is left waiting
+            log.exception("%s: reading a response failed", self.address)     # so that no batch is left waiting
+            self._fail(f"reading a response failed: {e!r}")
 
     def _fail(self, reason: str, code: grpc.StatusCode | None = None) -> None:
         """Break the stream: record the error, fail what is pending, end the request iterator."""

@@ -181,3 +181,23 @@ def test_a_refused_batch_still_waits_for_the_shard_before_its_slot_is_reused(mon
     assert [(stream, op) for _, stream, op, event in fake.log if event in (response, released)] == [
         ("default:MainThread", "wait"), ("default:local-conn-expert shard 0", "record"), ("copy", "wait"),
         ("copy", "record")]
+
+
+def test_a_hello_the_shard_cannot_use_opens_no_ipc_memory(monkeypatch):
+    """Memory opened by CUDA IPC synchronises the device when it is freed, which the GPU tests' shards (in
+    sync-debug "error" mode) turn into an abort: ``CudaPeer`` checks the hello and opens the events first."""
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    opened = []
+    monkeypatch.setattr(cuda_ipc, "open_shared", lambda *args: opened.append(args))
+
+    def refuse(device, handle):
+        raise RuntimeError("no such event")
+
+    monkeypatch.setattr(fake.Event, "from_ipc_handle", staticmethod(refuse))
+    hello = {"gpu": "GPU-fake", "memory": "memory", "requests": ["00"], "responses": ["00"]}
+    with pytest.raises(RuntimeError, match="not slots of 2 x 32 bytes"):
+        cuda_ipc.CudaPeer({**hello, "nbytes": 100}, 32)
+    with pytest.raises(RuntimeError, match="no such event"):
+        cuda_ipc.CudaPeer({**hello, "nbytes": 4 * 64}, 32)
+    assert opened == []

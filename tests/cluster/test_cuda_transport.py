@@ -175,7 +175,8 @@ def test_a_gpu_batch_s_bad_choices_are_dropped_and_counted_not_checked_on_the_ho
     adds to ``refused``; the other choices are served as usual."""
     placement = build_placement(config.n_routed_experts, 3, 0, config.moe_layers)      # S=3 leaves EMPTY slots
     layer, n = config.moe_layers[0], placement.slots_per_shard
-    shard_id = next(s for s in range(3) if min(placement.local_experts(layer, s)) < 0)   # where the planner left one
+    shard_id = next((s for s in range(3) if min(placement.local_experts(layer, s)) < 0), None)   # where the planner
+    assert shard_id is not None, "3 shards of 32 experts should leave an EMPTY slot"               # left one
     shard = ExpertShard(path, shard_id, placement, dtype=DTYPE, device="cuda")
     empty = [s for s, e in enumerate(placement.local_experts(layer, shard_id)) if e < 0]
     good = torch.tensor([[0, 1], [2, -1], [1, 0]], dtype=torch.int32)
