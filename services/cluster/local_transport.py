@@ -268,34 +268,34 @@ class LocalChannel:
                 return self._fail(f"receiving an answer failed: {e!r}")
             if not message:
                 return self._fail("transport closed" if self._closed else "the shard closed the connection")
-            if problem := self._resolve_answer(message):
-                return self._fail(problem)
+            if self._resolve_answer(message):
+                return
 
-    def _resolve_answer(self, message: bytes) -> str | None:
-        """Resolve the future of the batch ``message`` answers; what is wrong with the answer, if anything."""
+    def _resolve_answer(self, message: bytes) -> bool:
+        """Resolve the future of the batch ``message`` answers; True when the answer broke the channel (a
+        malformed one, or one that cannot be read: the channel is broken first, then that batch fails)."""
         try:
             seq, status, out_dtype = _RESPONSE.unpack_from(message)
         except struct.error:
-            return f"a malformed response of {len(message)} bytes"
+            self._fail(f"a malformed response of {len(message)} bytes")
+            return True
         with self._lock:
-            entry = self._pending.get(seq)
+            entry = self._pending.pop(seq, None)
         if (status != _OK and status not in _CODES) or out_dtype >= len(_DTYPES) or entry is None:
-            return f"a malformed response to batch {seq} (status {status}, dtype {out_dtype})"
-        if status == _OK and self._views.response(entry[2], _DTYPES[out_dtype]) is None:
-            return f"the response to batch {seq} ({_DTYPES[out_dtype]}) overflows its slot"
-        with self._lock:
-            if self._pending.pop(seq, None) is None:
-                return f"the channel failed while batch {seq} was answered"
-        future, slot, shape = entry
-        try:
-            self._deliver(future, slot, shape, status, out_dtype, message)
-        except Exception as e:                                      # noqa: BLE001 - see _read
-            log.exception("%s: reading the answer to batch %d failed", self.address, seq)
-            problem = f"reading the answer to batch {seq} failed: {e!r}"
-            self._fail(problem)                                    # broken before anyone learns of the failure
-            future.set_exception(self._error)
-            return problem
-        return None
+            problem = f"a malformed response to batch {seq} (status {status}, dtype {out_dtype})"
+        elif status == _OK and self._views.response(entry[2], _DTYPES[out_dtype]) is None:
+            problem = f"the response to batch {seq} ({_DTYPES[out_dtype]}) overflows its slot"
+        else:
+            try:
+                self._deliver(*entry, status, out_dtype, message)
+                return False
+            except Exception as e:                                  # noqa: BLE001 - see _read
+                log.exception("%s: reading the answer to batch %d failed", self.address, seq)
+                problem = f"reading the answer to batch {seq} failed: {e!r}"
+        self._fail(problem)                                         # broken before anyone learns of the failure
+        if entry is not None:
+            entry[0].set_exception(self._error)
+        return True
 
     def _deliver(self, future: Future, slot: int, shape: tuple[int, int], status: int, out_dtype: int,
                  message: bytes) -> None:

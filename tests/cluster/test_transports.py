@@ -285,3 +285,24 @@ def test_a_shard_that_holds_every_slot_breaks_the_channel(monkeypatch):
         release.set()
         channel.close(timeout_s=5)
         server.close()
+
+
+def test_a_malformed_answer_breaks_the_channel_and_fails_its_batch():
+    """An answer with a status no shard sends: its batch fails naming the problem, and the channel is broken
+    (so the transport opens a new one) before the batch's caller learns of it."""
+    class Garbling(LocalExpertServer):
+        def _answer(self, header, views, peer=None):
+            seq = local_transport._REQUEST.unpack(header)[0]
+            return local_transport._RESPONSE.pack(seq, 9, 0), 0
+
+    server = Garbling(lambda batch: batch.hidden, "garbling")
+    channel = LocalChannel(0, server.name, 1 << 16, TransportStats())
+    try:
+        future = channel.send(ExpertBatch(1, 1, torch.ones(2, 8), None, torch.zeros(2, 1, dtype=torch.int32),
+                                          torch.ones(2, 1)))
+        with pytest.raises(ExpertShardError, match="malformed response to batch 0 .status 9"):
+            future.result(timeout=WAIT_S)
+        assert channel.broken
+    finally:
+        channel.close(timeout_s=5)
+        server.close()
