@@ -20,7 +20,6 @@ The embedded Redis listens on its node's loopback, so it serves single-node Ray 
 import asyncio
 import ctypes
 import signal
-import socket
 import subprocess
 import time
 from typing import Any
@@ -32,6 +31,7 @@ from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from epserve.services.cluster.ports import free_port
 from epserve.services.cluster.redis_server import EmbeddedRedis
 from epserve.services.config import SERVICE_CONFIGS, ModelServiceConfig, ServiceConfig, serve_command
 from epserve.services.flags import from_dict
@@ -100,7 +100,7 @@ class _Service:
                      port: int = 0) -> None:
         redis_url = redis if isinstance(redis, str) else await redis.url.remote()
         node_ip = ray.util.get_node_ip_address()
-        port = port or _free_port()
+        port = port or free_port("")
         config = args.config(kind, redis=redis_url, service_id=service_id, port=port, advertise_host=node_ip)
         self.kind, self.address = kind, f"{node_ip}:{port}"
         self.process = subprocess.Popen(serve_command(config), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
@@ -156,12 +156,6 @@ def build_app(args: ClusterArgs) -> serve.Application:
     shards = ExpertShard.options(num_replicas=args.expert_shards).bind(redis, args)
     attention = Attention.options(num_replicas=args.attention_replicas).bind(redis, args)
     return Router.bind(redis, args, shards, attention)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ from redis.retry import Retry
 
 from epserve.services.cluster import redis_acl
 from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.ports import free_port
 from epserve.services.cluster.private_file import write_private
 
 
@@ -49,12 +49,6 @@ def _one_shot_client(port: int, timeout_s: float, username: str | None, password
     """A client that does not retry: SHUTDOWN and startup PINGs expect refused/closed connections."""
     return redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
                        retry=Retry(NoBackoff(), 0), username=username, password=password)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reap(proc: subprocess.Popen, timeout_s: float) -> None:
@@ -111,7 +105,7 @@ class EmbeddedRedis:
         attempts_left = self.port_attempts      # another process may take the free port before redis does
         try:
             while True:
-                port = _free_port()
+                port = free_port()
                 failure = self._launch(executable, port)
                 attempts_left -= 1
                 if failure is None:

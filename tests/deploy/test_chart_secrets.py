@@ -4,7 +4,6 @@ only, and nobody without a password; the internal plane's certificates, loaded b
 make mutual TLS that admits the right kind of caller only."""
 import hashlib
 import json
-import socket
 import subprocess
 
 import grpc
@@ -15,6 +14,7 @@ from cryptography import x509
 from epserve.services.cluster import cluster_tls, redis_acl
 from epserve.services.cluster.cluster_tls import ClusterTls
 from epserve.services.cluster.grpc_server import start_grpc_server
+from epserve.services.cluster.ports import free_port
 from epserve.services.cluster.keys import SERVICE_KINDS, Keys
 from epserve.services.cluster.redis_server import find_redis_server
 from tests.deploy.test_chart import SERVICES, Release, _value, render
@@ -42,12 +42,6 @@ def test_no_secret_reaches_a_command_line(release):
     assert not [v for v in secret_values if v.strip() and v.strip() in rendered_args]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_rendered_acl_file_admits_each_component_to_its_cluster_only(chart, tmp_path):
     release = render(chart, {})
     secret = release.secret("demo-epserve")
@@ -56,7 +50,7 @@ def test_the_rendered_acl_file_admits_each_component_to_its_cluster_only(chart, 
     keys = Keys(release.config()["cluster"])
     assert secret["users.acl"] == redis_acl.acl_file(passwords, keys)       # the same rules as `epserve up`'s
     (tmp_path / "users.acl").write_text(secret["users.acl"])
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no", "--aclfile", str(tmp_path / "users.acl")],
                               cwd=tmp_path, stdout=subprocess.DEVNULL)

@@ -6,7 +6,6 @@ SDK generates through the router's port and must get the single-process engine's
 shutting Serve and Ray down must leave no process behind.
 """
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ray import serve
 from ray.serve.config import ProxyLocation
 from ray.serve.schema import ServeDeploySchema
 
+from epserve.services.cluster.ports import free_port
 from epserve.services.engine.engine import EngineConfig, LLMEngine
 from epserve.services.engine.params import SamplingParams
 from epserve.services.model.tiny import tiny_model_path
@@ -76,7 +76,7 @@ def test_serve_app_generates_the_engine_tokens_through_the_sdk_and_leaves_no_pro
     model = tiny_model_path()
     serve.start(proxy_location="Disabled")
     args = ClusterArgs(model=str(model), cluster="ray-test", expert_shards=2, redundant_experts=2,
-                       router_port=_free_port(), dtype="float32", startup_timeout_s=120,
+                       router_port=free_port(), dtype="float32", startup_timeout_s=120,
                        attention={"micro_batch_min_tokens": 1})
     endpoint = serve.run(build_app(args), name="epserve", route_prefix=None).endpoint.remote().result()
     assert endpoint == f"127.0.0.1:{args.router_port}"
@@ -98,12 +98,6 @@ def test_serve_app_generates_the_engine_tokens_through_the_sdk_and_leaves_no_pro
     while any(_alive(p) for p in spawned) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [p for p in spawned if _alive(p)] == []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid: int) -> set[int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from epserve_client import Client, InvalidArgument
 from epserve.services.cluster import cluster_tls, nixl_transport
 from epserve.services.cluster.cluster_tls import ClusterTls
 from epserve.services.cluster.keys import Keys
+from epserve.services.cluster.ports import free_ports
 from epserve.services.cluster.registry import Registry
 from epserve.services.cluster.requests import RequestStore
 from epserve.services.cluster.state import PlacementStore
@@ -92,18 +92,6 @@ class UpCluster:
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all held open while chosen, so that no two are the same)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,28 @@
+"""Ports chosen for servers started later lie outside the kernel's ephemeral range, where a socket bound to port 0
+(another service's server, an outgoing connection) is never put, and are free."""
+import socket
+
+import pytest
+
+from epserve.services.cluster import ports
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_ports_are_distinct_free_and_outside_the_ephemeral_range():
+    low, high = ports._ephemeral_range()
+    chosen = ports.free_ports(8)
+    assert len(set(chosen)) == 8
+    assert all(ports.LOWEST <= port < low or high < port <= 65535 for port in chosen)
+    for port in chosen:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))                 # free: binding it works
+
+
+def test_a_port_in_use_is_not_chosen(monkeypatch):
+    low, _ = ports._ephemeral_range()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", low - 1))
+        monkeypatch.setattr(ports, "LOWEST", low - 2)                  # two candidates below: one is taken
+        monkeypatch.setattr(ports, "_ephemeral_range", lambda: (low, 65535))
+        assert ports.free_ports(1) == [low - 2]
