@@ -105,11 +105,14 @@ class EngineLoop:
             self._outputs[request_id] = outputs
         self._commands.put(("add", request_id, list(prompt_ids), params, list(emitted_ids)))
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, outputs: Outputs | None = None) -> bool:
+        """Abort the request (only while ``outputs`` are still its outputs, when given: that run of its id, not a
+        later one); whether it was here."""
         with self._lock:
-            known = request_id in self._outputs
+            current = self._outputs.get(request_id)
+        known = current is not None and (outputs is None or current is outputs)
         if known:
-            self._commands.put(("abort", request_id))
+            self._commands.put(("abort", request_id, current))
         return known
 
     def hand_off(self, reason: str) -> None:
@@ -171,7 +174,10 @@ class EngineLoop:
             if emitted and self.on_step is not None:      # resumed: its log first gets what it lacks of them
                 self.on_step({request_id: emitted}, {request_id: 0}, {})
         elif command[0] == "abort":
-            output = self.engine.abort(command[1])
+            _, request_id, outputs = command
+            with self._lock:
+                same_run = self._outputs.get(request_id) is outputs
+            output = self.engine.abort(request_id) if same_run else None
             if output is not None:
                 self._deliver(output)
         elif command[0] == "hand_off":

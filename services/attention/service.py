@@ -6,7 +6,9 @@ each session sends all of its requests' new tokens in one message: one wake-up a
 step and router, not one per request. A request ends with a finished event, with ``error`` set
 when it was refused (INVALID_ARGUMENT, UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full,
 ALREADY_EXISTS while an earlier run of its id is still being aborted) or its step failed (INTERNAL); an abort, or the end of the
-session (router gone), aborts the request on the engine, which frees its KV blocks at once.
+session (router gone), aborts the request on the engine, which frees its KV blocks at once. Each submit is one run
+(numbered by the router): its events carry the run, and a session's abort or end aborts that run only, never a later
+run of the same id (submitted by another router, or again on this session).
 """
 from __future__ import annotations
 
@@ -41,10 +43,10 @@ class SessionOutputs:
         self._incoming: list[attention_pb2.TokenEvent] = []      # from the courier, under _lock
         self._lock = threading.Lock()
 
-    def put(self, item: RequestOutput | StepError) -> None:
-        """From the engine's courier thread."""
+    def put(self, item: RequestOutput | StepError, run: int) -> None:
+        """From the engine's courier thread: an output of submission ``run``."""
         with self._lock:
-            self._incoming.append(_event(item))
+            self._incoming.append(_event(item, run))
             if len(self._incoming) > 1:
                 return                                     # a hand-over is already scheduled
         try:
@@ -78,6 +80,16 @@ class SessionOutputs:
         return events
 
 
+class RunOutputs:
+    """The engine's outputs of one run (one submission on a session), which its events name."""
+
+    def __init__(self, session: SessionOutputs, run: int):
+        self.session, self.run = session, run
+
+    def put(self, item: RequestOutput | StepError) -> None:
+        self.session.put(item, self.run)
+
+
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
     def __init__(self, loop: EngineLoop, replica_id: str, placement_version: Callable[[], int], max_in_flight: int):
         self.loop = loop
@@ -87,7 +99,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
 
     async def Session(self, request_iterator, context):
         outputs = SessionOutputs(asyncio.get_running_loop())
-        running: set[str] = set()
+        running: dict[str, RunOutputs] = {}            # request id -> its run submitted on this session
         reader = asyncio.ensure_future(self._read_session(request_iterator, outputs, running))
         try:
             while True:
@@ -95,42 +107,45 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
                     events = await outputs.take()
                 except RuntimeError as err:
                     await context.abort(grpc.StatusCode.INTERNAL, f"replica {self.replica_id}: session failed: {err}")
-                running.difference_update(e.request_id for e in events if e.finished)
+                for event in events:
+                    if event.finished and event.request_id in running and running[event.request_id].run == event.run:
+                        del running[event.request_id]
                 yield attention_pb2.SessionEvents(events=events)
         finally:                                       # the router went away or ended the session
             reader.cancel()
-            for request_id in running:
-                self.loop.abort(request_id)
+            for request_id, run in running.items():
+                self.loop.abort(request_id, run)
 
-    async def _read_session(self, request_iterator, outputs: SessionOutputs, running: set[str]) -> None:
+    async def _read_session(self, request_iterator, outputs: SessionOutputs, running: dict[str, RunOutputs]) -> None:
         try:
             async for request in request_iterator:
                 if request.HasField("submit"):
                     self._submit(request.submit, outputs, running)
-                elif request.HasField("abort"):
-                    self.loop.abort(request.abort.request_id)
+                elif request.HasField("abort") and request.request_id in running:
+                    run = running[request.request_id]
+                    if run.run == request.run:
+                        self.loop.abort(request.request_id, run)
         except Exception as err:                       # noqa: BLE001 - end the session, not the replica
             log.exception("replica %s: reading a session failed", self.replica_id)
             outputs.fail(f"{type(err).__name__}: {err}")
 
-    def _submit(self, request: attention_pb2.SubmitRequest, outputs: SessionOutputs, running: set[str]) -> None:
+    def _submit(self, request: attention_pb2.SubmitRequest, outputs: SessionOutputs,
+                running: dict[str, RunOutputs]) -> None:
+        refuse = lambda code, message: outputs.add(_refused(request.request_id, code, message, request.run))  # noqa: E731
         if self.loop.draining:
-            outputs.add(_refused(request.request_id, grpc.StatusCode.UNAVAILABLE,
-                                 f"replica {self.replica_id} is draining"))
-            return
+            return refuse(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica_id} is draining")
         if self.loop.in_flight() >= self.max_in_flight:
-            outputs.add(_refused(request.request_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"replica {self.replica_id} is full: {self.loop.in_flight()} requests running or "
-                                 f"waiting (at most {self.max_in_flight})"))
-            return
+            return refuse(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"replica {self.replica_id} is full: {self.loop.in_flight()} requests running or waiting "
+                          f"(at most {self.max_in_flight})")
+        run = RunOutputs(outputs, request.run)
         try:
             params = sampling_from_proto(request.sampling, seed=request.seed)
-            self.loop.submit(request.request_id, list(request.prompt_ids), params, outputs, list(request.emitted_ids))
+            self.loop.submit(request.request_id, list(request.prompt_ids), params, run, list(request.emitted_ids))
         except InvalidParam as err:
             code = grpc.StatusCode.ALREADY_EXISTS if isinstance(err, AlreadyRunning) else grpc.StatusCode.INVALID_ARGUMENT
-            outputs.add(_refused(request.request_id, code, str(err)))
-            return
-        running.add(request.request_id)
+            return refuse(code, str(err))
+        running[request.request_id] = run
 
     async def Abort(self, request, context):
         found = self.loop.abort(request.request_id)
@@ -154,19 +169,19 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
             placement_version=self.placement_version(), draining=load["draining"])
 
 
-def _event(item: RequestOutput | StepError) -> attention_pb2.TokenEvent:
+def _event(item: RequestOutput | StepError, run: int) -> attention_pb2.TokenEvent:
     if isinstance(item, StepError):     # a hand-off is UNAVAILABLE: the router resumes it elsewhere
         code = grpc.StatusCode.UNAVAILABLE if item.handed_off else grpc.StatusCode.INTERNAL
-        return _refused(item.request_id, code, item.message)
+        return _refused(item.request_id, code, item.message, run)
     return attention_pb2.TokenEvent(
-        request_id=item.request_id, token_ids=item.new_token_ids, finished=item.finished,
+        request_id=item.request_id, run=run, token_ids=item.new_token_ids, finished=item.finished,
         finish_reason=FINISH_REASONS.get(item.finish_reason, 0),
         usage=generation_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens),
         logprobs=[logprobs_to_proto(lp) for lp in item.logprobs or ()])
 
 
-def _refused(request_id: str, code: grpc.StatusCode, message: str) -> attention_pb2.TokenEvent:
-    return attention_pb2.TokenEvent(request_id=request_id, finished=True,
+def _refused(request_id: str, code: grpc.StatusCode, message: str, run: int) -> attention_pb2.TokenEvent:
+    return attention_pb2.TokenEvent(request_id=request_id, run=run, finished=True,
                                     error=generation_pb2.Error(code=code.value[0], message=message))
 
 

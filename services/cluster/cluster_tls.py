@@ -141,8 +141,12 @@ class AioCallerCheck(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(inner):
             async def guarded(request, context):
                 await check(context)
-                async for response in inner(request, context):
-                    yield response
+                responses = inner(request, context)
+                try:
+                    async for response in responses:
+                        yield response
+                finally:                               # its clean-up (a session's aborts) now, not when collected
+                    await responses.aclose()
         else:
             async def guarded(request, context):
                 await check(context)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from epserve.services.proto import generation_pb2 as epserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65pserve/v1/attention.proto\x12\nepserve.v1\x1a\x1b\x65pserve/v1/generation.proto\"\x88\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0b\x65mitted_ids\x18\x05 \x03(\x05\"\x82\x01\n\x0eSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06submit\x18\x02 \x01(\x0b\x32\x19.epserve.v1.SubmitRequestH\x00\x12)\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x18.epserve.v1.AbortRequestH\x00\x42\x04\n\x02op\"K\n\rSessionEvents\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.epserve.v1.TokenEvent\"\xe7\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.epserve.v1.Usage\x12 \n\x05\x65rror\x18\x06 \x01(\x0b\x32\x11.epserve.v1.Error\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.epserve.v1.TokenLogprobs\"\"\n\x0c\x44rainRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"6\n\rDrainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tremaining\x18\x02 \x01(\x05\"!\n\x0bLoadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xb4\x01\n\nLoadReport\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x19\n\x11placement_version\x18\x07 \x01(\x03\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x32\x90\x02\n\x10\x41ttentionService\x12\x44\n\x07Session\x12\x1a.epserve.v1.SessionRequest\x1a\x19.epserve.v1.SessionEvents(\x01\x30\x01\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponse\x12<\n\x05\x44rain\x12\x18.epserve.v1.DrainRequest\x1a\x19.epserve.v1.DrainResponse\x12:\n\x07GetLoad\x12\x17.epserve.v1.LoadRequest\x1a\x16.epserve.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65pserve/v1/attention.proto\x12\nepserve.v1\x1a\x1b\x65pserve/v1/generation.proto\"\x95\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0b\x65mitted_ids\x18\x05 \x03(\x05\x12\x0b\n\x03run\x18\x06 \x01(\x04\"\x8f\x01\n\x0eSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06submit\x18\x02 \x01(\x0b\x32\x19.epserve.v1.SubmitRequestH\x00\x12)\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x18.epserve.v1.AbortRequestH\x00\x12\x0b\n\x03run\x18\x04 \x01(\x04\x42\x04\n\x02op\"K\n\rSessionEvents\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.epserve.v1.TokenEvent\"\xf4\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.epserve.v1.Usage\x12 \n\x05\x65rror\x18\x06 \x01(\x0b\x32\x11.epserve.v1.Error\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.epserve.v1.TokenLogprobs\x12\x0b\n\x03run\x18\x08 \x01(\x04\"\"\n\x0c\x44rainRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"6\n\rDrainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tremaining\x18\x02 \x01(\x05\"!\n\x0bLoadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xb4\x01\n\nLoadReport\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x19\n\x11placement_version\x18\x07 \x01(\x03\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x32\x90\x02\n\x10\x41ttentionService\x12\x44\n\x07Session\x12\x1a.epserve.v1.SessionRequest\x1a\x19.epserve.v1.SessionEvents(\x01\x30\x01\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponse\x12<\n\x05\x44rain\x12\x18.epserve.v1.DrainRequest\x1a\x19.epserve.v1.DrainResponse\x12:\n\x07GetLoad\x12\x17.epserve.v1.LoadRequest\x1a\x16.epserve.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve.v1.attention_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITREQUEST']._serialized_start=72
-  _globals['_SUBMITREQUEST']._serialized_end=208
-  _globals['_SESSIONREQUEST']._serialized_start=211
-  _globals['_SESSIONREQUEST']._serialized_end=341
-  _globals['_SESSIONEVENTS']._serialized_start=343
-  _globals['_SESSIONEVENTS']._serialized_end=418
-  _globals['_TOKENEVENT']._serialized_start=421
-  _globals['_TOKENEVENT']._serialized_end=652
-  _globals['_DRAINREQUEST']._serialized_start=654
-  _globals['_DRAINREQUEST']._serialized_end=688
-  _globals['_DRAINRESPONSE']._serialized_start=690
-  _globals['_DRAINRESPONSE']._serialized_end=744
-  _globals['_LOADREQUEST']._serialized_start=746
-  _globals['_LOADREQUEST']._serialized_end=779
-  _globals['_LOADREPORT']._serialized_start=782
-  _globals['_LOADREPORT']._serialized_end=962
-  _globals['_ATTENTIONSERVICE']._serialized_start=965
-  _globals['_ATTENTIONSERVICE']._serialized_end=1237
+  _globals['_SUBMITREQUEST']._serialized_end=221
+  _globals['_SESSIONREQUEST']._serialized_start=224
+  _globals['_SESSIONREQUEST']._serialized_end=367
+  _globals['_SESSIONEVENTS']._serialized_start=369
+  _globals['_SESSIONEVENTS']._serialized_end=444
+  _globals['_TOKENEVENT']._serialized_start=447
+  _globals['_TOKENEVENT']._serialized_end=691
+  _globals['_DRAINREQUEST']._serialized_start=693
+  _globals['_DRAINREQUEST']._serialized_end=727
+  _globals['_DRAINRESPONSE']._serialized_start=729
+  _globals['_DRAINRESPONSE']._serialized_end=783
+  _globals['_LOADREQUEST']._serialized_start=785
+  _globals['_LOADREQUEST']._serialized_end=818
+  _globals['_LOADREPORT']._serialized_start=821
+  _globals['_LOADREPORT']._serialized_end=1001
+  _globals['_ATTENTIONSERVICE']._serialized_start=1004
+  _globals['_ATTENTIONSERVICE']._serialized_end=1276
 # @@protoc_insertion_point(module_scope)

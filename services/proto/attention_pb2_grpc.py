@@ -64,7 +64,9 @@ class AttentionServiceServicer:
         """One long-lived stream per router: submits and aborts go up; each engine step's token events
         for the requests submitted on this stream come down together, in one message. A request ends
         with a finished event (with `error` set when it failed); ending the stream aborts the requests
-        still running on it and frees their KV blocks.
+        still running on it and frees their KV blocks. Each submit names a run (the router's number for
+        it on this stream); its events carry that run, and an abort names the run it ends, so that the
+        events or the abort of an earlier run of a request id never reach or end a later one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

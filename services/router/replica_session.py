@@ -3,8 +3,12 @@
 Every ``Generate`` routed to a replica submits on that replica's session and reads its own
 events from a queue; one reader task per session hands each step's batch of events out::
 
-    submit(SubmitRequest) -> asyncio.Queue of TokenEvent   (until one with finished, or SessionBroken)
-    abort(request_id)                                      (the request's queue gets no more events)
+    submit(SubmitRequest) -> Run: .events, an asyncio.Queue of TokenEvent  (until one with finished, or SessionBroken)
+    abort(run)                                                             (its queue gets no more events)
+
+Each submit is a run, numbered on its session: the replica tags the run's events with it, and an abort
+names it. Events of an earlier run of the same request id (one a superseded call still had going, or a
+refused resubmission's) are dropped, and an earlier run's abort never ends a later one.
 
 A session whose stream breaks (replica gone) puts ``SessionBroken`` in every open queue; the next
 ``ReplicaSessions.get`` for that address opens a new stream. Everything runs on the serving loop.
@@ -12,6 +16,7 @@ A session whose stream breaks (replica gone) puts ``SessionBroken`` in every ope
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -33,10 +38,20 @@ class SessionBroken:
     details: str
 
 
+@dataclass(eq=False)
+class Run:
+    """One submission of a request on a session: its number there, and the queue its events arrive in."""
+
+    request_id: str
+    run: int
+    events: asyncio.Queue
+
+
 class ReplicaSession:
     def __init__(self, stub: attention_pb2_grpc.AttentionServiceStub):
         self._outgoing: asyncio.Queue = asyncio.Queue()                # SessionRequest, None ends
-        self._requests: dict[str, asyncio.Queue] = {}                  # request id -> its events
+        self._requests: dict[str, Run] = {}                            # request id -> its live run
+        self._runs = itertools.count(1)
         self.broken: SessionBroken | None = None
         self._call = stub.Session(self._send())
         self._reader = asyncio.ensure_future(self._read())
@@ -45,28 +60,35 @@ class ReplicaSession:
         while (request := await self._outgoing.get()) is not None:
             yield request
 
-    def submit(self, request: attention_pb2.SubmitRequest) -> asyncio.Queue:
-        events: asyncio.Queue = asyncio.Queue()
+    def submit(self, request: attention_pb2.SubmitRequest) -> Run:
+        """Submit ``request`` as a new run (a live earlier run of its id here gets no more events)."""
+        run = Run(request.request_id, next(self._runs), asyncio.Queue())
         if self.broken is not None:
-            events.put_nowait(self.broken)
-            return events
-        self._requests[request.request_id] = events
+            run.events.put_nowait(self.broken)
+            return run
+        request.run = run.run
+        self._requests[request.request_id] = run
         self._outgoing.put_nowait(attention_pb2.SessionRequest(request_id=request.request_id, submit=request))
-        return events
+        return run
 
-    def abort(self, request_id: str) -> None:
-        if self._requests.pop(request_id, None) is not None and self.broken is None:
-            self._outgoing.put_nowait(attention_pb2.SessionRequest(
-                request_id=request_id, abort=generation_pb2.AbortRequest(request_id=request_id)))
+    def abort(self, run: Run) -> None:
+        """End ``run`` on the replica, if it is still the live run of its request here."""
+        if self._requests.get(run.request_id) is run:
+            del self._requests[run.request_id]
+            if self.broken is None:
+                self._outgoing.put_nowait(attention_pb2.SessionRequest(
+                    request_id=run.request_id, run=run.run, abort=generation_pb2.AbortRequest(request_id=run.request_id)))
 
     async def _read(self) -> None:
         try:
             async for batch in self._call:
                 for event in batch.events:
-                    events = self._requests.pop(event.request_id, None) if event.finished \
-                        else self._requests.get(event.request_id)
-                    if events is not None:
-                        events.put_nowait(event)
+                    run = self._requests.get(event.request_id)
+                    if run is None or run.run != event.run:               # an earlier run's: nobody waits for it
+                        continue
+                    if event.finished:
+                        del self._requests[event.request_id]
+                    run.events.put_nowait(event)
             self._break(grpc.StatusCode.UNAVAILABLE, "the replica ended the session")
         except grpc.aio.AioRpcError as err:
             self._break(err.code(), err.details() or err.code().name)
@@ -79,8 +101,8 @@ class ReplicaSession:
 
     def _break(self, code: grpc.StatusCode, details: str) -> None:
         self.broken = SessionBroken(code, details)
-        for events in self._requests.values():
-            events.put_nowait(self.broken)
+        for run in self._requests.values():
+            run.events.put_nowait(self.broken)
         self._requests.clear()
         if code != grpc.StatusCode.CANCELLED:
             log.warning("session to an attention replica broke: %s %s", code.name, details)

@@ -11,7 +11,9 @@ request's stop strings: the first that appears ends it). A cancelled or expired 
 the request on its replica, which frees its KV. A call with the id of an existing request (same
 prompt and parameters) resumes it after ``resume_from`` tokens, from its Redis record and token log,
 on any router: a client whose router died reconnects to another (or the restarted one) and its
-stream goes on.
+stream goes on. A router relays each request id on one call: a newer call with the id (its client
+reconnected before this router saw the old connection go) takes the request over, and the older call
+ends with ABORTED, leaving the request's record and its new run alone.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
@@ -45,8 +48,19 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "epserve.v1.GenerationService"
 LOG_CATCH_UP_S = 5.0         # a resume waits this long for a token log behind what its client received
 RECORD_RETRY_S = 30.0        # a record update is retried this long while Redis is away
+TAKE_OVER_WAIT_S = 5.0       # a call taking a request over waits this long for the older call to end
 _ADMISSION_ERRORS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, NoReplicas: grpc.StatusCode.UNAVAILABLE,
                      TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass(eq=False)
+class _Call:
+    """A ``Generate`` call relaying a request on this router (its task), until a newer call with its id
+    supersedes it."""
+
+    task: asyncio.Task | None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    superseded: bool = False
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -60,6 +74,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.placement_summary = placement_summary      # -> {"placement_version", "expert_shards"} or None
         self.resume_attempts = resume_attempts          # resubmissions of one request after its replica went
         self.sessions = ReplicaSessions(tls=replica_tls)       # mutual TLS to the replicas, when set
+        self._calls: dict[str, _Call] = {}                     # request id -> the call relaying it here
         # requests waiting in the admission queue each hold a thread; Redis calls need a few more
         self._pool = ThreadPoolExecutor(admission.max_queue + 16, thread_name_prefix="router-blocking")
         self._records: queue.SimpleQueue = queue.SimpleQueue()     # record updates, written in order by a
@@ -112,10 +127,34 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         request_id = namespaced(tenant, external_id)
         if not request.request_id or await self._note(self.requests.get, request_id) is None:
             await self._check_rate(tenant, context)           # a resume (an existing id) is no new request
-        responses = self._generate(request_id, request, prompt, params, context)
-        async for response in _metered(responses, started):
-            response.request_id = external_id                 # the caller's id, not the tenant's namespace
-            yield response
+        call = _Call(asyncio.current_task())
+        try:
+            async for response in _metered(self._generate(request_id, request, prompt, params, context, call), started):
+                response.request_id = external_id             # the caller's id, not the tenant's namespace
+                yield response
+        except asyncio.CancelledError:
+            if call.superseded:
+                await context.abort(grpc.StatusCode.ABORTED, f"request_id: {external_id!r} was taken over by a "
+                                                             f"newer call with this id")
+            raise
+        finally:
+            call.ended.set()
+            if self._calls.get(request_id) is call:
+                del self._calls[request_id]
+
+    async def _claim(self, request_id: str, call: _Call) -> None:
+        """Make ``call`` the one relaying ``request_id`` here; an older call still relaying it is cancelled
+        (superseded: it writes no record and aborts only its own run), and awaited a moment."""
+        older = self._calls.get(request_id)
+        self._calls[request_id] = call
+        if older is not None and older.task is not None and not older.ended.is_set():
+            log.info("request %s: a newer call takes it over from the one relaying it here", request_id)
+            older.superseded = True
+            older.task.cancel()
+            try:
+                await asyncio.wait_for(older.ended.wait(), TAKE_OVER_WAIT_S)
+            except asyncio.TimeoutError:
+                log.warning("request %s: the call it was taken over from has not ended", request_id)
 
     async def _check_rate(self, tenant: str, context) -> None:
         wait = 0.0 if self.rate_limiter is None else await self._note(self.rate_limiter.wait_s, tenant) or 0.0
@@ -125,25 +164,26 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 f"rate limit: {self.rate_limiter.rate:g} requests/s per API key (bursts of "
                 f"{self.rate_limiter.burst}); retry after {wait:.2f} s"))
 
-    async def _generate(self, request_id: str, request, prompt: list[int], params, context):
+    async def _generate(self, request_id: str, request, prompt: list[int], params, context, call: _Call):
         """A new request (recorded, admitted, relayed), or the resume of an existing one with this id."""
         seed = params.seed if params.seed is not None else draw_seed()
         try:
             await self._blocking(self.requests.create,
                                  RequestRecord(request_id, "queued", "", prompt, _params_dict(params, request), seed))
         except DuplicateRequest:
-            async for response in self._resume(request_id, request, prompt, params, context):
+            async for response in self._resume(request_id, request, prompt, params, context, call):
                 yield response
             return
         except redis.RedisError as err:                  # served without a record: it cannot be resumed
             log.warning("request %s: recording it failed (%s); serving it without a record", request_id, err)
+        await self._claim(request_id, call)
         metrics.PROMPT_TOKENS.inc(len(prompt))
-        replica = await self._admit_or_end(request_id, context)
+        replica = await self._admit_or_end(request_id, context, call)
         stream = TextStream(self.tokenizer, request.stop)
-        async for response in self._relay(request_id, prompt, params, seed, replica, context, stream):
+        async for response in self._relay(request_id, prompt, params, seed, replica, context, call, stream):
             yield response
 
-    async def _resume(self, request_id: str, request, prompt: list[int], params, context):
+    async def _resume(self, request_id: str, request, prompt: list[int], params, context, call: _Call):
         """A retry of an existing request id (its client reconnected: its router or connection went away).
         A finished request replays the tokens of its log past ``resume_from``; any other is queued again
         (its earlier run, if one still goes, aborted) and continues from its token log on a replica,
@@ -154,6 +194,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not _same_request(record, prompt, params, request):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} exists with "
                                                                  f"another prompt or other sampling parameters")
+        await self._claim(request_id, call)                      # the same request: this call takes it over
         logged, logprobs = await self._blocking(self.requests.token_log, request_id)
         deadline = time.monotonic() + LOG_CATCH_UP_S            # the log is written asynchronously
         while request.resume_from > len(logged) and time.monotonic() < deadline:
@@ -185,10 +226,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         await self._blocking(self.requests.reopen, request_id)
         if record.state == "running" and record.owner:
             await self._abort_on(record.owner, request_id)
-        replica = await self._admit_or_end(request_id, context)
+        replica = await self._admit_or_end(request_id, context, call)
         if chunk.chunk.token_ids or chunk.chunk.text:
             yield chunk
-        async for response in self._relay(request_id, prompt, params, record.seed, replica, context, stream, logged):
+        async for response in self._relay(request_id, prompt, params, record.seed, replica, context, call, stream,
+                                          logged):
             yield response
 
     def _complete(self, request_id, reason: str | None, prompt, token_ids: list[int], stream: TextStream):
@@ -198,7 +240,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             finish_reason=FINISH_REASONS.get(reason, 0), token_ids=token_ids, text=text,
             usage=generation_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=len(token_ids))))
 
-    async def _admit_or_end(self, request_id: str, context) -> Replica:
+    async def _admit_or_end(self, request_id: str, context, call: _Call) -> Replica:
         """A replica for the request; when none can be had, the call ends and the request is forgotten
         (no prompt stays in Redis), or failed when it had emitted tokens (a resumed one)."""
         queued = time.monotonic()
@@ -211,7 +253,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self._record(self.requests.refuse, request_id)
             await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
         except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
-            self._record_abort(request_id)
+            self._record_abort(request_id, call)
             raise
 
     async def _abort_on(self, replica_id: str, request_id: str) -> None:
@@ -226,9 +268,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except grpc.RpcError as err:
             log.warning("request %s: aborting its earlier run on %s failed: %s", request_id, replica_id, err)
 
-    def _record_abort(self, request_id: str) -> None:
-        """Mark the request aborted without waiting (no-op once it has ended)."""
-        self._record(self.requests.set_state, request_id, "aborted")
+    def _record_abort(self, request_id: str, call: _Call) -> None:
+        """Mark the request aborted without waiting (no-op once it has ended, or when a newer call took it over)."""
+        if not call.superseded:
+            self._record(self.requests.set_state, request_id, "aborted")
 
     async def _admit(self, timeout_s: float | None) -> Replica:
         """A replica from admission (on a thread: it may wait in the queue). A cancelled caller
@@ -246,8 +289,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not acquired.cancelled() and acquired.exception() is None:
             self.admission.release(acquired.result())
 
-    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context, stream: TextStream,
-                     emitted: list[int] = ()):
+    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context, call: _Call,
+                     stream: TextStream, emitted: list[int] = ()):
         """Stream the request's tokens from ``replica`` through ``stream``, after the ``emitted`` ones (a
         resumed request; ``stream`` has taken them), until the replica finishes it or a stop string
         ends it (then its run there is aborted). When the replica goes away (its session breaks, or it
@@ -256,16 +299,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         token once (greedy and seeded sampling give the tokens an undisturbed run would)."""
         token_ids, ended, session, resumes = list(emitted), False, None, 0
         try:
-            events, session = await self._submit(request_id, prompt, params, seed, token_ids, replica)
+            run, session = await self._submit(request_id, prompt, params, seed, token_ids, replica)
             while not ended:
-                event = await events.get()
+                event = await run.events.get()
                 if _replica_gone(event) and resumes < self.resume_attempts:
                     log.warning("request %s: replica %s gone (%s); resuming after %d tokens",
                                 request_id, replica.service_id, _details(event), len(token_ids))
                     self._pool.submit(self.admission.release, replica)
                     replica, session = None, None
                     replica, resumes = await self._readmit(resumes, request_id, context)
-                    events, session = await self._submit(request_id, prompt, params, seed, token_ids, replica)
+                    run, session = await self._submit(request_id, prompt, params, seed, token_ids, replica)
                     continue
                 if isinstance(event, SessionBroken) or event.HasField("error"):
                     ended = True
@@ -287,22 +330,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     yield self._complete(request_id, reason, prompt, token_ids, stream)
                     return
         except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or its deadline passed
-            self._record_abort(request_id)
+            self._record_abort(request_id, call)
             raise
         finally:
             if session is not None and not ended:
-                session.abort(request_id)                 # frees its KV on the replica
+                session.abort(run)                        # frees its KV on the replica
             if replica is not None:
                 self._pool.submit(self.admission.release, replica)     # its lock may be held across Redis calls
 
     async def _submit(self, request_id, prompt, params, seed, emitted: list[int], replica: Replica):
-        """Record the owner and submit on the replica's session; -> (its event queue, the session)."""
+        """Record the owner and submit on the replica's session; -> (the run, the session)."""
         self._record(self.requests.set_state, request_id, "running", replica.service_id)
         session = self.sessions.get(replica.address)
-        events = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
+        run = session.submit(attention_pb2.SubmitRequest(request_id=request_id, prompt_ids=prompt,
                                                             sampling=sampling_to_proto(params), seed=seed,
                                                             emitted_ids=emitted))
-        return events, session
+        return run, session
 
     async def _readmit(self, resumes: int, request_id: str, context) -> tuple[Replica, int]:
         """A replica from admission after a backoff (0.25 s doubling to 2 s: a restarting replica

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import grpc
 import pytest
@@ -22,6 +22,7 @@ from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 160
+STREAM_TIMEOUT_S = 180       # a stream's deadline: a stall fails the test (showing the records) 30 s before it
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_sigkill_of_the_router_mid_generation_loses_no_request(up, want):
     pid = up.service_pid("router", "router-0")
 
     def stream(i: int) -> list[int]:
-        with Client(up.endpoint, timeout=240) as client:
+        with Client(up.endpoint, timeout=STREAM_TIMEOUT_S) as client:
             s = client.stream(PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, request_id=f"rk-{i}")
             received = [token for chunk in s for token in chunk.token_ids]
             assert received == s.result.token_ids
@@ -65,10 +66,26 @@ def test_sigkill_of_the_router_mid_generation_loses_no_request(up, want):
                    state=lambda: [r and r.emitted for r in records()])
         os.kill(pid, signal.SIGKILL)
         assert not all(f.done() for f in futures)
-        got = [f.result(timeout=240) for f in futures]
+        assert not wait(futures, timeout=STREAM_TIMEOUT_S - 30).not_done, stalled(up, futures, records())
+        got = [f.result() for f in futures]
     assert got == want
     assert find_service(read_up_state(up.state_file), "router", "router-0")["restarts"] == 1
     up.wait_requests_ended([f"rk-{i}" for i in range(len(PROMPTS))])
+
+
+def greedy_request(request_id: str, prompt: list[int], resume_from: int = 0) -> generation_pb2.GenerateRequest:
+    """The gRPC request of a greedy generation of MAX_TOKENS (a resume after ``resume_from`` tokens)."""
+    return generation_pb2.GenerateRequest(
+        request_id=request_id, token_ids=generation_pb2.TokenIds(ids=prompt), resume_from=resume_from,
+        sampling=generation_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+
+
+def stalled(up, futures, records) -> str:
+    """What a test whose streams did not end shows: each unfinished stream's record and the replicas' load."""
+    lines = [f"stream {i}: {r and (r.state, r.owner, r.emitted)}" for i, (f, r) in enumerate(zip(futures, records))
+             if not f.done()]
+    loads = [str(up.replica_load(replica)).replace("\n", " ") for replica in up.registry.live("attention")]
+    return "streams that did not end: " + "; ".join(lines + loads)
 
 
 def test_a_call_with_an_existing_id_resumes_it(up, want):
@@ -80,9 +97,7 @@ def test_a_call_with_an_existing_id_resumes_it(up, want):
         with pytest.raises(EpserveError, match="another prompt") as error:
             client.generate(PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, request_id="again")
         assert error.value.code == grpc.StatusCode.ALREADY_EXISTS
-    request = generation_pb2.GenerateRequest(
-        request_id="again", token_ids=generation_pb2.TokenIds(ids=PROMPTS[1]), resume_from=150,
-        sampling=generation_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    request = greedy_request("again", PROMPTS[1], resume_from=150)
     with grpc.insecure_channel(up.endpoint) as channel:
         responses = list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
         assert [list(r.chunk.token_ids) for r in responses[:-1]] == [want[1][150:]]
@@ -90,6 +105,33 @@ def test_a_call_with_an_existing_id_resumes_it(up, want):
         request.resume_from = MAX_TOKENS + 1
         with pytest.raises(grpc.RpcError, match="resume_from"):
             list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
+
+
+def test_a_resume_while_the_earlier_call_still_runs_on_the_router_takes_the_request_over(up, want):
+    """A client reconnects with its request id while the router still relays the call it lost (the router has not
+    seen that connection go): the new call takes the request over and gets every token once; the earlier call ends
+    ABORTED, leaving the request's record and its new run alone (before, its end aborted the new run, whose
+    stream then waited for its deadline without a token)."""
+    request = greedy_request("taken", PROMPTS[3])
+    options = [("grpc.use_local_subchannel_pool", 1)]                     # two connections, as two clients have
+    with grpc.insecure_channel(up.endpoint, options=options) as lost, \
+            grpc.insecure_channel(up.endpoint, options=options) as again:
+        earlier = generation_pb2_grpc.GenerationServiceStub(lost).Generate(request, timeout=120)
+        received = []
+        for response in earlier:
+            received += response.chunk.token_ids
+            if len(received) >= 5:
+                break
+        request.resume_from = len(received)
+        later = generation_pb2_grpc.GenerationServiceStub(again).Generate(request, timeout=120)
+        first = next(later)
+        with pytest.raises(grpc.RpcError) as ended:
+            list(earlier)
+        assert ended.value.code() == grpc.StatusCode.ABORTED and "taken over" in ended.value.details()
+        responses = [first, *later]
+    assert received + [t for r in responses[:-1] for t in r.chunk.token_ids] == want[3]
+    assert list(responses[-1].complete.token_ids) == want[3]
+    up.wait_requests_ended(["taken"])
 
 
 def test_sigkill_of_the_only_replica_loses_no_request(up, want):
