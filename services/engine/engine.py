@@ -114,19 +114,12 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.output_ids.append(token)
-        reason = self._finish_reason(seq, token)
+        reason = seq.params.finish_reason(seq.output_ids, self.model_config.eos_token_ids,
+                                          context_full=seq.num_tokens >= self.max_model_len)
         if reason:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
         return self._output(seq, [token], None if logprobs is None else [logprobs])
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if (not p.ignore_eos and token in self.model_config.eos_token_ids) or token in p.stop_token_ids:
-            return "stop"
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
 
     @staticmethod
     def _output(seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:

@@ -37,6 +37,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def finish_reason(self, output_ids: list[int], eos_token_ids, context_full: bool = False) -> str | None:
+        """Why a request that emitted ``output_ids`` (the last one just sampled) ends: "stop" (EOS unless
+        ``ignore_eos``, or a stop token id), "length" (``max_tokens``, or ``context_full``); None: it goes on."""
+        if output_ids and ((not self.ignore_eos and output_ids[-1] in eos_token_ids)
+                           or output_ids[-1] in self.stop_token_ids):
+            return "stop"
+        if len(output_ids) >= self.max_tokens or context_full:
+            return "length"
+        return None
+
     def validate(self, *, vocab_size: int, max_new_tokens_allowed: int) -> None:
         """Raise ``InvalidParam(field, message)`` for the first out-of-range field."""
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= max_new_tokens_allowed:

@@ -185,7 +185,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def _resume(self, request_id: str, request, prompt: list[int], params, context, call: _Call):
         """A retry of an existing request id (its client reconnected: its router or connection went away).
-        A finished request replays the tokens of its log past ``resume_from``; any other is queued again
+        A finished request (or one whose log holds its end: its run ended, its router went away before
+        recording it) replays the tokens of its log past ``resume_from``; any other is queued again
         (its earlier run, if one still goes, aborted) and continues from its token log on a replica,
         with its recorded seed: the client gets every token once. The tokens replayed from the log come
         with their logprobs (the log keeps them), and stop strings are matched on them again: the text
@@ -213,10 +214,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         chunk = generation_pb2.GenerateResponse(request_id=request_id, chunk=generation_pb2.Chunk(
             token_ids=logged[request.resume_from:], text=text,
             logprobs=[logprobs_from_log(e) for e in (logprobs or [])[request.resume_from:len(logged)]]))
-        if record.state == "finished" or stream.stopped:
+        ran_out = params.finish_reason(logged, self.model_info["eos_token_ids"])   # its run ended, unrecorded
+        if record.state == "finished" or stream.stopped or ran_out:
             chunk.chunk.text += stream.finish()
-            reason = "stop" if stream.stopped else record.finish_reason
-            if record.state != "finished":                          # its router stopped it, then went away
+            reason = "stop" if stream.stopped else record.finish_reason if record.state == "finished" else ran_out
+            if record.state != "finished":             # its router stopped it or its run ended, then it went away
                 self._record(self.requests.set_state, request_id, "finished", None, reason)
             yield chunk
             yield self._complete(request_id, reason, prompt, logged, stream)

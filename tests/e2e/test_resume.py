@@ -134,6 +134,24 @@ def test_a_resume_while_the_earlier_call_still_runs_on_the_router_takes_the_requ
     up.wait_requests_ended(["taken"])
 
 
+def test_a_resume_of_a_run_that_ended_unrecorded_replays_its_log_to_the_end(up, want):
+    """The replica ended a run (its log holds every token), and its router went away before it recorded the end:
+    a resume replays the log and completes the request (before, it was resubmitted, the replica refused tokens
+    past max_tokens, and the stream failed with INVALID_ARGUMENT)."""
+    store = RequestStore(up.redis, up.registry.keys)
+    with Client(up.endpoint, timeout=120) as client:
+        assert client.generate(PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True,
+                               request_id="unrecorded").token_ids == want[2]
+        store.reopen("unrecorded")                       # open, as a router that died before recording the end
+    request = greedy_request("unrecorded", PROMPTS[2], resume_from=150)
+    with grpc.insecure_channel(up.endpoint) as channel:
+        responses = list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60))
+    assert [list(r.chunk.token_ids) for r in responses[:-1]] == [want[2][150:]]
+    assert list(responses[-1].complete.token_ids) == want[2]
+    assert responses[-1].complete.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    up.wait_requests_ended(["unrecorded"])
+
+
 def test_sigkill_of_the_only_replica_loses_no_request(up, want):
     """One replica, SIGKILLed mid-generation: `epserve up` restarts it, and the router resubmits every open
     request to it with the tokens streamed so far; every stream gets the single-process tokens once."""

@@ -292,3 +292,16 @@ def test_cuda_matches_cpu_and_is_batch_invariant():
     assert (gpu.cpu() == cpu).float().mean() > 0.98  # device float differences may flip rare ties
     alone = sample(logits[5:6].cuda(), params[5:6], seeds[5:6], steps[5:6])
     assert alone.item() == gpu[5].item()
+
+
+def test_finish_reason_of_the_tokens_so_far():
+    """What ends a request, from its tokens alone (the engine after each token; a router resuming from a log)."""
+    params = SamplingParams(max_tokens=4, stop_token_ids=(9,))
+    eos = (2,)
+    assert params.finish_reason([], eos) is None
+    assert params.finish_reason([5, 6], eos) is None
+    assert params.finish_reason([5, 2], eos) == "stop"                       # EOS
+    assert params.finish_reason([5, 9], eos) == "stop"                       # a stop token id
+    assert params.finish_reason([5, 6, 7, 8], eos) == "length"              # max_tokens
+    assert params.finish_reason([5, 6], eos, context_full=True) == "length"
+    assert SamplingParams(max_tokens=4, ignore_eos=True).finish_reason([5, 2], eos) is None
