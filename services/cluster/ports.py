@@ -7,10 +7,12 @@ checked free by binding it.
 """
 from __future__ import annotations
 
+import logging
 import random
 import socket
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LOWEST = 20000                 # below: well-known and registered services' ports
 ATTEMPTS = 200
@@ -20,6 +22,9 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` distinct ports free on ``host`` now, outside the ephemeral range (inside it only if none is free)."""
     low, high = _ephemeral_range()
     outside = [span for span in (range(LOWEST, low), range(high + 1, 65536)) if len(span)]
+    if not outside:
+        log.warning("the ephemeral port range %d-%d leaves no port outside it from %d: ports are taken from inside "
+                    "it, where another socket may be given them first", low, high, LOWEST)
     ports: list[int] = []
     for _ in range(ATTEMPTS if outside else 0):
         if len(ports) == count:

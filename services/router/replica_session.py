@@ -61,11 +61,13 @@ class ReplicaSession:
             yield request
 
     def submit(self, request: attention_pb2.SubmitRequest) -> Run:
-        """Submit ``request`` as a new run (a live earlier run of its id here gets no more events)."""
+        """Submit ``request`` as a new run (a live earlier run of its id here is aborted, and gets no more events)."""
         run = Run(request.request_id, next(self._runs), asyncio.Queue())
         if self.broken is not None:
             run.events.put_nowait(self.broken)
             return run
+        if request.request_id in self._requests:
+            self.abort(self._requests[request.request_id])
         request.run = run.run
         self._requests[request.request_id] = run
         self._outgoing.put_nowait(attention_pb2.SessionRequest(request_id=request.request_id, submit=request))
@@ -84,8 +86,8 @@ class ReplicaSession:
             async for batch in self._call:
                 for event in batch.events:
                     run = self._requests.get(event.request_id)
-                    if run is None or run.run != event.run:               # an earlier run's: nobody waits for it
-                        continue
+                    if run is None or (event.run and run.run != event.run):   # an earlier run's: nobody waits for it
+                        continue                                              # (0: from a replica without runs)
                     if event.finished:
                         del self._requests[event.request_id]
                     run.events.put_nowait(event)

@@ -13,11 +13,12 @@ prompt and parameters) resumes it after ``resume_from`` tokens, from its Redis r
 on any router: a client whose router died reconnects to another (or the restarted one) and its
 stream goes on. A router relays each request id on one call: a newer call with the id (its client
 reconnected before this router saw the old connection go) takes the request over, and the older call
-ends with ABORTED, leaving the request's record and its new run alone.
+is ended (ABORTED), leaving the request's record and its new run alone.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -60,6 +61,7 @@ class _Call:
 
     task: asyncio.Task | None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    claimed: bool = False                  # it relays the request (see _claim): its end before the request's aborts it
     superseded: bool = False
 
 
@@ -129,15 +131,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await self._check_rate(tenant, context)           # a resume (an existing id) is no new request
         call = _Call(asyncio.current_task())
         try:
-            async for response in _metered(self._generate(request_id, request, prompt, params, context, call), started):
-                response.request_id = external_id             # the caller's id, not the tenant's namespace
-                yield response
-        except asyncio.CancelledError:
-            if call.superseded:
+            async with contextlib.aclosing(_metered(self._generate(request_id, request, prompt, params, context, call),
+                                                    started)) as responses:
+                async for response in responses:
+                    response.request_id = external_id         # the caller's id, not the tenant's namespace
+                    yield response
+        except (asyncio.CancelledError, GeneratorExit) as stop:  # the client went away, or a newer call took over
+            if call.claimed and not call.superseded:
+                self._record(self.requests.set_state, request_id, "aborted")     # a no-op once it has ended
+            if call.superseded and isinstance(stop, asyncio.CancelledError):
                 await context.abort(grpc.StatusCode.ABORTED, f"request_id: {external_id!r} was taken over by a "
                                                              f"newer call with this id")
             raise
-        finally:
+        finally:                                      # after the relay's clean-up (its run aborted on the replica)
             call.ended.set()
             if self._calls.get(request_id) is call:
                 del self._calls[request_id]
@@ -147,6 +153,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         (superseded: it writes no record and aborts only its own run), and awaited a moment."""
         older = self._calls.get(request_id)
         self._calls[request_id] = call
+        call.claimed = True
         if older is not None and older.task is not None and not older.ended.is_set():
             log.info("request %s: a newer call takes it over from the one relaying it here", request_id)
             older.superseded = True
@@ -171,17 +178,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await self._blocking(self.requests.create,
                                  RequestRecord(request_id, "queued", "", prompt, _params_dict(params, request), seed))
         except DuplicateRequest:
-            async for response in self._resume(request_id, request, prompt, params, context, call):
-                yield response
+            async with contextlib.aclosing(self._resume(request_id, request, prompt, params, context, call)) as resumed:
+                async for response in resumed:
+                    yield response
             return
         except redis.RedisError as err:                  # served without a record: it cannot be resumed
             log.warning("request %s: recording it failed (%s); serving it without a record", request_id, err)
         await self._claim(request_id, call)
         metrics.PROMPT_TOKENS.inc(len(prompt))
-        replica = await self._admit_or_end(request_id, context, call)
+        replica = await self._admit_or_end(request_id, context)
         stream = TextStream(self.tokenizer, request.stop)
-        async for response in self._relay(request_id, prompt, params, seed, replica, context, call, stream):
-            yield response
+        async with contextlib.aclosing(self._relay(request_id, prompt, params, seed, replica, context, stream)) as relay:
+            async for response in relay:
+                yield response
 
     async def _resume(self, request_id: str, request, prompt: list[int], params, context, call: _Call):
         """A retry of an existing request id (its client reconnected: its router or connection went away).
@@ -195,7 +204,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not _same_request(record, prompt, params, request):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request.request_id!r} exists with "
                                                                  f"another prompt or other sampling parameters")
-        await self._claim(request_id, call)                      # the same request: this call takes it over
         logged, logprobs = await self._blocking(self.requests.token_log, request_id)
         deadline = time.monotonic() + LOG_CATCH_UP_S            # the log is written asynchronously
         while request.resume_from > len(logged) and time.monotonic() < deadline:
@@ -225,15 +233,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             return
         log.info("request %s: resuming after %d tokens (%s, owner %s)", request_id, len(logged), record.state,
                  record.owner)
+        await self._claim(request_id, call)                      # the same request, resumable: this call takes it
         await self._blocking(self.requests.reopen, request_id)
         if record.state == "running" and record.owner:
             await self._abort_on(record.owner, request_id)
-        replica = await self._admit_or_end(request_id, context, call)
+        replica = await self._admit_or_end(request_id, context)
         if chunk.chunk.token_ids or chunk.chunk.text:
             yield chunk
-        async for response in self._relay(request_id, prompt, params, record.seed, replica, context, call, stream,
-                                          logged):
-            yield response
+        async with contextlib.aclosing(self._relay(request_id, prompt, params, record.seed, replica, context, stream,
+                                                   logged)) as relay:
+            async for response in relay:
+                yield response
 
     def _complete(self, request_id, reason: str | None, prompt, token_ids: list[int], stream: TextStream):
         """The ``complete`` of a request that ended with ``reason`` after ``token_ids``."""
@@ -242,7 +252,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             finish_reason=FINISH_REASONS.get(reason, 0), token_ids=token_ids, text=text,
             usage=generation_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=len(token_ids))))
 
-    async def _admit_or_end(self, request_id: str, context, call: _Call) -> Replica:
+    async def _admit_or_end(self, request_id: str, context) -> Replica:
         """A replica for the request; when none can be had, the call ends and the request is forgotten
         (no prompt stays in Redis), or failed when it had emitted tokens (a resumed one)."""
         queued = time.monotonic()
@@ -254,9 +264,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             metrics.REFUSED.labels(_ADMISSION_ERRORS[type(err)].name).inc()
             self._record(self.requests.refuse, request_id)
             await context.abort(_ADMISSION_ERRORS[type(err)], str(err))
-        except (asyncio.CancelledError, GeneratorExit):   # the client went away while queued
-            self._record_abort(request_id, call)
-            raise
 
     async def _abort_on(self, replica_id: str, request_id: str) -> None:
         """Abort the request on replica ``replica_id`` if it is live there (best effort)."""
@@ -269,11 +276,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                                             timeout=5)
         except grpc.RpcError as err:
             log.warning("request %s: aborting its earlier run on %s failed: %s", request_id, replica_id, err)
-
-    def _record_abort(self, request_id: str, call: _Call) -> None:
-        """Mark the request aborted without waiting (no-op once it has ended, or when a newer call took it over)."""
-        if not call.superseded:
-            self._record(self.requests.set_state, request_id, "aborted")
 
     async def _admit(self, timeout_s: float | None) -> Replica:
         """A replica from admission (on a thread: it may wait in the queue). A cancelled caller
@@ -291,8 +293,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not acquired.cancelled() and acquired.exception() is None:
             self.admission.release(acquired.result())
 
-    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context, call: _Call,
-                     stream: TextStream, emitted: list[int] = ()):
+    async def _relay(self, request_id, prompt, params, seed, replica: Replica, context, stream: TextStream,
+                     emitted: list[int] = ()):
         """Stream the request's tokens from ``replica`` through ``stream``, after the ``emitted`` ones (a
         resumed request; ``stream`` has taken them), until the replica finishes it or a stop string
         ends it (then its run there is aborted). When the replica goes away (its session breaks, or it
@@ -331,9 +333,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                  "aborted" if reason == "abort" else "finished", None, reason)
                     yield self._complete(request_id, reason, prompt, token_ids, stream)
                     return
-        except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or its deadline passed
-            self._record_abort(request_id, call)
-            raise
         finally:
             if session is not None and not ended:
                 session.abort(run)                        # frees its KV on the replica
