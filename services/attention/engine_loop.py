@@ -107,12 +107,12 @@ class EngineLoop:
 
     def abort(self, request_id: str, outputs: Outputs | None = None) -> bool:
         """Abort the request (only while ``outputs`` are still its outputs, when given: that run of its id, not a
-        later one); whether it was here."""
+        later one); whether it was here. A later run's "add" is queued after this abort, so it cannot reach it."""
         with self._lock:
             current = self._outputs.get(request_id)
         known = current is not None and (outputs is None or current is outputs)
         if known:
-            self._commands.put(("abort", request_id, current))
+            self._commands.put(("abort", request_id))
         return known
 
     def hand_off(self, reason: str) -> None:
@@ -174,10 +174,7 @@ class EngineLoop:
             if emitted and self.on_step is not None:      # resumed: its log first gets what it lacks of them
                 self.on_step({request_id: emitted}, {request_id: 0}, {})
         elif command[0] == "abort":
-            _, request_id, outputs = command
-            with self._lock:
-                same_run = self._outputs.get(request_id) is outputs
-            output = self.engine.abort(request_id) if same_run else None
+            output = self.engine.abort(command[1])
             if output is not None:
                 self._deliver(output)
         elif command[0] == "hand_off":

@@ -21,16 +21,15 @@ ATTEMPTS = 200
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` distinct ports free on ``host`` now, outside the ephemeral range (inside it only if none is free)."""
     low, high = _ephemeral_range()
-    outside = [span for span in (range(LOWEST, low), range(high + 1, 65536)) if len(span)]
+    outside = [*range(LOWEST, low), *range(high + 1, 65536)]
     if not outside:
         log.warning("the ephemeral port range %d-%d leaves no port outside it from %d: ports are taken from inside "
                     "it, where another socket may be given them first", low, high, LOWEST)
     ports: list[int] = []
-    for _ in range(ATTEMPTS if outside else 0):
+    for port in random.sample(outside, min(ATTEMPTS, len(outside))):
         if len(ports) == count:
             break
-        port = random.choice(random.choices(outside, weights=[len(span) for span in outside])[0])
-        if port not in ports and _bindable(host, port):
+        if _bindable(host, port):
             ports.append(port)
     return ports + [_any_port(host) for _ in range(count - len(ports))]
 

@@ -59,9 +59,8 @@ class _Call:
     """A ``Generate`` call relaying a request on this router (its task), until a newer call with its id
     supersedes it."""
 
-    task: asyncio.Task | None
+    task: asyncio.Task
     ended: asyncio.Event = field(default_factory=asyncio.Event)
-    claimed: bool = False                  # it relays the request (see _claim): its end before the request's aborts it
     superseded: bool = False
 
 
@@ -137,7 +136,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     response.request_id = external_id         # the caller's id, not the tenant's namespace
                     yield response
         except (asyncio.CancelledError, GeneratorExit) as stop:  # the client went away, or a newer call took over
-            if call.claimed and not call.superseded:
+            if self._calls.get(request_id) is call:       # it relays the request (_claim): its end aborts it
                 self._record(self.requests.set_state, request_id, "aborted")     # a no-op once it has ended
             if call.superseded and isinstance(stop, asyncio.CancelledError):
                 await context.abort(grpc.StatusCode.ABORTED, f"request_id: {external_id!r} was taken over by a "
@@ -153,8 +152,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         (superseded: it writes no record and aborts only its own run), and awaited a moment."""
         older = self._calls.get(request_id)
         self._calls[request_id] = call
-        call.claimed = True
-        if older is not None and older.task is not None and not older.ended.is_set():
+        if older is not None and not older.ended.is_set():
             log.info("request %s: a newer call takes it over from the one relaying it here", request_id)
             older.superseded = True
             older.task.cancel()
